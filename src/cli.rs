@@ -1,0 +1,283 @@
+//! The command line: `fazt server` and the client commands, which talk to a running
+//! server over HTTP with the admin token from `FAZT_TOKEN` or the data dir.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "fazt", version, about = "Self-hosted app server with background JavaScript workers")]
+pub struct Cli {
+    /// Server to talk to (client commands).
+    #[arg(long, global = true, env = "FAZT_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Data dir: where `fazt server` keeps its database, and where client commands find
+    /// the admin token.
+    #[arg(long, global = true, env = "FAZT_DATA_DIR", default_value = "./fazt-data")]
+    pub data_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Server {
+        /// Address to listen on (port 0 picks a free one).
+        #[arg(long, env = "FAZT_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Threads serving HTTP requests.
+        #[arg(long, default_value_t = 16)]
+        http_threads: usize,
+    },
+    /// Deploy, list and remove apps.
+    App {
+        #[command(subcommand)]
+        command: AppCommand,
+    },
+    /// Inspect and cancel background jobs.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AppCommand {
+    /// Upload a folder as an app (replaces the previous version atomically).
+    Deploy {
+        dir: PathBuf,
+        /// App name (default: the folder's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    List,
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCommand {
+    List {
+        #[arg(long)]
+        app: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    Show { id: String },
+    Cancel { id: String },
+    Logs {
+        id: String,
+        /// Keep printing new lines (with a progress bar) until the job ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+/// A small blocking client for the system API.
+pub struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(server: &str, data_dir: &std::path::Path) -> anyhow::Result<Client> {
+        let token = match std::env::var("FAZT_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+            _ => {
+                let path = data_dir.join("admin.token");
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!(
+                            "no admin token: set FAZT_TOKEN or point --data-dir at the server's data dir ({} not readable)",
+                            path.display()
+                        )
+                    })?
+                    .trim()
+                    .to_string()
+            }
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        Ok(Client {
+            base: server.trim_end_matches('/').to_string(),
+            token,
+            agent,
+        })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        let auth = format!("Bearer {}", self.token);
+        let resp = match (method, body) {
+            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
+            ("PUT", Some(b)) => self
+                .agent
+                .put(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(&b[..]),
+            ("POST", b) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send(&b.unwrap_or_default()[..]),
+            _ => bail!("unsupported request {method} {path}"),
+        };
+        let mut resp = resp.with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .context("reading the server's reply")?;
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        if status >= 400 {
+            let msg = value
+                .get("error")
+                .and_then(|e| e.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            bail!("server said {status}: {msg}");
+        }
+        Ok(value)
+    }
+}
+
+pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
+    let client = Client::new(&cli.server, &cli.data_dir)?;
+    let mut out = std::io::stdout().lock();
+    match &cli.command {
+        Command::Server { .. } => unreachable_server(),
+        Command::App { command } => match command {
+            AppCommand::Deploy { dir, name } => {
+                let name = match name {
+                    Some(n) => n.clone(),
+                    None => dir
+                        .canonicalize()
+                        .with_context(|| format!("no such folder {}", dir.display()))?
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_lowercase())
+                        .context("cannot take an app name from the folder; pass --name")?,
+                };
+                crate::apps::check_name(&name).map_err(anyhow::Error::msg)?;
+                let files = crate::apps::read_dir_files(dir)
+                    .with_context(|| format!("reading {}", dir.display()))?;
+                if files.is_empty() {
+                    bail!("{} has no files to deploy", dir.display());
+                }
+                let body = crate::apps::encode_upload(&files);
+                let info = client.call("PUT", &format!("/api/apps/{name}"), Some(body))?;
+                writeln!(
+                    out,
+                    "deployed {name}: version {}, {} files, {} bytes",
+                    info["version"], info["files"], info["bytes"]
+                )?;
+            }
+            AppCommand::List => {
+                let apps = client.call("GET", "/api/apps", None)?;
+                writeln!(out, "{:<30} {:>8} {:>6} {:>10}", "NAME", "VERSION", "FILES", "BYTES")?;
+                for a in apps.as_array().into_iter().flatten() {
+                    writeln!(
+                        out,
+                        "{:<30} {:>8} {:>6} {:>10}",
+                        a["name"].as_str().unwrap_or(""),
+                        a["version"].to_string(),
+                        a["files"].to_string(),
+                        a["bytes"].to_string()
+                    )?;
+                }
+            }
+            AppCommand::Remove { name } => {
+                client.call("DELETE", &format!("/api/apps/{name}"), None)?;
+                writeln!(out, "removed {name}")?;
+            }
+        },
+        Command::Job { command } => match command {
+            JobCommand::List { app, status, limit } => {
+                let mut q = format!("/api/jobs?limit={limit}");
+                if let Some(a) = app {
+                    q.push_str(&format!("&app={a}"));
+                }
+                if let Some(s) = status {
+                    q.push_str(&format!("&status={s}"));
+                }
+                let jobs = client.call("GET", &q, None)?;
+                writeln!(out, "{:<28} {:<16} {:<24} {:<10} {:>4}  ERROR", "ID", "APP", "PATH", "STATUS", "PCT")?;
+                for j in jobs.as_array().into_iter().flatten() {
+                    writeln!(
+                        out,
+                        "{:<28} {:<16} {:<24} {:<10} {:>4}  {}",
+                        j["id"].as_str().unwrap_or(""),
+                        j["app"].as_str().unwrap_or(""),
+                        j["path"].as_str().unwrap_or(""),
+                        j["status"].as_str().unwrap_or(""),
+                        j["progress"].to_string(),
+                        j["error"].as_str().unwrap_or("")
+                    )?;
+                }
+            }
+            JobCommand::Show { id } => {
+                let job = client.call("GET", &format!("/api/jobs/{id}"), None)?;
+                writeln!(out, "{}", serde_json::to_string_pretty(&job)?)?;
+            }
+            JobCommand::Cancel { id } => {
+                let job = client.call("POST", &format!("/api/jobs/{id}/cancel"), None)?;
+                writeln!(out, "{id}: {}", job["status"].as_str().unwrap_or("?"))?;
+            }
+            JobCommand::Logs { id, follow } => follow_logs(&client, id, *follow, &mut out)?,
+        },
+    }
+    Ok(())
+}
+
+fn unreachable_server() {
+    // `main` handles `server` before it builds a client.
+}
+
+fn follow_logs(client: &Client, id: &str, follow: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut after = 0i64;
+    let mut bar_shown = false;
+    loop {
+        let lines = client.call("GET", &format!("/api/jobs/{id}/logs?after={after}"), None)?;
+        let job = if follow {
+            Some(client.call("GET", &format!("/api/jobs/{id}"), None)?)
+        } else {
+            None
+        };
+        if bar_shown {
+            // Clear the progress bar line before printing log lines over it.
+            write!(out, "\r\x1b[2K")?;
+        }
+        for l in lines.as_array().into_iter().flatten() {
+            after = after.max(l["id"].as_i64().unwrap_or(after));
+            writeln!(out, "{} [{}] {}", l["ts"], l["level"].as_str().unwrap_or(""), l["msg"].as_str().unwrap_or(""))?;
+        }
+        let Some(job) = job else { break };
+        let status = job["status"].as_str().unwrap_or("");
+        let pct = job["progress"].as_i64().unwrap_or(0).clamp(0, 100);
+        let filled = (pct / 5) as usize;
+        write!(out, "[{}{}] {pct:>3}% {status}", "#".repeat(filled), "-".repeat(20 - filled))?;
+        out.flush()?;
+        bar_shown = true;
+        if !matches!(status, "queued" | "running") {
+            writeln!(out)?;
+            if let Some(e) = job["error"].as_str() {
+                writeln!(out, "error: {e}")?;
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}

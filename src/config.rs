@@ -1,0 +1,24 @@
+//! Server configuration: where to listen, where the data lives, and the limits.
+
+use std::path::PathBuf;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `host:port`; port 0 picks a free port (tests).
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// Threads serving HTTP requests (each may run a handler for up to 5 s).
+    pub http_threads: usize,
+    pub pool: crate::worker::Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("./fazt-data"),
+            http_threads: 16,
+            pool: crate::worker::Limits::default(),
+        }
+    }
+}

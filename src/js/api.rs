@@ -1,0 +1,189 @@
+//! The native half of the `fazt.*`, `console` and `job` API. Each function reads the
+//! [`Host`] stored in the context, checks the run was not stopped, validates its input
+//! and calls a service. The public shape of the API is built in `prelude.js`.
+
+use std::time::Duration;
+
+use boa_engine::object::builtins::JsArray;
+use boa_engine::object::ObjectInitializer;
+use boa_engine::property::Attribute;
+use boa_engine::{
+    js_string, Context, JsError, JsNativeError, JsObject, JsResult, JsString, JsValue,
+    NativeFunction,
+};
+
+use super::runtime::{Host, LogSink};
+use boa_engine::error::PanicError;
+
+type Native = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
+
+pub(super) fn natives(ctx: &mut Context) -> JsObject {
+    let host = host(ctx).expect("host is inserted before natives are built");
+    let mut fns: Vec<(&str, Native, usize)> = vec![
+        ("log", log, 2),
+        ("kvGet", kv_get, 1),
+        ("kvSet", kv_set, 3),
+        ("kvDelete", kv_delete, 1),
+        ("kvList", kv_list, 1),
+    ];
+    fns.extend(crate::worker::js_natives());
+    fns.extend(crate::realtime::js_natives());
+    if host.job.is_some() {
+        fns.extend(crate::worker::job_natives());
+    }
+    let app = JsString::from(&*host.app);
+    let mut init = ObjectInitializer::new(ctx);
+    init.property(js_string!("appName"), app, Attribute::READONLY);
+    if let Some(job) = &host.job {
+        init.property(js_string!("jobId"), JsString::from(job.id.as_str()), Attribute::READONLY);
+        init.property(js_string!("jobAttempt"), job.attempt as f64, Attribute::READONLY);
+        let data = match &job.data {
+            Some(d) => JsValue::from(JsString::from(d.as_str())),
+            None => JsValue::null(),
+        };
+        init.property(js_string!("jobData"), data, Attribute::READONLY);
+    }
+    for (name, f, len) in fns {
+        init.function(NativeFunction::from_fn_ptr(f), JsString::from(name), len);
+    }
+    init.build()
+}
+
+/// The host of the running context, after checking the run was not stopped. A stopped
+/// run gets an uncatchable error, so `try/catch` around a loop that calls fazt cannot
+/// swallow a cancel.
+pub(crate) fn host(ctx: &Context) -> JsResult<Host> {
+    let host = ctx
+        .get_data::<Host>()
+        .cloned()
+        .ok_or_else(|| JsNativeError::error().with_message("no host in this context"))?;
+    if let Some(reason) = host.interrupt.check() {
+        return Err(stopped(reason));
+    }
+    Ok(host)
+}
+
+pub(crate) fn stopped(reason: crate::js::Reason) -> JsError {
+    PanicError::new(format!("stopped: {reason:?}")).into()
+}
+
+pub(crate) fn type_error(msg: impl Into<String>) -> JsError {
+    JsNativeError::typ().with_message(msg.into()).into()
+}
+
+pub(crate) fn plain_error(msg: impl Into<String>) -> JsError {
+    JsNativeError::error().with_message(msg.into()).into()
+}
+
+/// Argument `i` as a string; `what` names it in the error.
+pub(crate) fn str_arg(args: &[JsValue], i: usize, what: &str) -> JsResult<String> {
+    match args.get(i) {
+        Some(v) if v.is_string() => Ok(v
+            .as_string()
+            .map(|s| s.to_std_string_escaped())
+            .unwrap_or_default()),
+        _ => Err(type_error(format!("{what} must be a string"))),
+    }
+}
+
+/// Argument `i` as a string, or None when absent/undefined/null.
+pub(crate) fn opt_str_arg(args: &[JsValue], i: usize, what: &str) -> JsResult<Option<String>> {
+    match args.get(i) {
+        None => Ok(None),
+        Some(v) if v.is_undefined() || v.is_null() => Ok(None),
+        Some(_) => str_arg(args, i, what).map(Some),
+    }
+}
+
+pub(crate) fn store_error(e: crate::store::Error) -> JsError {
+    plain_error(e.to_string())
+}
+
+fn log(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let host = host(ctx)?;
+    let level = str_arg(args, 0, "log level")?;
+    let msg = str_arg(args, 1, "log message")?;
+    match (&host.sink, &host.job) {
+        (LogSink::Job, Some(job)) => {
+            crate::worker::append_log(&host.services, &job.id, &level, &msg);
+        }
+        _ => match level.as_str() {
+            "error" => log::error!(target: "app", "[{}] {msg}", host.app),
+            "warn" => log::warn!(target: "app", "[{}] {msg}", host.app),
+            "debug" => log::debug!(target: "app", "[{}] {msg}", host.app),
+            _ => log::info!(target: "app", "[{}] {msg}", host.app),
+        },
+    }
+    Ok(JsValue::undefined())
+}
+
+fn kv_get(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let host = host(ctx)?;
+    let key = str_arg(args, 0, "fazt.storage.kv.get: key")?;
+    match host
+        .services
+        .store
+        .kv_get(&host.app, &key)
+        .map_err(store_error)?
+    {
+        Some(v) => Ok(JsString::from(v.as_str()).into()),
+        None => Ok(JsValue::null()),
+    }
+}
+
+fn kv_set(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let host = host(ctx)?;
+    let key = str_arg(args, 0, "fazt.storage.kv.set: key")?;
+    let value = str_arg(args, 1, "fazt.storage.kv.set: value")?;
+    let ttl = match args.get(2) {
+        None => None,
+        Some(v) if v.is_undefined() || v.is_null() => None,
+        Some(v) => match v.as_number() {
+            Some(n) if n.is_finite() && n >= 1.0 && n <= 1e15 => Some(n as i64),
+            _ => {
+                return Err(type_error(
+                    "fazt.storage.kv.set: ttlMs must be a positive number of milliseconds",
+                ))
+            }
+        },
+    };
+    host.services
+        .store
+        .kv_set(&host.app, &key, value, ttl)
+        .map_err(store_error)?;
+    Ok(JsValue::undefined())
+}
+
+fn kv_delete(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let host = host(ctx)?;
+    let key = str_arg(args, 0, "fazt.storage.kv.delete: key")?;
+    let existed = host
+        .services
+        .store
+        .kv_delete(&host.app, &key)
+        .map_err(store_error)?;
+    Ok(existed.into())
+}
+
+fn kv_list(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let host = host(ctx)?;
+    let prefix = str_arg(args, 0, "fazt.storage.kv.list: prefix")?;
+    let keys = host
+        .services
+        .store
+        .kv_list(&host.app, &prefix)
+        .map_err(store_error)?;
+    let values = keys.into_iter().map(|k| JsValue::from(JsString::from(k.as_str())));
+    Ok(JsArray::from_iter(values, ctx).into())
+}
+
+/// Blocks the JS thread for `ms`, waking at once when the run is stopped.
+pub(crate) fn sleep_for(host: &Host, ms: f64) -> JsResult<JsValue> {
+    if !ms.is_finite() || ms < 0.0 {
+        return Err(type_error("job.sleep: ms must be a non-negative number"));
+    }
+    match host.interrupt.sleep(Duration::from_millis(ms as u64)) {
+        Some(reason) => Err(stopped(reason)),
+        None => Ok(JsValue::undefined()),
+    }
+}

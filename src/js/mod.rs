@@ -1,0 +1,17 @@
+//! Running user JavaScript with boa: context set-up, the `fazt.*` host API, module
+//! loading (CommonJS `module.exports`), interruptible calls, and value conversion.
+//! Nothing here touches sockets or files; host functions reach the rest of the
+//! server only through [`Services`](crate::services::Services).
+
+mod api;
+/// Helpers for host functions defined outside `js/` (worker, realtime).
+pub(crate) mod api_support {
+    pub(crate) use super::api::{host, opt_str_arg, plain_error, sleep_for, store_error, str_arg, type_error};
+}
+pub mod interrupt;
+mod runtime;
+
+pub use interrupt::{Interrupt, Reason};
+pub use runtime::{
+    call, from_json, load_module, new_context, to_json, Host, JobHost, LogSink, RunError,
+};

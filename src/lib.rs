@@ -1,0 +1,27 @@
+//! fazt: a single-binary, self-hosted app server with a background worker system for
+//! user JavaScript. Modules in reading order:
+//!
+//! - [`config`], [`cli`]: what the user asks for.
+//! - [`app`]: start-up and shutdown, wiring the pieces below together.
+//! - [`services`]: the shared handles every request and job uses.
+//! - [`http`]: routing, the system API, app traffic (static files, handlers).
+//! - [`js`]: boa contexts, the `fazt.*` host API, interruptible execution.
+//! - [`worker`]: jobs, the pool (scheduler, slots, memory budget), daemons.
+//! - [`realtime`]: WebSocket hubs, channels, listener counts.
+//! - [`store`]: the only module that touches SQLite.
+//! - [`apps`]: app name, path and upload rules shared by server and CLI.
+
+pub mod config;
+pub mod cli;
+pub mod app;
+pub mod services;
+pub mod http;
+pub mod js;
+pub mod worker;
+pub mod realtime;
+pub mod store;
+pub mod apps;
+
+/// Counts heap bytes per thread so the pool knows what each job holds.
+#[global_allocator]
+static GLOBAL: worker::CountingAlloc = worker::CountingAlloc;

@@ -1,0 +1,40 @@
+//! The `fazt` binary: parse the command line, set up logging, and hand over to the
+//! library (`app::start` for the server, `cli::run_client` for everything else).
+
+use clap::Parser;
+
+use fazt::cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let result = match &cli.command {
+        Command::Server { listen, http_threads } => run_server(&cli, listen, *http_threads),
+        _ => fazt::cli::run_client(&cli),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_server(cli: &Cli, listen: &str, http_threads: usize) -> anyhow::Result<()> {
+    if http_threads == 0 {
+        anyhow::bail!("--http-threads must be at least 1");
+    }
+    let config = fazt::config::Config {
+        listen: listen.to_string(),
+        data_dir: cli.data_dir.clone(),
+        http_threads,
+        ..Default::default()
+    };
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    ctrlc::set_handler(move || {
+        let _ = stop_tx.try_send(());
+    })
+    .map_err(|e| anyhow::anyhow!("installing the Ctrl-C handler: {e}"))?;
+    let handle = fazt::app::start(config)?;
+    let _ = stop_rx.recv();
+    handle.shutdown();
+    Ok(())
+}

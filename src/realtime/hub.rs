@@ -1,0 +1,393 @@
+//! The hub: which sessions each app has and which channels they subscribe to, plus
+//! per-(app, channel) listener counters the worker pool reads without taking a lock.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crossbeam_channel::{Sender, TrySendError};
+
+/// Listener counters by (app, channel). A reader fetches a counter once (one read lock)
+/// and then loads it atomically forever after.
+#[derive(Default)]
+pub struct Listeners {
+    map: RwLock<HashMap<(String, String), Arc<AtomicUsize>>>,
+}
+
+impl Listeners {
+    /// The counter for (app, channel), created at zero if new.
+    pub fn counter(&self, app: &str, channel: &str) -> Arc<AtomicUsize> {
+        let key = (app.to_string(), channel.to_string());
+        if let Some(c) = self.map.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return c.clone();
+        }
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    pub fn count(&self, app: &str, channel: &str) -> usize {
+        let key = (app.to_string(), channel.to_string());
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// What a session's writer thread is sent.
+pub(crate) enum Out {
+    /// A text frame (a JSON message), shared by every recipient of a broadcast.
+    Text(Arc<str>),
+    /// Bytes already framed by the session's reader (pong and close replies).
+    Raw(Vec<u8>),
+    /// Close the connection (the reason is logged).
+    Close(&'static str),
+}
+
+pub(crate) struct SessionHandle {
+    pub id: String,
+    pub tx: Sender<Out>,
+    pub channels: HashSet<String>,
+    pub ip: std::net::IpAddr,
+    /// A handle on the session's socket, to cut off a client that fell behind: shutting
+    /// it down ends both of the session's threads.
+    pub socket: Option<std::net::TcpStream>,
+}
+
+#[derive(Default)]
+struct AppHub {
+    sessions: HashMap<u64, SessionHandle>,
+    channels: HashMap<String, HashSet<u64>>,
+}
+
+/// All apps' sessions. One mutex guards membership; broadcasts hold it only to copy
+/// out the recipients' senders, never while writing to a socket.
+pub struct Hub {
+    apps: Mutex<HashMap<String, AppHub>>,
+    listeners: Arc<Listeners>,
+    next_id: AtomicU64,
+    pub broadcasts: AtomicU64,
+    pub deliveries: AtomicU64,
+    pub dropped_slow: AtomicU64,
+    pub limits: HubLimits,
+}
+
+#[derive(Debug, Clone)]
+pub struct HubLimits {
+    pub per_app: usize,
+    pub per_ip: usize,
+    pub channels_per_session: usize,
+    /// Messages a session may have waiting; a client that falls this far behind is
+    /// disconnected rather than silently starved.
+    pub queue: usize,
+}
+
+impl Default for HubLimits {
+    fn default() -> Self {
+        HubLimits {
+            per_app: 5000,
+            per_ip: 1000,
+            channels_per_session: 100,
+            queue: 1024,
+        }
+    }
+}
+
+/// Largest broadcast payload (JSON text).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+impl Hub {
+    pub fn new(listeners: Arc<Listeners>, limits: HubLimits) -> Hub {
+        Hub {
+            apps: Mutex::new(HashMap::new()),
+            listeners,
+            next_id: AtomicU64::new(1),
+            broadcasts: AtomicU64::new(0),
+            deliveries: AtomicU64::new(0),
+            dropped_slow: AtomicU64::new(0),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AppHub>> {
+        self.apps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session, or refuses it when the app or the IP is at its cap.
+    pub(crate) fn join(
+        &self,
+        app: &str,
+        ip: std::net::IpAddr,
+        tx: Sender<Out>,
+        socket: Option<std::net::TcpStream>,
+    ) -> Result<(u64, String), String> {
+        let mut apps = self.lock();
+        let per_ip: usize = apps
+            .values()
+            .map(|a| a.sessions.values().filter(|s| s.ip == ip).count())
+            .sum();
+        if per_ip >= self.limits.per_ip {
+            return Err(format!(
+                "too many WebSocket connections from {ip} (limit {})",
+                self.limits.per_ip
+            ));
+        }
+        let hub = apps.entry(app.to_string()).or_default();
+        if hub.sessions.len() >= self.limits.per_app {
+            return Err(format!(
+                "too many WebSocket connections to app '{app}' (limit {})",
+                self.limits.per_app
+            ));
+        }
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = format!("c{n}");
+        hub.sessions.insert(
+            n,
+            SessionHandle {
+                id: id.clone(),
+                tx,
+                channels: HashSet::new(),
+                ip,
+                socket,
+            },
+        );
+        Ok((n, id))
+    }
+
+    /// Gives the hub a handle on the session's socket once the upgrade is done.
+    pub(crate) fn attach_socket(&self, app: &str, session: u64, socket: std::net::TcpStream) {
+        if let Some(s) = self
+            .lock()
+            .get_mut(app)
+            .and_then(|h| h.sessions.get_mut(&session))
+        {
+            s.socket = Some(socket);
+        }
+    }
+
+    pub(crate) fn leave(&self, app: &str, session: u64) {
+        let mut apps = self.lock();
+        let Some(hub) = apps.get_mut(app) else {
+            return;
+        };
+        if let Some(s) = hub.sessions.remove(&session) {
+            if let Some(sock) = &s.socket {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+            for ch in s.channels {
+                if let Some(set) = hub.channels.get_mut(&ch) {
+                    set.remove(&session);
+                    if set.is_empty() {
+                        hub.channels.remove(&ch);
+                    }
+                }
+                self.listeners
+                    .counter(app, &ch)
+                    .fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if hub.sessions.is_empty() {
+            apps.remove(app);
+        }
+    }
+
+    pub(crate) fn subscribe(&self, app: &str, session: u64, channel: &str) -> Result<(), String> {
+        let mut apps = self.lock();
+        let Some(hub) = apps.get_mut(app) else {
+            return Err("session is closed".into());
+        };
+        let Some(s) = hub.sessions.get_mut(&session) else {
+            return Err("session is closed".into());
+        };
+        if s.channels.contains(channel) {
+            return Ok(());
+        }
+        if s.channels.len() >= self.limits.channels_per_session {
+            return Err(format!(
+                "too many subscriptions (limit {} channels per connection)",
+                self.limits.channels_per_session
+            ));
+        }
+        s.channels.insert(channel.to_string());
+        hub.channels
+            .entry(channel.to_string())
+            .or_default()
+            .insert(session);
+        self.listeners
+            .counter(app, channel)
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(crate) fn unsubscribe(&self, app: &str, session: u64, channel: &str) {
+        let mut apps = self.lock();
+        let Some(hub) = apps.get_mut(app) else {
+            return;
+        };
+        let removed = hub
+            .sessions
+            .get_mut(&session)
+            .is_some_and(|s| s.channels.remove(channel));
+        if removed {
+            if let Some(set) = hub.channels.get_mut(channel) {
+                set.remove(&session);
+                if set.is_empty() {
+                    hub.channels.remove(channel);
+                }
+            }
+            self.listeners
+                .counter(app, channel)
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends `data` (JSON text) to the channel's subscribers, or with `channel` None to
+    /// every session of the app. Returns how many sessions it was queued for.
+    pub fn broadcast(&self, app: &str, channel: Option<&str>, data: &str) -> Result<usize, String> {
+        if data.len() > MAX_MESSAGE_BYTES {
+            return Err(format!(
+                "message is {} bytes; the limit is {} KB",
+                data.len(),
+                MAX_MESSAGE_BYTES >> 10
+            ));
+        }
+        let ts = crate::store::now_ms();
+        let ch_json = match channel {
+            Some(c) => serde_json::Value::String(c.to_string()).to_string(),
+            None => "null".to_string(),
+        };
+        let text: Arc<str> = Arc::from(format!(
+            "{{\"type\":\"message\",\"channel\":{ch_json},\"data\":{data},\"timestamp\":{ts}}}"
+        ));
+        let recipients: Vec<(u64, Sender<Out>)> = {
+            let apps = self.lock();
+            let Some(hub) = apps.get(app) else {
+                self.broadcasts.fetch_add(1, Ordering::Relaxed);
+                return Ok(0);
+            };
+            match channel {
+                Some(c) => hub
+                    .channels
+                    .get(c)
+                    .map(|set| {
+                        set.iter()
+                            .filter_map(|id| hub.sessions.get(id).map(|s| (*id, s.tx.clone())))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                None => hub
+                    .sessions
+                    .iter()
+                    .map(|(id, s)| (*id, s.tx.clone()))
+                    .collect(),
+            }
+        };
+        self.broadcasts.fetch_add(1, Ordering::Relaxed);
+        let mut sent = 0;
+        for (id, tx) in recipients {
+            match tx.try_send(Out::Text(text.clone())) {
+                Ok(()) => sent += 1,
+                Err(TrySendError::Full(_)) => {
+                    // Too far behind: drop it so it reconnects, instead of starving it.
+                    self.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("app {app}: disconnecting a slow WebSocket client (queue full)");
+                    self.leave(app, id);
+                }
+                Err(TrySendError::Disconnected(_)) => self.leave(app, id),
+            }
+        }
+        self.deliveries.fetch_add(sent as u64, Ordering::Relaxed);
+        Ok(sent)
+    }
+
+    pub fn connections(&self, app: &str) -> usize {
+        self.lock().get(app).map_or(0, |h| h.sessions.len())
+    }
+
+    pub fn total_connections(&self) -> usize {
+        self.lock().values().map(|h| h.sessions.len()).sum()
+    }
+
+    pub fn subscribers(&self, app: &str, channel: &str) -> Vec<String> {
+        let apps = self.lock();
+        let Some(hub) = apps.get(app) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<String> = hub
+            .channels
+            .get(channel)
+            .map(|set| {
+                set.iter()
+                    .filter_map(|id| hub.sessions.get(id).map(|s| s.id.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// Closes every session (server shutdown).
+    pub fn close_all(&self) {
+        let apps = self.lock();
+        for hub in apps.values() {
+            for s in hub.sessions.values() {
+                let _ = s.tx.try_send(Out::Close("server shutting down"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip() -> std::net::IpAddr {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    }
+
+    #[test]
+    fn counts_follow_subscriptions() {
+        let l = Arc::new(Listeners::default());
+        let hub = Hub::new(l.clone(), HubLimits::default());
+        let (tx, rx) = crossbeam_channel::bounded(8);
+        let (s, _) = hub.join("a", ip(), tx, None).expect("join");
+        hub.subscribe("a", s, "c").expect("subscribe");
+        hub.subscribe("a", s, "c").expect("idempotent");
+        assert_eq!(l.count("a", "c"), 1);
+        assert_eq!(l.count("b", "c"), 0, "apps are separate");
+        assert_eq!(hub.broadcast("a", Some("c"), "1"), Ok(1));
+        assert_eq!(hub.broadcast("b", Some("c"), "1"), Ok(0));
+        assert!(matches!(rx.try_recv(), Ok(Out::Text(_))));
+        hub.unsubscribe("a", s, "c");
+        assert_eq!(l.count("a", "c"), 0);
+        hub.subscribe("a", s, "c").expect("subscribe");
+        hub.leave("a", s);
+        assert_eq!(l.count("a", "c"), 0);
+    }
+
+    #[test]
+    fn full_queue_disconnects() {
+        let l = Arc::new(Listeners::default());
+        let hub = Hub::new(l.clone(), HubLimits { queue: 1, ..HubLimits::default() });
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let (s, _) = hub.join("a", ip(), tx, None).expect("join");
+        hub.subscribe("a", s, "c").expect("subscribe");
+        assert_eq!(hub.broadcast("a", Some("c"), "1"), Ok(1));
+        assert_eq!(hub.broadcast("a", Some("c"), "2"), Ok(0));
+        assert_eq!(hub.connections("a"), 0);
+        assert_eq!(l.count("a", "c"), 0);
+    }
+
+    #[test]
+    fn caps_refuse() {
+        let hub = Hub::new(Arc::default(), HubLimits { per_ip: 1, ..HubLimits::default() });
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        hub.join("a", ip(), tx.clone(), None).expect("first");
+        assert!(hub.join("b", ip(), tx, None).is_err());
+    }
+}

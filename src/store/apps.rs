@@ -1,0 +1,125 @@
+//! Apps and their files: atomic deploy (replace every file in one transaction), list,
+//! remove, and file lookups for app traffic.
+
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use super::{now_ms, Error, Result, SqlContext, Store};
+
+/// One file of an app, as uploaded.
+#[derive(Debug, Clone)]
+pub struct AppFile {
+    pub path: String,
+    pub content: Vec<u8>,
+}
+
+/// What `GET /api/apps` shows of an app.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AppInfo {
+    pub name: String,
+    /// Bumped on every deploy; handler caches compare it to notice new code.
+    pub version: i64,
+    pub files: i64,
+    pub bytes: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl Store {
+    /// Replaces all files of `app` (creating it if new) in one transaction, so traffic
+    /// sees either the old or the new set, never a mix.
+    pub fn deploy_app(&self, app: &str, files: Vec<AppFile>) -> Result<AppInfo> {
+        let app = app.to_string();
+        self.write(true, move |c| {
+            let now = now_ms();
+            let total: i64 = files.iter().map(|f| f.content.len() as i64).sum();
+            let count = files.len() as i64;
+            c.execute(
+                "INSERT INTO apps(name, version, file_count, total_bytes, created_at, updated_at)
+                 VALUES (?1, 1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT(name) DO UPDATE SET version = version + 1,
+                   file_count = ?2, total_bytes = ?3, updated_at = ?4",
+                params![app, count, total, now],
+            )
+            .ctx("recording the app")?;
+            c.execute("DELETE FROM app_files WHERE app = ?1", [&app])
+                .ctx("removing the previous files")?;
+            {
+                let mut stmt = c
+                    .prepare_cached("INSERT INTO app_files(app, path, content) VALUES (?1, ?2, ?3)")
+                    .ctx("preparing the file insert")?;
+                for f in &files {
+                    stmt.execute(params![app, f.path, f.content])
+                        .ctx("storing a file")?;
+                }
+            }
+            get_app(c, &app)?.ok_or_else(|| Error::NotFound(format!("app {app}")))
+        })
+    }
+
+    pub fn list_apps(&self) -> Result<Vec<AppInfo>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(&format!("{APP_COLUMNS} ORDER BY name"))
+                .ctx("listing apps")?;
+            let rows = stmt
+                .query_map([], app_from_row)
+                .ctx("listing apps")?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .ctx("reading apps")?;
+            Ok(rows)
+        })
+    }
+
+    pub fn get_app(&self, app: &str) -> Result<Option<AppInfo>> {
+        self.read(|c| get_app(c, app))
+    }
+
+    /// Deletes an app, its files and its kv data. Returns false when there was no such app.
+    pub fn remove_app(&self, app: &str) -> Result<bool> {
+        let app = app.to_string();
+        self.write(true, move |c| {
+            c.execute("DELETE FROM app_files WHERE app = ?1", [&app])
+                .ctx("removing files")?;
+            c.execute("DELETE FROM kv WHERE app = ?1", [&app])
+                .ctx("removing kv data")?;
+            let n = c
+                .execute("DELETE FROM apps WHERE name = ?1", [&app])
+                .ctx("removing the app")?;
+            Ok(n > 0)
+        })
+    }
+
+    /// One file's content, or None.
+    pub fn app_file(&self, app: &str, path: &str) -> Result<Option<Vec<u8>>> {
+        self.read(|c| {
+            c.prepare_cached("SELECT content FROM app_files WHERE app = ?1 AND path = ?2")
+                .ctx("reading a file")?
+                .query_row(params![app, path], |r| r.get(0))
+                .optional()
+                .ctx("reading a file")
+        })
+    }
+}
+
+const APP_COLUMNS: &str =
+    "SELECT name, version, file_count, total_bytes, created_at, updated_at FROM apps";
+
+fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AppInfo> {
+    Ok(AppInfo {
+        name: r.get(0)?,
+        version: r.get(1)?,
+        files: r.get(2)?,
+        bytes: r.get(3)?,
+        created_at: r.get(4)?,
+        updated_at: r.get(5)?,
+    })
+}
+
+fn get_app(c: &rusqlite::Connection, app: &str) -> Result<Option<AppInfo>> {
+    c.prepare_cached(&format!("{APP_COLUMNS} WHERE name = ?1"))
+        .ctx("reading an app")?
+        .query_row([app], app_from_row)
+        .optional()
+        .ctx("reading an app")
+}

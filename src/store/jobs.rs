@@ -1,0 +1,390 @@
+//! Jobs and their logs: insert (with the uniqueKey and queue-bound rules, atomically),
+//! state transitions written by the scheduler, reads for the API, and crash recovery.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::{now_ms, Error, Result, SqlContext, Store};
+use crate::worker::{JobConfig, ListFilter, Status};
+
+/// A job as stored.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub id: String,
+    pub app: String,
+    pub path: String,
+    pub status: Status,
+    pub config: JobConfig,
+    pub data: Option<String>,
+    pub progress: i64,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub attempt: i64,
+    pub restarts: i64,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub done_at: Option<i64>,
+}
+
+impl JobRow {
+    /// The job object users see in JS and over HTTP.
+    pub fn to_json(&self) -> serde_json::Value {
+        let parse = |s: &Option<String>| -> serde_json::Value {
+            s.as_deref()
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or(serde_json::Value::Null)
+        };
+        serde_json::json!({
+            "id": self.id,
+            "app": self.app,
+            "path": self.path,
+            "status": self.status.as_str(),
+            "progress": self.progress,
+            "attempt": self.attempt,
+            "restarts": self.restarts,
+            "daemon": self.config.daemon,
+            "data": parse(&self.data),
+            "result": parse(&self.result),
+            "error": self.error,
+            "createdAt": self.created_at,
+            "startedAt": self.started_at,
+            "doneAt": self.done_at,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogLine {
+    pub id: i64,
+    pub ts: i64,
+    pub level: String,
+    pub msg: String,
+}
+
+/// What `insert_job` did.
+pub enum Inserted {
+    New(JobRow),
+    /// A live job with the same uniqueKey already existed; it is returned instead.
+    Existing(JobRow),
+}
+
+const JOB_COLUMNS: &str = "SELECT id, app, path, status, config, data, progress, result, error,
+    attempt, restarts, created_at, started_at, done_at FROM worker_jobs";
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    let status: String = r.get(3)?;
+    let config: String = r.get(4)?;
+    Ok(JobRow {
+        id: r.get(0)?,
+        app: r.get(1)?,
+        path: r.get(2)?,
+        status: Status::parse(&status).unwrap_or(Status::Failed),
+        config: serde_json::from_str(&config).unwrap_or_default(),
+        data: r.get(5)?,
+        progress: r.get(6)?,
+        result: r.get(7)?,
+        error: r.get(8)?,
+        attempt: r.get(9)?,
+        restarts: r.get(10)?,
+        created_at: r.get(11)?,
+        started_at: r.get(12)?,
+        done_at: r.get(13)?,
+    })
+}
+
+fn get_job(c: &Connection, id: &str) -> Result<Option<JobRow>> {
+    c.prepare_cached(&format!("{JOB_COLUMNS} WHERE id = ?1"))
+        .ctx("reading a job")?
+        .query_row([id], job_from_row)
+        .optional()
+        .ctx("reading a job")
+}
+
+impl Store {
+    /// Inserts a queued job, unless a live job of the app has the same uniqueKey (then
+    /// that one is returned) or the app's queue is full (then an `Invalid` error).
+    pub fn insert_job(
+        &self,
+        id: String,
+        app: &str,
+        path: &str,
+        config: &JobConfig,
+        data: Option<String>,
+        queue_limit: i64,
+    ) -> Result<Inserted> {
+        let app = app.to_string();
+        let path = path.to_string();
+        let config = config.clone();
+        self.write(false, move |c| {
+            if let Some(key) = &config.unique_key {
+                let existing: Option<String> = c
+                    .prepare_cached(
+                        "SELECT id FROM worker_jobs WHERE app = ?1 AND unique_key = ?2
+                         AND status IN ('queued', 'running') LIMIT 1",
+                    )
+                    .ctx("checking uniqueKey")?
+                    .query_row(params![app, key], |r| r.get(0))
+                    .optional()
+                    .ctx("checking uniqueKey")?;
+                if let Some(eid) = existing {
+                    let row = get_job(c, &eid)?.ok_or_else(|| Error::NotFound(format!("job {eid}")))?;
+                    return Ok(Inserted::Existing(row));
+                }
+            }
+            let queued: i64 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM worker_jobs WHERE app = ?1 AND status = 'queued'",
+                )
+                .ctx("counting the queue")?
+                .query_row([&app], |r| r.get(0))
+                .ctx("counting the queue")?;
+            if queued >= queue_limit {
+                return Err(Error::Invalid(format!(
+                    "the job queue of app '{app}' is full ({queue_limit} jobs waiting): try again later"
+                )));
+            }
+            let cfg = serde_json::to_string(&config)
+                .map_err(|e| Error::Invalid(format!("encoding job config: {e}")))?;
+            c.prepare_cached(
+                "INSERT INTO worker_jobs(id, app, path, status, config, data, unique_key, created_at)
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",
+            )
+            .ctx("inserting a job")?
+            .execute(params![id, app, path, cfg, data, config.unique_key, now_ms()])
+            .ctx("inserting a job")?;
+            let row = get_job(c, &id)?.ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+            Ok(Inserted::New(row))
+        })
+    }
+
+    pub fn get_job(&self, id: &str) -> Result<Option<JobRow>> {
+        self.read(|c| get_job(c, id))
+    }
+
+    pub fn list_jobs(&self, f: &ListFilter) -> Result<Vec<serde_json::Value>> {
+        self.read(|c| {
+            let mut sql = format!("{JOB_COLUMNS} WHERE 1=1");
+            let mut args: Vec<String> = Vec::new();
+            if let Some(app) = &f.app {
+                args.push(app.clone());
+                sql.push_str(&format!(" AND app = ?{}", args.len()));
+            }
+            if let Some(st) = f.status {
+                args.push(st.as_str().to_string());
+                sql.push_str(&format!(" AND status = ?{}", args.len()));
+            }
+            sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT {}", f.limit));
+            let mut stmt = c.prepare_cached(&sql).ctx("listing jobs")?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args.iter()), job_from_row)
+                .ctx("listing jobs")?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .ctx("listing jobs")?;
+            Ok(rows.iter().map(JobRow::to_json).collect())
+        })
+    }
+
+    /// Queued jobs in creation order (the scheduler loads these at start).
+    pub fn queued_jobs(&self) -> Result<Vec<JobRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "{JOB_COLUMNS} WHERE status = 'queued' ORDER BY created_at, id"
+                ))
+                .ctx("loading queued jobs")?;
+            let rows = stmt
+                .query_map([], job_from_row)
+                .ctx("loading queued jobs")?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .ctx("loading queued jobs")?;
+            Ok(rows)
+        })
+    }
+
+    /// At start: jobs left `running` by a dead process. Daemons go back to `queued`
+    /// (they resume from their checkpoint); other jobs are retried if attempts remain,
+    /// else failed with "interrupted by server restart". Returns how many were touched.
+    pub fn recover_interrupted(&self) -> Result<usize> {
+        self.write(true, |c| {
+            let rows = {
+                let mut stmt = c
+                    .prepare_cached(&format!("{JOB_COLUMNS} WHERE status = 'running'"))
+                    .ctx("finding interrupted jobs")?;
+                let rows = stmt
+                    .query_map([], job_from_row)
+                    .ctx("finding interrupted jobs")?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .ctx("finding interrupted jobs")?;
+                rows
+            };
+            let now = now_ms();
+            for j in &rows {
+                if j.config.daemon {
+                    c.execute(
+                        "UPDATE worker_jobs SET status = 'queued', restarts = restarts + 1 WHERE id = ?1",
+                        [&j.id],
+                    )
+                    .ctx("re-queueing a daemon")?;
+                } else if j.attempt <= j.config.retry as i64 {
+                    c.execute(
+                        "UPDATE worker_jobs SET status = 'queued', attempt = attempt + 1,
+                         error = 'interrupted by server restart' WHERE id = ?1",
+                        [&j.id],
+                    )
+                    .ctx("re-queueing a job")?;
+                } else {
+                    c.execute(
+                        "UPDATE worker_jobs SET status = 'failed', done_at = ?2,
+                         error = 'interrupted by server restart' WHERE id = ?1",
+                        params![j.id, now],
+                    )
+                    .ctx("failing an interrupted job")?;
+                }
+            }
+            Ok(rows.len())
+        })
+    }
+
+    /// Marks a job running (queued by the scheduler, not waited for).
+    pub fn job_started(&self, id: &str, attempt: i64, restarts: i64) {
+        let id = id.to_string();
+        self.write_later(move |c| {
+            c.prepare_cached(
+                "UPDATE worker_jobs SET status = 'running', started_at = ?2, attempt = ?3,
+                 restarts = ?4, done_at = NULL WHERE id = ?1",
+            )
+            .ctx("marking a job running")?
+            .execute(params![id, now_ms(), attempt, restarts])
+            .ctx("marking a job running")?;
+            Ok(())
+        });
+    }
+
+    /// Records a final state (or a return to `queued` for retries and restarts).
+    pub fn job_finished(
+        &self,
+        id: &str,
+        status: Status,
+        result: Option<String>,
+        error: Option<String>,
+        attempt: i64,
+        restarts: i64,
+    ) {
+        let id = id.to_string();
+        self.write_later(move |c| {
+            let done_at = if status.is_final() { Some(now_ms()) } else { None };
+            let progress_done = status == Status::Done;
+            c.prepare_cached(
+                "UPDATE worker_jobs SET status = ?2, result = ?3, error = ?4, done_at = ?5,
+                 attempt = ?6, restarts = ?7,
+                 progress = CASE WHEN ?8 THEN 100 ELSE progress END WHERE id = ?1",
+            )
+            .ctx("recording a job outcome")?
+            .execute(params![
+                id,
+                status.as_str(),
+                result,
+                error,
+                done_at,
+                attempt,
+                restarts,
+                progress_done
+            ])
+            .ctx("recording a job outcome")?;
+            Ok(())
+        });
+    }
+
+    pub fn job_progress(&self, id: &str, progress: i64) {
+        let id = id.to_string();
+        self.write_later(move |c| {
+            c.prepare_cached("UPDATE worker_jobs SET progress = ?2 WHERE id = ?1")
+                .ctx("recording progress")?
+                .execute(params![id, progress])
+                .ctx("recording progress")?;
+            Ok(())
+        });
+    }
+
+    /// Appends a log line and trims the job's log to the newest `keep` lines.
+    pub fn job_log(&self, id: &str, level: &str, msg: String, keep: i64) {
+        let (id, level) = (id.to_string(), level.to_string());
+        self.write_later(move |c| {
+            c.prepare_cached("INSERT INTO job_logs(job_id, ts, level, msg) VALUES (?1, ?2, ?3, ?4)")
+                .ctx("appending a log line")?
+                .execute(params![id, now_ms(), level, msg])
+                .ctx("appending a log line")?;
+            c.prepare_cached(
+                "DELETE FROM job_logs WHERE job_id = ?1 AND id <= (
+                   SELECT id FROM job_logs WHERE job_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            )
+            .ctx("trimming the log")?
+            .execute(params![id, keep])
+            .ctx("trimming the log")?;
+            Ok(())
+        });
+    }
+
+    /// Log lines with id > `after`, oldest first.
+    pub fn job_logs(&self, id: &str, after: i64) -> Result<Vec<LogLine>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT id, ts, level, msg FROM job_logs WHERE job_id = ?1 AND id > ?2
+                     ORDER BY id LIMIT 1000",
+                )
+                .ctx("reading logs")?;
+            let rows = stmt
+                .query_map(params![id, after], |r| {
+                    Ok(LogLine {
+                        id: r.get(0)?,
+                        ts: r.get(1)?,
+                        level: r.get(2)?,
+                        msg: r.get(3)?,
+                    })
+                })
+                .ctx("reading logs")?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .ctx("reading logs")?;
+            Ok(rows)
+        })
+    }
+
+    /// Saves a checkpoint and returns once it is durably committed.
+    pub fn save_checkpoint(&self, id: &str, value: String) -> Result<()> {
+        let id = id.to_string();
+        self.write(true, move |c| {
+            c.prepare_cached("UPDATE worker_jobs SET checkpoint = ?2 WHERE id = ?1")
+                .ctx("saving a checkpoint")?
+                .execute(params![id, value])
+                .ctx("saving a checkpoint")?;
+            Ok(())
+        })
+    }
+
+    pub fn checkpoint(&self, id: &str) -> Result<Option<String>> {
+        self.read(|c| {
+            c.prepare_cached("SELECT checkpoint FROM worker_jobs WHERE id = ?1")
+                .ctx("reading a checkpoint")?
+                .query_row([id], |r| r.get::<_, Option<String>>(0))
+                .optional()
+                .ctx("reading a checkpoint")
+                .map(Option::flatten)
+        })
+    }
+
+    /// Counts of jobs by status, for /metrics.
+    pub fn job_counts(&self) -> Result<Vec<(String, i64)>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached("SELECT status, COUNT(*) FROM worker_jobs GROUP BY status")
+                .ctx("counting jobs")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .ctx("counting jobs")?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .ctx("counting jobs")?;
+            Ok(rows)
+        })
+    }
+}

@@ -1,0 +1,93 @@
+//! Per-app key/value storage behind `fazt.storage.kv`. Values are JSON text; expired
+//! keys read as absent and are deleted lazily.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::{now_ms, Error, Result, SqlContext, Store};
+
+/// Largest value one key may hold (JSON text), so one app cannot fill the disk in one call.
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+/// Longest key.
+pub const MAX_KEY_BYTES: usize = 512;
+
+impl Store {
+    pub fn kv_get(&self, app: &str, key: &str) -> Result<Option<String>> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT value FROM kv WHERE app = ?1 AND key = ?2
+                 AND (expires_at IS NULL OR expires_at > ?3)",
+            )
+            .ctx("reading a key")?
+            .query_row(params![app, key, now_ms()], |r| r.get(0))
+            .optional()
+            .ctx("reading a key")
+        })
+    }
+
+    /// Stores `value` (JSON text); `ttl_ms` makes it expire.
+    pub fn kv_set(&self, app: &str, key: &str, value: String, ttl_ms: Option<i64>) -> Result<()> {
+        check_key(key)?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(Error::Invalid(format!(
+                "kv value for '{key}' is {} bytes; the limit is {MAX_VALUE_BYTES}",
+                value.len()
+            )));
+        }
+        let (app, key) = (app.to_string(), key.to_string());
+        let expires = ttl_ms.map(|t| now_ms() + t);
+        self.write(false, move |c| {
+            c.prepare_cached(
+                "INSERT INTO kv(app, key, value, expires_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(app, key) DO UPDATE SET value = ?3, expires_at = ?4",
+            )
+            .ctx("writing a key")?
+            .execute(params![app, key, value, expires])
+            .ctx("writing a key")?;
+            Ok(())
+        })
+    }
+
+    pub fn kv_delete(&self, app: &str, key: &str) -> Result<bool> {
+        let (app, key) = (app.to_string(), key.to_string());
+        self.write(false, move |c| {
+            let n = c
+                .execute("DELETE FROM kv WHERE app = ?1 AND key = ?2", params![app, key])
+                .ctx("deleting a key")?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Live keys starting with `prefix`, in order, at most 1,000.
+    pub fn kv_list(&self, app: &str, prefix: &str) -> Result<Vec<String>> {
+        let pattern = format!(
+            "{}%",
+            prefix
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT key FROM kv WHERE app = ?1 AND key LIKE ?2 ESCAPE '\\'
+                     AND (expires_at IS NULL OR expires_at > ?3) ORDER BY key LIMIT 1000",
+                )
+                .ctx("listing keys")?;
+            let keys = stmt
+                .query_map(params![app, pattern, now_ms()], |r| r.get(0))
+                .ctx("listing keys")?
+                .collect::<rusqlite::Result<Vec<String>>>()
+                .ctx("listing keys")?;
+            Ok(keys)
+        })
+    }
+}
+
+fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(Error::Invalid(format!(
+            "kv keys must be 1 to {MAX_KEY_BYTES} bytes long"
+        )));
+    }
+    Ok(())
+}

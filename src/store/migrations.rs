@@ -1,0 +1,71 @@
+//! Schema migrations: the files in `migrations/` are embedded at build time and applied
+//! in order at start, each recorded in `schema_migrations` so it runs once.
+
+use rusqlite::Connection;
+
+use super::{Result, SqlContext};
+
+/// `(version, name, sql)` in the order they must run.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (2, "workers", include_str!("../../migrations/0002_workers.sql")),
+];
+
+pub(super) fn apply(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+    )
+    .ctx("creating schema_migrations")?;
+    for (version, name, sql) in MIGRATIONS {
+        let done: bool = conn
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM schema_migrations WHERE version = ?1)",
+                [version],
+                |r| r.get(0),
+            )
+            .ctx("reading schema_migrations")?;
+        if done {
+            continue;
+        }
+        let what = format!("applying migration {version:04}_{name}");
+        conn.execute_batch("BEGIN IMMEDIATE").ctx(&what)?;
+        let res = conn.execute_batch(sql).and_then(|_| {
+            conn.execute(
+                "INSERT INTO schema_migrations(version, name, applied_at) VALUES (?1, ?2, ?3)",
+                rusqlite::params![version, name, super::now_ms()],
+            )
+        });
+        match res {
+            Ok(_) => conn.execute_batch("COMMIT").ctx(&what)?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e).ctx(&what);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_once_and_are_recorded() {
+        let conn = Connection::open_in_memory().expect("in-memory db");
+        apply(&conn).expect("first apply");
+        apply(&conn).expect("second apply is a no-op");
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(n, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn migration_versions_are_strictly_increasing() {
+        for pair in MIGRATIONS.windows(2) {
+            assert!(pair[0].0 < pair[1].0);
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! The worker system: job model and options, the pool (scheduler, slots, memory
+//! monitor), and the `fazt.worker.*` and `job.*` host functions.
+
+mod budget;
+mod options;
+mod pool;
+mod slot;
+
+pub use budget::{rss_bytes, Budget, CountingAlloc};
+pub use options::{format_bytes, parse_duration, parse_memory, parse_options, JobConfig};
+pub use pool::{backoff_delay, Limits, Pool, PoolRunner, PoolStats};
+
+use std::sync::Arc;
+
+use boa_engine::{Context, JsResult, JsString, JsValue};
+
+use crate::js::api_support::{host, plain_error, sleep_for, store_error, str_arg, type_error};
+use crate::services::Services;
+use crate::store::JobRow;
+
+/// The shared memory budget jobs reserve from.
+pub const MEMORY_BUDGET: u64 = 256 << 20;
+/// Reservation of a job that does not say.
+pub const DEFAULT_MEMORY: u64 = 32 << 20;
+/// Largest `data`, result or checkpoint (JSON text).
+pub const MAX_JSON_BYTES: usize = 1 << 20;
+/// Log lines kept per job.
+pub const LOG_KEEP: i64 = 1000;
+/// Longest single log line kept (longer ones are cut).
+const MAX_LOG_LINE: usize = 8 * 1024;
+
+/// `queued → running → done | failed | cancelled | stopped`; daemons and retries go
+/// back to `queued`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+    /// A clean stop by idle timeout; never restarted.
+    Stopped,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+            Status::Stopped => "stopped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Some(match s {
+            "queued" => Status::Queued,
+            "running" => Status::Running,
+            "done" => Status::Done,
+            "failed" => Status::Failed,
+            "cancelled" => Status::Cancelled,
+            "stopped" => Status::Stopped,
+            _ => return None,
+        })
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, Status::Queued | Status::Running)
+    }
+}
+
+/// Filter for job listings (HTTP API and `fazt.worker.list`).
+#[derive(Debug, Clone)]
+pub struct ListFilter {
+    pub app: Option<String>,
+    pub status: Option<Status>,
+    pub limit: u32,
+}
+
+impl ListFilter {
+    pub fn from_query(app: Option<&str>, status: Option<&str>, limit: Option<&str>) -> Result<ListFilter, String> {
+        let status = match status {
+            None | Some("") => None,
+            Some(s) => Some(Status::parse(s).ok_or_else(|| {
+                format!("unknown status '{s}' (use queued, running, done, failed, cancelled or stopped)")
+            })?),
+        };
+        let limit = match limit {
+            None | Some("") => 100,
+            Some(l) => l
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| format!("limit must be a whole number from 1 to 1000, not '{l}'"))?,
+        };
+        Ok(ListFilter {
+            app: app.filter(|a| !a.is_empty()).map(str::to_string),
+            status,
+            limit,
+        })
+    }
+}
+
+/// Why a spawn was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// Bad path or options: the caller's mistake, with the reason.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+}
+
+/// Validates and enqueues a job of `app`. With a uniqueKey that matches a live job, the
+/// live job is returned instead.
+pub fn spawn(services: &Services, app: &str, path: &str, opts: &serde_json::Value) -> Result<JobRow, SpawnError> {
+    check_worker_path(path).map_err(SpawnError::Invalid)?;
+    let (config, data) = parse_options(opts).map_err(SpawnError::Invalid)?;
+    if services.store.app_file(app, path)?.is_none() {
+        return Err(SpawnError::Invalid(format!("no worker file {path} in app '{app}'")));
+    }
+    let inserted = services.store.insert_job(
+        new_job_id(),
+        app,
+        path,
+        &config,
+        data,
+        services.pool.limits.queue_per_app,
+    );
+    match inserted {
+        Ok(crate::store::Inserted::New(row)) => {
+            services.pool.enqueue(pool::Queued::from_row(&row));
+            Ok(row)
+        }
+        Ok(crate::store::Inserted::Existing(row)) => Ok(row),
+        Err(crate::store::Error::Invalid(m)) => Err(SpawnError::Invalid(m)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `workers/<...>.js`, with no `..`, absolute or odd segments.
+pub fn check_worker_path(path: &str) -> Result<(), String> {
+    crate::apps::check_path(path).map_err(|e| format!("fazt.worker.spawn: {e}"))?;
+    if !path.starts_with("workers/") || !path.ends_with(".js") {
+        return Err(format!(
+            "fazt.worker.spawn: path '{path}' must name a .js file under workers/ (e.g. 'workers/sync.js')"
+        ));
+    }
+    Ok(())
+}
+
+/// Time-ordered, unguessable job ids: 12 hex digits of milliseconds, 8 random bytes.
+pub fn new_job_id() -> String {
+    let mut rnd = [0u8; 8];
+    if getrandom::fill(&mut rnd).is_err() {
+        // Without an entropy source fall back to a process-wide counter mixed with time.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        rnd = (n ^ crate::store::now_ms() as u64).to_le_bytes();
+    }
+    let hex: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{:012x}{hex}", crate::store::now_ms())
+}
+
+/// Appends a line to a job's log (kept: the newest 1,000).
+pub fn append_log(services: &Services, job_id: &str, level: &str, msg: &str) {
+    let mut msg = msg.to_string();
+    if msg.len() > MAX_LOG_LINE {
+        let mut cut = MAX_LOG_LINE;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        msg.truncate(cut);
+        msg.push_str(" …(truncated)");
+    }
+    services.store.job_log(job_id, level, msg, LOG_KEEP);
+}
+
+type Native = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
+
+pub(crate) fn js_natives() -> Vec<(&'static str, Native, usize)> {
+    vec![
+        ("workerSpawn", worker_spawn, 2),
+        ("workerGet", worker_get, 1),
+        ("workerList", worker_list, 1),
+        ("workerCancel", worker_cancel, 1),
+    ]
+}
+
+pub(crate) fn job_natives() -> Vec<(&'static str, Native, usize)> {
+    vec![
+        ("jobProgress", job_progress, 1),
+        ("jobCheckpoint", job_checkpoint, 1),
+        ("jobGetCheckpoint", job_get_checkpoint, 0),
+        ("jobCancelled", job_cancelled, 0),
+        ("jobSleep", job_sleep, 1),
+    ]
+}
+
+fn job_value(row: &JobRow, ctx: &mut Context) -> JsResult<JsValue> {
+    JsValue::from_json(&row.to_json(), ctx)
+}
+
+fn worker_spawn(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let host = host(ctx)?;
+    let path = str_arg(args, 0, "fazt.worker.spawn: path")?;
+    let opts = match args.get(1) {
+        None => serde_json::Value::Null,
+        Some(v) if v.is_undefined() || v.is_null() => serde_json::Value::Null,
+        Some(v) if v.is_object() && !v.is_callable() => v.to_json(ctx)?.unwrap_or(serde_json::Value::Null),
+        Some(_) => return Err(type_error("fazt.worker.spawn: options must be an object")),
+    };
+    match spawn(&host.services, &host.app, &path, &opts) {
+        Ok(row) => job_value(&row, ctx),
+        Err(SpawnError::Invalid(m)) => Err(plain_error(if m.starts_with("fazt.worker.spawn") {
+            m
+        } else {
+            format!("fazt.worker.spawn: {m}")
+        })),
+        Err(SpawnError::Store(e)) => Err(store_error(e)),
+    }
+}
+
+fn worker_get(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let host = host(ctx)?;
+    let id = str_arg(args, 0, "fazt.worker.get: id")?;
+    match host.services.store.get_job(&id).map_err(store_error)? {
+        // Another app's job reads as not found.
+        Some(row) if *row.app == *host.app => job_value(&row, ctx),
+        _ => Ok(JsValue::null()),
+    }
+}
+
+fn worker_list(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let host = host(ctx)?;
+    let filter = match args.get(0) {
+        Some(v) if v.is_object() => v.to_json(ctx)?.unwrap_or(serde_json::Value::Null),
+        _ => serde_json::Value::Null,
+    };
+    let mut status = None;
+    let mut limit = None;
+    if let Some(obj) = filter.as_object() {
+        for (k, v) in obj {
+            match k.as_str() {
+                "status" => status = Some(v.as_str().ok_or_else(|| type_error("fazt.worker.list: status must be a string"))?.to_string()),
+                "limit" => limit = Some(v.as_u64().map(|n| n.to_string()).ok_or_else(|| type_error("fazt.worker.list: limit must be a whole number"))?),
+                other => return Err(type_error(format!("fazt.worker.list: unknown filter '{other}' (known: status, limit)"))),
+            }
+        }
+    }
+    let f = ListFilter::from_query(Some(&host.app), status.as_deref(), limit.as_deref())
+        .map_err(|e| plain_error(format!("fazt.worker.list: {e}")))?;
+    let rows = host.services.store.list_jobs(&f).map_err(store_error)?;
+    JsValue::from_json(&serde_json::Value::Array(rows), ctx)
+}
+
+fn worker_cancel(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let host = host(ctx)?;
+    let id = str_arg(args, 0, "fazt.worker.cancel: id")?;
+    if host.job.as_ref().is_some_and(|j| j.id == id) {
+        return Err(plain_error("fazt.worker.cancel: a job cannot cancel itself; return instead"));
+    }
+    match host.services.pool.cancel(Some(&host.app), &id).map_err(store_error)? {
+        Some(row) => job_value(&row, ctx),
+        None => Ok(JsValue::null()),
+    }
+}
+
+fn job_host(ctx: &Context) -> JsResult<(crate::js::Host, Arc<crate::js::JobHost>)> {
+    let h = host(ctx)?;
+    let job = h.job.clone().ok_or_else(|| plain_error("job API used outside a worker"))?;
+    Ok((h, job))
+}
+
+fn job_progress(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let (h, job) = job_host(ctx)?;
+    let n = args
+        .first()
+        .and_then(|v| v.as_number())
+        .filter(|n| n.is_finite() && (0.0..=100.0).contains(n))
+        .ok_or_else(|| type_error("job.progress: give a number from 0 to 100"))?;
+    h.services.store.job_progress(&job.id, n.round() as i64);
+    Ok(JsValue::undefined())
+}
+
+fn job_checkpoint(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let (h, job) = job_host(ctx)?;
+    let value = str_arg(args, 0, "job.checkpoint: value")?;
+    if value.len() > MAX_JSON_BYTES {
+        return Err(boa_engine::JsNativeError::range()
+            .with_message(format!(
+                "job.checkpoint: the checkpoint is {} bytes of JSON; the limit is 1 MB",
+                value.len()
+            ))
+            .into());
+    }
+    h.services.store.save_checkpoint(&job.id, value).map_err(store_error)?;
+    Ok(JsValue::undefined())
+}
+
+fn job_get_checkpoint(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let (h, job) = job_host(ctx)?;
+    match h.services.store.checkpoint(&job.id).map_err(store_error)? {
+        Some(s) => Ok(JsString::from(s.as_str()).into()),
+        None => Ok(JsValue::null()),
+    }
+}
+
+fn job_cancelled(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let h = ctx
+        .get_data::<crate::js::Host>()
+        .cloned()
+        .ok_or_else(|| plain_error("no host in this context"))?;
+    Ok(h.interrupt.cancel_requested().into())
+}
+
+fn job_sleep(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let (h, _) = job_host(ctx)?;
+    let ms = args
+        .first()
+        .and_then(|v| v.as_number())
+        .ok_or_else(|| type_error("job.sleep: ms must be a number"))?;
+    sleep_for(&h, ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_paths() {
+        assert!(check_worker_path("workers/a.js").is_ok());
+        assert!(check_worker_path("workers/sub/a.js").is_ok());
+        for bad in ["api/a.js", "workers/../api/a.js", "/workers/a.js", "workers/a.ts", "workers//a.js", "a.js"] {
+            assert!(check_worker_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn list_filter_validation() {
+        assert!(ListFilter::from_query(None, Some("bogus"), None).is_err());
+        assert!(ListFilter::from_query(None, None, Some("0")).is_err());
+        assert!(ListFilter::from_query(None, None, Some("x")).is_err());
+        let f = ListFilter::from_query(Some("a"), Some("done"), Some("5")).expect("valid");
+        assert_eq!(f.limit, 5);
+        assert_eq!(f.status, Some(Status::Done));
+    }
+
+    #[test]
+    fn job_ids_are_unique_and_ordered() {
+        let a = new_job_id();
+        let b = new_job_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 28);
+    }
+
+    #[test]
+    fn status_round_trip() {
+        for s in [Status::Queued, Status::Running, Status::Done, Status::Failed, Status::Cancelled, Status::Stopped] {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+        }
+        assert!(!Status::Queued.is_final());
+        assert!(Status::Stopped.is_final());
+    }
+}

@@ -1,0 +1,889 @@
+//! The worker pool: one scheduler thread owns all slot and queue state; slot threads
+//! run jobs and report back over a channel; a monitor thread samples RSS. Handlers and
+//! the HTTP API talk to the scheduler through [`Pool`], never to slots directly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+
+use super::budget::{self, Budget, OverrunTracker, Verdict};
+use super::slot::{self, Outcome, RunJob, SlotMsg};
+use super::{JobConfig, Status};
+use crate::js::{Interrupt, Reason};
+use crate::realtime::Listeners;
+use crate::services::Services;
+use crate::store::{JobRow, Store};
+
+/// Limits of the pool, all enforced by the scheduler.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub slots: usize,
+    pub per_app_running: usize,
+    pub per_app_daemons: usize,
+    pub queue_per_app: i64,
+    pub memory_budget: u64,
+    /// How long a stopped job may take to actually stop before its slot is abandoned.
+    pub watchdog: Duration,
+    /// On graceful shutdown, how long running non-daemon jobs may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            slots: 20,
+            per_app_running: 5,
+            per_app_daemons: 2,
+            queue_per_app: 1000,
+            memory_budget: super::MEMORY_BUDGET,
+            watchdog: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Cooperative part of a cancel: `job.cancelled` turns true and `job.sleep` returns at
+/// once; after this grace the JS is stopped for real.
+const CANCEL_GRACE: Duration = Duration::from_millis(40);
+const TICK: Duration = Duration::from_millis(10);
+/// Daemons: backoff 1 s, 2 s, 4 s … capped here, reset after `HEALTHY` of running.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+const HEALTHY: Duration = Duration::from_secs(300);
+
+/// Delay before restart number `streak` (1-based) of a failing daemon.
+pub fn backoff_delay(streak: u32) -> Duration {
+    let secs = 1u64 << streak.saturating_sub(1).min(6);
+    Duration::from_secs(secs).min(BACKOFF_MAX)
+}
+
+/// Live figures for /health and /metrics, written by the scheduler only.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub running: AtomicUsize,
+    pub queued: AtomicUsize,
+    pub daemons: AtomicUsize,
+    pub started_total: AtomicUsize,
+    pub abandoned_slots: AtomicUsize,
+}
+
+pub(crate) enum Msg {
+    Enqueue(Box<Queued>),
+    Cancel {
+        id: String,
+        reply: Sender<()>,
+    },
+    CancelApp(String),
+    Finished {
+        slot: usize,
+        gen: u64,
+        outcome: Outcome,
+    },
+    OverBudget,
+    Shutdown(Sender<()>),
+}
+
+/// A job waiting to run (or re-run).
+#[derive(Debug, Clone)]
+pub(crate) struct Queued {
+    pub id: String,
+    pub app: String,
+    pub path: String,
+    pub config: JobConfig,
+    pub data: Option<String>,
+    pub attempt: i64,
+    pub restarts: i64,
+}
+
+impl Queued {
+    pub fn from_row(r: &JobRow) -> Queued {
+        Queued {
+            id: r.id.clone(),
+            app: r.app.clone(),
+            path: r.path.clone(),
+            config: r.config.clone(),
+            data: r.data.clone(),
+            attempt: r.attempt,
+            restarts: r.restarts,
+        }
+    }
+}
+
+/// Handle to the pool, held by [`Services`].
+pub struct Pool {
+    tx: Sender<Msg>,
+    pub stats: Arc<PoolStats>,
+    pub budget: Arc<Budget>,
+    pub limits: Limits,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stopping: Arc<AtomicBool>,
+    store: Store,
+}
+
+/// What the scheduler thread needs once services exist.
+pub struct PoolRunner {
+    rx: Receiver<Msg>,
+    tx: Sender<Msg>,
+    stats: Arc<PoolStats>,
+    budget: Arc<Budget>,
+    limits: Limits,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Pool {
+    /// Creates the handle; the threads start with [`PoolRunner::start`] once the
+    /// services (which hold this handle) exist.
+    pub fn new(limits: Limits, store: Store) -> (Pool, PoolRunner) {
+        let (tx, rx) = crossbeam_channel::bounded(16 * 1024);
+        let stats = Arc::new(PoolStats::default());
+        let budget = Budget::new(limits.memory_budget);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let runner = PoolRunner {
+            rx,
+            tx: tx.clone(),
+            stats: stats.clone(),
+            budget: budget.clone(),
+            limits: limits.clone(),
+            stopping: stopping.clone(),
+        };
+        (
+            Pool {
+                tx,
+                stats,
+                budget,
+                limits,
+                threads: Mutex::new(Vec::new()),
+                stopping,
+                store,
+            },
+            runner,
+        )
+    }
+
+    pub(crate) fn enqueue(&self, job: Queued) {
+        if self.tx.send(Msg::Enqueue(Box::new(job))).is_err() {
+            log::warn!("job enqueued after the pool stopped; it runs at the next start");
+        }
+    }
+
+    /// Cancels job `id`. With `app`, only a job of that app is visible. Returns the job
+    /// as it is after the cancel took effect (None: no such job).
+    pub fn cancel(&self, app: Option<&str>, id: &str) -> crate::store::Result<Option<JobRow>> {
+        let Some(job) = self.services_store_get(id)? else {
+            return Ok(None);
+        };
+        if app.is_some_and(|a| a != job.app) {
+            return Ok(None);
+        }
+        if job.status.is_final() {
+            return Ok(Some(job));
+        }
+        let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+        if self
+            .tx
+            .send(Msg::Cancel {
+                id: id.to_string(),
+                reply: reply_tx,
+            })
+            .is_ok()
+        {
+            // The scheduler answers once the job stopped (or the watchdog gave up).
+            let _ = reply_rx.recv_timeout(self.limits.watchdog + Duration::from_secs(3));
+        }
+        self.store.flush()?;
+        self.services_store_get(id)
+    }
+
+    /// Cancels every job of an app (used when the app is removed).
+    pub fn cancel_app(&self, app: &str) {
+        let _ = self.tx.send(Msg::CancelApp(app.to_string()));
+    }
+
+    fn services_store_get(&self, id: &str) -> crate::store::Result<Option<JobRow>> {
+        self.store.get_job(id)
+    }
+
+    /// Stops the pool: no new starts, daemons stopped (kept restorable), other running
+    /// jobs given the shutdown grace, then every thread joined.
+    pub fn shutdown(&self) {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self.tx.send(Msg::Shutdown(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl PoolRunner {
+    /// Recovers jobs a dead process left running, loads the queue and starts the
+    /// scheduler, slot and monitor threads.
+    pub fn start(self, services: Arc<Services>) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let recovered = services
+            .store
+            .recover_interrupted()
+            .context("recovering jobs interrupted by the last shutdown")?;
+        if recovered > 0 {
+            log::info!("recovered {recovered} job(s) left running by the previous process");
+        }
+        let queued = services.store.queued_jobs().context("loading queued jobs")?;
+        let mut threads = Vec::new();
+        let mut sched = Scheduler::new(&self, services.clone());
+        for row in &queued {
+            sched.push_queue(Queued::from_row(row));
+        }
+        for i in 0..self.limits.slots {
+            sched.slots.push(Slot::spawn(i, 0, &self.tx, &services)?);
+        }
+        let monitor = {
+            let tx = self.tx.clone();
+            let budget = self.budget.clone();
+            let stopping = self.stopping.clone();
+            std::thread::Builder::new()
+                .name("fazt-memory-monitor".into())
+                .spawn(move || monitor_loop(&tx, &budget, &stopping))
+                .context("starting the memory monitor")?
+        };
+        threads.push(monitor);
+        let rx = self.rx;
+        let scheduler = std::thread::Builder::new()
+            .name("fazt-scheduler".into())
+            .spawn(move || sched.run(&rx))
+            .context("starting the scheduler")?;
+        threads.push(scheduler);
+        services
+            .pool
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(threads);
+        Ok(())
+    }
+}
+
+fn monitor_loop(tx: &Sender<Msg>, budget: &Budget, stopping: &AtomicBool) {
+    let mut tracker = OverrunTracker::default();
+    while !stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+        let rss = budget::rss_bytes();
+        budget.rss_bytes.store(rss, Ordering::Relaxed);
+        let baseline = budget.baseline_bytes.load(Ordering::Relaxed);
+        match tracker.sample(rss, baseline, budget.budget_bytes, Instant::now()) {
+            Verdict::Fine => {}
+            Verdict::Warn => log::warn!(
+                "memory: RSS {} MB is above 80% of the budget ({} MB budget + {} MB baseline)",
+                rss >> 20,
+                budget.budget_bytes >> 20,
+                baseline >> 20
+            ),
+            Verdict::Stop => {
+                if tx.send(Msg::OverBudget).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A slot as the scheduler sees it.
+struct Slot {
+    gen: u64,
+    tx: Sender<SlotMsg>,
+    handle: Option<JoinHandle<()>>,
+    /// Live heap bytes of the slot thread (counting allocator).
+    heap: &'static std::sync::atomic::AtomicI64,
+    running: Option<Running>,
+}
+
+struct Running {
+    job: Queued,
+    interrupt: Interrupt,
+    started: Instant,
+    heap_at_start: i64,
+    /// Hard stop due at this instant (cancel grace), with the reason.
+    stop_at: Option<(Instant, Reason)>,
+    /// When the hard stop was sent; the watchdog counts from here.
+    stopped_at: Option<Instant>,
+    /// Callers waiting for this job to stop.
+    waiters: Vec<Sender<()>>,
+}
+
+impl Slot {
+    fn spawn(index: usize, gen: u64, events: &Sender<Msg>, services: &Arc<Services>) -> anyhow::Result<Slot> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (heap_tx, heap_rx) = crossbeam_channel::bounded(1);
+        let events = events.clone();
+        let services = services.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("fazt-slot-{index}"))
+            .stack_size(crate::http::JS_STACK_BYTES)
+            .spawn(move || {
+                let heap = budget::watch_this_thread();
+                let _ = heap_tx.send(heap);
+                slot::run(index, gen, &rx, &events, &services);
+            })
+            .map_err(|e| anyhow::anyhow!("starting worker slot {index}: {e}"))?;
+        let heap = heap_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("worker slot {index} died at start"))?;
+        Ok(Slot {
+            gen,
+            tx,
+            handle: Some(handle),
+            heap,
+            running: None,
+        })
+    }
+}
+
+#[derive(Default)]
+struct AppCounts {
+    running: usize,
+    daemons: usize,
+}
+
+struct Scheduler {
+    services: Arc<Services>,
+    tx: Sender<Msg>,
+    stats: Arc<PoolStats>,
+    budget: Arc<Budget>,
+    limits: Limits,
+    slots: Vec<Slot>,
+    /// FIFO of runnable jobs by arrival number.
+    queue: BTreeMap<u64, Queued>,
+    seq: u64,
+    /// Jobs waiting out a retry delay or a daemon backoff.
+    delayed: Vec<(Instant, Queued)>,
+    apps: HashMap<String, AppCounts>,
+    /// Consecutive failures of each daemon, for the backoff.
+    streaks: HashMap<String, u32>,
+    /// When each idle-watched daemon's channel was last seen with a listener.
+    idle_seen: HashMap<String, Instant>,
+    listeners: Arc<Listeners>,
+    shutting_down: Option<(Instant, Sender<()>)>,
+}
+
+impl Scheduler {
+    fn new(r: &PoolRunner, services: Arc<Services>) -> Scheduler {
+        Scheduler {
+            listeners: services.listeners.clone(),
+            services,
+            tx: r.tx.clone(),
+            stats: r.stats.clone(),
+            budget: r.budget.clone(),
+            limits: r.limits.clone(),
+            slots: Vec::new(),
+            queue: BTreeMap::new(),
+            seq: 0,
+            delayed: Vec::new(),
+            apps: HashMap::new(),
+            streaks: HashMap::new(),
+            idle_seen: HashMap::new(),
+            shutting_down: None,
+        }
+    }
+
+    fn push_queue(&mut self, job: Queued) {
+        self.seq += 1;
+        self.queue.insert(self.seq, job);
+    }
+
+    fn run(mut self, rx: &Receiver<Msg>) {
+        let ticker = crossbeam_channel::tick(TICK);
+        loop {
+            select! {
+                recv(rx) -> msg => match msg {
+                    Ok(m) => self.on_msg(m),
+                    Err(_) => break,
+                },
+                recv(ticker) -> _ => self.on_tick(),
+            }
+            if !self.shutting_down.is_some() {
+                self.schedule();
+            }
+            self.publish_stats();
+            if let Some((_, done)) = &self.shutting_down {
+                if self.slots.iter().all(|s| s.running.is_none()) {
+                    let _ = done.send(());
+                    break;
+                }
+            }
+        }
+        // Dropping the slot senders ends the slot threads; join the ones still ours.
+        for s in &mut self.slots {
+            let (tx, _) = crossbeam_channel::bounded(1);
+            s.tx = tx;
+        }
+        for s in &mut self.slots {
+            if let Some(h) = s.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    fn on_msg(&mut self, msg: Msg) {
+        match msg {
+            Msg::Enqueue(job) => self.push_queue(*job),
+            Msg::Cancel { id, reply } => self.cancel(&id, Some(reply)),
+            Msg::CancelApp(app) => {
+                let ids: Vec<String> = self
+                    .queue
+                    .values()
+                    .chain(self.delayed.iter().map(|(_, j)| j))
+                    .filter(|j| j.app == app)
+                    .map(|j| j.id.clone())
+                    .chain(
+                        self.slots
+                            .iter()
+                            .filter_map(|s| s.running.as_ref())
+                            .filter(|r| r.job.app == app)
+                            .map(|r| r.job.id.clone()),
+                    )
+                    .collect();
+                for id in ids {
+                    self.cancel(&id, None);
+                }
+            }
+            Msg::Finished { slot, gen, outcome } => self.finished(slot, gen, outcome),
+            Msg::OverBudget => self.over_budget(),
+            Msg::Shutdown(done) => {
+                log::info!("worker pool: shutting down");
+                let now = Instant::now();
+                for s in &mut self.slots {
+                    if let Some(r) = &mut s.running {
+                        if r.job.config.daemon {
+                            r.interrupt.stop(Reason::Shutdown);
+                            r.stopped_at = Some(now);
+                        } else {
+                            r.stop_at = Some((now + self.limits.shutdown_grace, Reason::Shutdown));
+                        }
+                    }
+                }
+                self.shutting_down = Some((now, done));
+            }
+        }
+    }
+
+    fn cancel(&mut self, id: &str, reply: Option<Sender<()>>) {
+        if let Some((&seq, _)) = self.queue.iter().find(|(_, j)| j.id == id) {
+            if let Some(job) = self.queue.remove(&seq) {
+                self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
+            }
+            reply.map(|r| r.send(()));
+            return;
+        }
+        if let Some(pos) = self.delayed.iter().position(|(_, j)| j.id == id) {
+            let (_, job) = self.delayed.remove(pos);
+            self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
+            reply.map(|r| r.send(()));
+            return;
+        }
+        let now = Instant::now();
+        for s in &mut self.slots {
+            if let Some(r) = &mut s.running {
+                if r.job.id == id {
+                    r.interrupt.request_cancel();
+                    if r.stop_at.is_none_or(|(at, _)| at > now + CANCEL_GRACE) {
+                        r.stop_at = Some((now + CANCEL_GRACE, Reason::Cancelled));
+                    }
+                    r.waiters.extend(reply);
+                    return;
+                }
+            }
+        }
+        // Not ours (already finished, or never enqueued here): nothing to wait for.
+        reply.map(|r| r.send(()));
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        // Due retries and restarts go back to the queue in their original order.
+        let mut due = Vec::new();
+        self.delayed.retain(|(at, job)| {
+            if *at <= now {
+                due.push(job.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for job in due {
+            self.push_queue(job);
+        }
+        for i in 0..self.slots.len() {
+            let Some(r) = &mut self.slots[i].running else {
+                continue;
+            };
+            if let Some((at, reason)) = r.stop_at {
+                if at <= now && r.stopped_at.is_none() {
+                    r.interrupt.stop(reason);
+                    r.stopped_at = Some(now);
+                }
+            }
+            if r.stopped_at.is_none() {
+                if let Some(reason) = r.interrupt.check() {
+                    // The deadline passed: the JS stops itself; start the watchdog.
+                    let _ = reason;
+                    r.stopped_at = Some(now);
+                }
+            }
+            if let Some(ch) = &r.job.config.idle_channel {
+                let idle_ms = r.job.config.idle_timeout_ms.unwrap_or(u64::MAX);
+                let listeners = self.listeners.count(&r.job.app, ch);
+                let seen = self.idle_seen.entry(r.job.id.clone()).or_insert(now);
+                if listeners > 0 {
+                    *seen = now;
+                } else if now.duration_since(*seen) >= Duration::from_millis(idle_ms)
+                    && r.stopped_at.is_none()
+                {
+                    log::info!(
+                        "job {} stopped: channel '{ch}' had no listener for {}",
+                        r.job.id,
+                        super::options::format_ms(idle_ms)
+                    );
+                    r.interrupt.stop(Reason::Idle);
+                    r.stopped_at = Some(now);
+                }
+            }
+            if let Some(at) = r.stopped_at {
+                if now.duration_since(at) >= self.limits.watchdog {
+                    self.abandon(i);
+                }
+            }
+        }
+    }
+
+    /// The slot's JS did not stop in time: fail its job, leave the thread to die on
+    /// its own (boa's loop limit ends it eventually) and put a fresh thread in its place.
+    fn abandon(&mut self, i: usize) {
+        let gen = self.slots[i].gen + 1;
+        let Some(r) = self.slots[i].running.take() else {
+            return;
+        };
+        log::error!(
+            "job {} did not stop within {:?}; abandoning its worker thread",
+            r.job.id,
+            self.limits.watchdog
+        );
+        self.stats.abandoned_slots.fetch_add(1, Ordering::Relaxed);
+        self.release(&r.job);
+        let reason = r.interrupt.check().unwrap_or(Reason::Cancelled);
+        let status = match reason {
+            Reason::Cancelled => Status::Cancelled,
+            Reason::Idle => Status::Stopped,
+            _ => Status::Failed,
+        };
+        self.record(
+            &r.job,
+            status,
+            None,
+            Some(format!(
+                "{}; the job did not stop within {:?}, so its worker thread was abandoned",
+                stop_message(reason, &r.job.config, None),
+                self.limits.watchdog
+            )),
+        );
+        for w in r.waiters {
+            let _ = w.send(());
+        }
+        match Slot::spawn(i, gen, &self.tx, &self.services) {
+            Ok(mut s) => {
+                // The old thread keeps its own receiver; it exits after its job ends.
+                if let Some(h) = self.slots[i].handle.take() {
+                    drop(h);
+                }
+                s.gen = gen;
+                self.slots[i] = s;
+            }
+            Err(e) => {
+                log::error!("could not replace an abandoned worker slot: {e}");
+                self.slots[i].gen = gen;
+            }
+        }
+    }
+
+    fn over_budget(&mut self) {
+        // The newest running job that holds more than it reserved.
+        let victim = self
+            .slots
+            .iter_mut()
+            .filter_map(|s| {
+                let heap = s.heap.load(Ordering::Relaxed);
+                s.running.as_mut().map(|r| (heap, r))
+            })
+            .filter(|(heap, r)| r.stopped_at.is_none() && (*heap - r.heap_at_start) as u64 > r.job.config.memory_bytes)
+            .max_by_key(|(_, r)| r.started);
+        match victim {
+            Some((heap, r)) => {
+                let used = (heap - r.heap_at_start).max(0) as u64;
+                log::warn!(
+                    "memory over budget: stopping job {} ({} used, {} reserved)",
+                    r.job.id,
+                    super::options::format_bytes(used),
+                    super::options::format_bytes(r.job.config.memory_bytes)
+                );
+                r.interrupt.stop_with_note(Reason::Memory, used);
+                r.stopped_at = Some(Instant::now());
+            }
+            None => log::warn!("memory over budget, but no job exceeds its reservation"),
+        }
+    }
+
+    fn schedule(&mut self) {
+        let mut free = self.slots.iter().filter(|s| s.running.is_none()).count();
+        if free == 0 || self.queue.is_empty() {
+            return;
+        }
+        let mut start = Vec::new();
+        let mut reserved_now = 0u64;
+        for (&seq, job) in &self.queue {
+            if free == 0 {
+                break;
+            }
+            let counts = self.apps.get(&job.app);
+            let running = counts.map_or(0, |c| c.running);
+            let daemons = counts.map_or(0, |c| c.daemons);
+            let pending_same_app = start
+                .iter()
+                .filter(|(_, a, _): &&(u64, String, bool)| *a == job.app)
+                .count();
+            let pending_daemons = start
+                .iter()
+                .filter(|(_, a, d): &&(u64, String, bool)| *a == job.app && *d)
+                .count();
+            if running + pending_same_app >= self.limits.per_app_running {
+                continue;
+            }
+            if job.config.daemon && daemons + pending_daemons >= self.limits.per_app_daemons {
+                continue;
+            }
+            if job.config.memory_bytes > self.budget.available().saturating_sub(reserved_now) {
+                // FIFO on memory: nobody overtakes a job that waits for memory, so a
+                // big job is never starved by a stream of small ones.
+                break;
+            }
+            reserved_now += job.config.memory_bytes;
+            start.push((seq, job.app.clone(), job.config.daemon));
+            free -= 1;
+        }
+        for (seq, _, _) in start {
+            if let Some(job) = self.queue.remove(&seq) {
+                self.dispatch(job);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, mut job: Queued) {
+        let Some(i) = self.slots.iter().position(|s| s.running.is_none()) else {
+            self.push_queue(job);
+            return;
+        };
+        let timeout = job.config.timeout_ms.map(Duration::from_millis);
+        let interrupt = Interrupt::new(timeout);
+        let counts = self.apps.entry(job.app.clone()).or_default();
+        counts.running += 1;
+        if job.config.daemon {
+            counts.daemons += 1;
+        }
+        self.budget
+            .reserved_bytes
+            .fetch_add(job.config.memory_bytes, Ordering::SeqCst);
+        self.stats.started_total.fetch_add(1, Ordering::Relaxed);
+        if job.config.daemon {
+            // A restart counts from the first start on.
+            job.restarts = job.restarts.max(0);
+        }
+        self.services
+            .store
+            .job_started(&job.id, job.attempt, job.restarts);
+        let slot = &mut self.slots[i];
+        let run = RunJob {
+            job: job.clone(),
+            interrupt: interrupt.clone(),
+        };
+        if slot.tx.send(SlotMsg::Run(Box::new(run))).is_err() {
+            log::error!("worker slot {i} is gone; re-queueing job {}", job.id);
+            self.release(&job);
+            self.push_queue(job);
+            return;
+        }
+        slot.running = Some(Running {
+            heap_at_start: slot.heap.load(Ordering::Relaxed),
+            job,
+            interrupt,
+            started: Instant::now(),
+            stop_at: None,
+            stopped_at: None,
+            waiters: Vec::new(),
+        });
+    }
+
+    fn release(&mut self, job: &Queued) {
+        if let Some(c) = self.apps.get_mut(&job.app) {
+            c.running = c.running.saturating_sub(1);
+            if job.config.daemon {
+                c.daemons = c.daemons.saturating_sub(1);
+            }
+        }
+        self.budget
+            .reserved_bytes
+            .fetch_sub(job.config.memory_bytes, Ordering::SeqCst);
+    }
+
+    fn finished(&mut self, slot: usize, gen: u64, outcome: Outcome) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if s.gen != gen {
+            return; // An abandoned thread finally finished; its job was already failed.
+        }
+        let Some(r) = s.running.take() else {
+            return;
+        };
+        self.release(&r.job);
+        self.idle_seen.remove(&r.job.id);
+        let ran_for = r.started.elapsed();
+        let job = r.job;
+        let shutting_down = self.shutting_down.is_some();
+        match outcome {
+            Outcome::Done(result) => {
+                self.streaks.remove(&job.id);
+                if r.interrupt.cancel_requested() {
+                    self.record(&job, Status::Cancelled, result, Some("cancelled".into()));
+                } else {
+                    self.record(&job, Status::Done, result, None);
+                }
+            }
+            Outcome::Interrupted(Reason::Cancelled) => {
+                self.streaks.remove(&job.id);
+                self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
+            }
+            Outcome::Interrupted(Reason::Idle) => {
+                self.streaks.remove(&job.id);
+                let msg = format!(
+                    "stopped: channel '{}' had no listener for {}",
+                    job.config.idle_channel.as_deref().unwrap_or(""),
+                    super::options::format_ms(job.config.idle_timeout_ms.unwrap_or(0))
+                );
+                self.record(&job, Status::Stopped, None, Some(msg));
+            }
+            Outcome::Interrupted(Reason::Shutdown) if job.config.daemon => {
+                // Restorable: the next start resumes it from its checkpoint.
+                self.record(&job, Status::Queued, None, None);
+            }
+            other => {
+                let error = match other {
+                    Outcome::Failed(m) => m,
+                    Outcome::Interrupted(reason) => {
+                        stop_message(reason, &job.config, Some(r.interrupt.note()))
+                    }
+                    Outcome::Done(_) => unreachable_done(),
+                };
+                self.failed(job, error, ran_for, shutting_down);
+            }
+        }
+        for w in r.waiters {
+            let _ = w.send(());
+        }
+    }
+
+    fn failed(&mut self, mut job: Queued, error: String, ran_for: Duration, shutting_down: bool) {
+        if job.config.daemon && !shutting_down {
+            let streak = self.streaks.entry(job.id.clone()).or_insert(0);
+            if ran_for >= HEALTHY {
+                *streak = 0;
+            }
+            *streak += 1;
+            let delay = backoff_delay(*streak);
+            log::warn!(
+                "daemon {} failed ({error}); restarting in {:?}",
+                job.id,
+                delay
+            );
+            job.restarts += 1;
+            self.record(&job, Status::Queued, None, Some(error));
+            self.delayed.push((Instant::now() + delay, job));
+            return;
+        }
+        if !job.config.daemon && job.attempt <= job.config.retry as i64 {
+            job.attempt += 1;
+            self.record(&job, Status::Queued, None, Some(error));
+            if shutting_down {
+                return; // Still queued in the store: it runs after the restart.
+            }
+            let delay = Duration::from_millis(job.config.retry_delay_ms);
+            self.delayed.push((Instant::now() + delay, job));
+            return;
+        }
+        self.record(&job, Status::Failed, None, Some(error));
+    }
+
+    fn record(&self, job: &Queued, status: Status, result: Option<String>, error: Option<String>) {
+        self.services.store.job_finished(
+            &job.id,
+            status,
+            result,
+            error,
+            job.attempt,
+            job.restarts,
+        );
+    }
+
+    fn publish_stats(&self) {
+        let running = self.slots.iter().filter(|s| s.running.is_some()).count();
+        let daemons = self
+            .slots
+            .iter()
+            .filter_map(|s| s.running.as_ref())
+            .filter(|r| r.job.config.daemon)
+            .count();
+        self.stats.running.store(running, Ordering::Relaxed);
+        self.stats
+            .queued
+            .store(self.queue.len() + self.delayed.len(), Ordering::Relaxed);
+        self.stats.daemons.store(daemons, Ordering::Relaxed);
+    }
+}
+
+fn unreachable_done() -> String {
+    "internal error: a finished job was judged as failed".to_string()
+}
+
+/// The error text for a job stopped by the host.
+fn stop_message(reason: Reason, config: &JobConfig, note: Option<u64>) -> String {
+    use super::options::{format_bytes, format_ms};
+    match reason {
+        Reason::Timeout => format!(
+            "timed out after {}",
+            config.timeout_ms.map(format_ms).unwrap_or_else(|| "its time limit".into())
+        ),
+        Reason::Memory => format!(
+            "stopped: used {}, more than its {} reservation, while the server was over its memory budget",
+            format_bytes(note.unwrap_or(0)),
+            format_bytes(config.memory_bytes)
+        ),
+        Reason::Cancelled => "cancelled".into(),
+        Reason::Shutdown => "interrupted by server shutdown".into(),
+        Reason::Idle => "stopped: idle".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let secs: Vec<u64> = (1..=9).map(|s| backoff_delay(s).as_secs()).collect();
+        assert_eq!(secs, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
+}
