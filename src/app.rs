@@ -35,7 +35,9 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
     })?;
     let listener = TcpListener::bind(&config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr().context("reading the listen address")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
     let listeners = Arc::new(Listeners::default());
     let (pool, runner) = Pool::new(config.pool.clone(), store.clone());
     let services = Arc::new(Services {
@@ -104,12 +106,16 @@ fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
             .with_context(|| format!("reading {}", path.display()))?;
         let t = t.trim().to_string();
         if t.len() < 16 {
-            bail!("{} is too short to be a token; delete it to make a new one", path.display());
+            bail!(
+                "{} is too short to be a token; delete it to make a new one",
+                path.display()
+            );
         }
         return Ok((t, false));
     }
     let mut bytes = [0u8; 24];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for the admin token: {e}"))?;
+    getrandom::fill(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("no randomness for the admin token: {e}"))?;
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let mut f = std::fs::OpenOptions::new()
         .write(true)

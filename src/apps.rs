@@ -155,7 +155,16 @@ mod tests {
         for ok in ["a", "mall", "my-app-2", "0", &"a".repeat(63)] {
             assert!(check_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", "a-", "Mall", "a_b", "a.b", &"a".repeat(64), "../x"] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Mall",
+            "a_b",
+            "a.b",
+            &"a".repeat(64),
+            "../x",
+        ] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
     }
@@ -165,7 +174,17 @@ mod tests {
         for ok in ["index.html", "api/main.js", "a/b/c.txt", "..hidden", "a..b"] {
             assert!(check_path(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "a\\b", "./a", "C:/x", "a\0b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            "a\\b",
+            "./a",
+            "C:/x",
+            "a\0b",
+        ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
     }

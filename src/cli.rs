@@ -9,14 +9,28 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "fazt", version, about = "Self-hosted app server with background JavaScript workers")]
+#[command(
+    name = "fazt",
+    version,
+    about = "Self-hosted app server with background JavaScript workers"
+)]
 pub struct Cli {
     /// Server to talk to (client commands).
-    #[arg(long, global = true, env = "FAZT_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "FAZT_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// Data dir: where `fazt server` keeps its database, and where client commands find
     /// the admin token.
-    #[arg(long, global = true, env = "FAZT_DATA_DIR", default_value = "./fazt-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "FAZT_DATA_DIR",
+        default_value = "./fazt-data"
+    )]
     pub data_dir: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -55,7 +69,9 @@ pub enum AppCommand {
         name: Option<String>,
     },
     List,
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -68,8 +84,12 @@ pub enum JobCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    Show { id: String },
-    Cancel { id: String },
+    Show {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
     Logs {
         id: String,
         /// Keep printing new lines (with a progress bar) until the job ends.
@@ -114,12 +134,21 @@ impl Client {
         })
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<serde_json::Value> {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<serde_json::Value> {
         let url = format!("{}{path}", self.base);
         let auth = format!("Bearer {}", self.token);
         let resp = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
-            ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &auth)
+                .call(),
             ("PUT", Some(b)) => self
                 .agent
                 .put(&url)
@@ -141,7 +170,8 @@ impl Client {
             .limit(64 << 20)
             .read_to_string()
             .context("reading the server's reply")?;
-        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        let value: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
         if status >= 400 {
             let msg = value
                 .get("error")
@@ -186,7 +216,11 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
             }
             AppCommand::List => {
                 let apps = client.call("GET", "/api/apps", None)?;
-                writeln!(out, "{:<30} {:>8} {:>6} {:>10}", "NAME", "VERSION", "FILES", "BYTES")?;
+                writeln!(
+                    out,
+                    "{:<30} {:>8} {:>6} {:>10}",
+                    "NAME", "VERSION", "FILES", "BYTES"
+                )?;
                 for a in apps.as_array().into_iter().flatten() {
                     writeln!(
                         out,
@@ -213,7 +247,11 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
                     q.push_str(&format!("&status={s}"));
                 }
                 let jobs = client.call("GET", &q, None)?;
-                writeln!(out, "{:<28} {:<16} {:<24} {:<10} {:>4}  ERROR", "ID", "APP", "PATH", "STATUS", "PCT")?;
+                writeln!(
+                    out,
+                    "{:<28} {:<16} {:<24} {:<10} {:>4}  ERROR",
+                    "ID", "APP", "PATH", "STATUS", "PCT"
+                )?;
                 for j in jobs.as_array().into_iter().flatten() {
                     writeln!(
                         out,
@@ -245,7 +283,12 @@ fn unreachable_server() {
     // `main` handles `server` before it builds a client.
 }
 
-fn follow_logs(client: &Client, id: &str, follow: bool, out: &mut impl Write) -> anyhow::Result<()> {
+fn follow_logs(
+    client: &Client,
+    id: &str,
+    follow: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let mut after = 0i64;
     let mut bar_shown = false;
     loop {
@@ -261,13 +304,24 @@ fn follow_logs(client: &Client, id: &str, follow: bool, out: &mut impl Write) ->
         }
         for l in lines.as_array().into_iter().flatten() {
             after = after.max(l["id"].as_i64().unwrap_or(after));
-            writeln!(out, "{} [{}] {}", l["ts"], l["level"].as_str().unwrap_or(""), l["msg"].as_str().unwrap_or(""))?;
+            writeln!(
+                out,
+                "{} [{}] {}",
+                l["ts"],
+                l["level"].as_str().unwrap_or(""),
+                l["msg"].as_str().unwrap_or("")
+            )?;
         }
         let Some(job) = job else { break };
         let status = job["status"].as_str().unwrap_or("");
         let pct = job["progress"].as_i64().unwrap_or(0).clamp(0, 100);
         let filled = (pct / 5) as usize;
-        write!(out, "[{}{}] {pct:>3}% {status}", "#".repeat(filled), "-".repeat(20 - filled))?;
+        write!(
+            out,
+            "[{}{}] {pct:>3}% {status}",
+            "#".repeat(filled),
+            "-".repeat(20 - filled)
+        )?;
         out.flush()?;
         bar_shown = true;
         if !matches!(status, "queued" | "running") {

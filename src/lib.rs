@@ -11,16 +11,16 @@
 //! - [`store`]: the only module that touches SQLite.
 //! - [`apps`]: app name, path and upload rules shared by server and CLI.
 
-pub mod config;
-pub mod cli;
 pub mod app;
-pub mod services;
+pub mod apps;
+pub mod cli;
+pub mod config;
 pub mod http;
 pub mod js;
-pub mod worker;
 pub mod realtime;
+pub mod services;
 pub mod store;
-pub mod apps;
+pub mod worker;
 
 /// Counts heap bytes per thread so the pool knows what each job holds.
 #[global_allocator]

@@ -9,7 +9,10 @@ fn main() {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let result = match &cli.command {
-        Command::Server { listen, http_threads } => run_server(&cli, listen, *http_threads),
+        Command::Server {
+            listen,
+            http_threads,
+        } => run_server(&cli, listen, *http_threads),
         _ => fazt::cli::run_client(&cli),
     };
     if let Err(e) = result {

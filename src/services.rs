@@ -62,7 +62,14 @@ impl Services {
             }
         };
         let counts = self.store.job_counts().unwrap_or_default();
-        let statuses = ["queued", "running", "done", "failed", "cancelled", "stopped"];
+        let statuses = [
+            "queued",
+            "running",
+            "done",
+            "failed",
+            "cancelled",
+            "stopped",
+        ];
         metric(
             "fazt_jobs",
             "Jobs in the store by status.",
@@ -75,20 +82,102 @@ impl Services {
                 })
                 .collect(),
         );
-        metric("fazt_jobs_running", "Jobs running in slots.", "gauge", vec![(String::new(), s.running.load(Ordering::Relaxed) as u64)]);
-        metric("fazt_queue_depth", "Jobs waiting for a slot, memory or a retry delay.", "gauge", vec![(String::new(), s.queued.load(Ordering::Relaxed) as u64)]);
-        metric("fazt_daemons_running", "Daemon jobs running.", "gauge", vec![(String::new(), s.daemons.load(Ordering::Relaxed) as u64)]);
-        metric("fazt_jobs_started_total", "Job runs started since start.", "counter", vec![(String::new(), s.started_total.load(Ordering::Relaxed) as u64)]);
-        metric("fazt_slots_abandoned_total", "Slot threads abandoned by the watchdog.", "counter", vec![(String::new(), s.abandoned_slots.load(Ordering::Relaxed) as u64)]);
-        metric("fazt_memory_budget_bytes", "Worker memory budget.", "gauge", vec![(String::new(), b.budget_bytes)]);
-        metric("fazt_memory_reserved_bytes", "Memory reserved by running jobs.", "gauge", vec![(String::new(), b.reserved_bytes.load(Ordering::Relaxed))]);
-        metric("fazt_rss_bytes", "Resident set size of the process.", "gauge", vec![(String::new(), crate::worker::rss_bytes())]);
-        metric("fazt_http_requests_total", "HTTP requests handled.", "counter", vec![(String::new(), self.metrics.http_requests.load(Ordering::Relaxed))]);
-        metric("fazt_ws_connections_total", "WebSocket connections accepted.", "counter", vec![(String::new(), self.metrics.ws_connections.load(Ordering::Relaxed))]);
-        metric("fazt_ws_connections", "WebSocket connections open.", "gauge", vec![(String::new(), self.hub.total_connections() as u64)]);
-        metric("fazt_broadcasts_total", "Realtime broadcasts.", "counter", vec![(String::new(), self.hub.broadcasts.load(Ordering::Relaxed))]);
-        metric("fazt_deliveries_total", "Realtime messages queued to clients.", "counter", vec![(String::new(), self.hub.deliveries.load(Ordering::Relaxed))]);
-        metric("fazt_ws_slow_disconnects_total", "Clients dropped for falling behind.", "counter", vec![(String::new(), self.hub.dropped_slow.load(Ordering::Relaxed))]);
+        metric(
+            "fazt_jobs_running",
+            "Jobs running in slots.",
+            "gauge",
+            vec![(String::new(), s.running.load(Ordering::Relaxed) as u64)],
+        );
+        metric(
+            "fazt_queue_depth",
+            "Jobs waiting for a slot, memory or a retry delay.",
+            "gauge",
+            vec![(String::new(), s.queued.load(Ordering::Relaxed) as u64)],
+        );
+        metric(
+            "fazt_daemons_running",
+            "Daemon jobs running.",
+            "gauge",
+            vec![(String::new(), s.daemons.load(Ordering::Relaxed) as u64)],
+        );
+        metric(
+            "fazt_jobs_started_total",
+            "Job runs started since start.",
+            "counter",
+            vec![(
+                String::new(),
+                s.started_total.load(Ordering::Relaxed) as u64,
+            )],
+        );
+        metric(
+            "fazt_slots_abandoned_total",
+            "Slot threads abandoned by the watchdog.",
+            "counter",
+            vec![(
+                String::new(),
+                s.abandoned_slots.load(Ordering::Relaxed) as u64,
+            )],
+        );
+        metric(
+            "fazt_memory_budget_bytes",
+            "Worker memory budget.",
+            "gauge",
+            vec![(String::new(), b.budget_bytes)],
+        );
+        metric(
+            "fazt_memory_reserved_bytes",
+            "Memory reserved by running jobs.",
+            "gauge",
+            vec![(String::new(), b.reserved_bytes.load(Ordering::Relaxed))],
+        );
+        metric(
+            "fazt_rss_bytes",
+            "Resident set size of the process.",
+            "gauge",
+            vec![(String::new(), crate::worker::rss_bytes())],
+        );
+        metric(
+            "fazt_http_requests_total",
+            "HTTP requests handled.",
+            "counter",
+            vec![(
+                String::new(),
+                self.metrics.http_requests.load(Ordering::Relaxed),
+            )],
+        );
+        metric(
+            "fazt_ws_connections_total",
+            "WebSocket connections accepted.",
+            "counter",
+            vec![(
+                String::new(),
+                self.metrics.ws_connections.load(Ordering::Relaxed),
+            )],
+        );
+        metric(
+            "fazt_ws_connections",
+            "WebSocket connections open.",
+            "gauge",
+            vec![(String::new(), self.hub.total_connections() as u64)],
+        );
+        metric(
+            "fazt_broadcasts_total",
+            "Realtime broadcasts.",
+            "counter",
+            vec![(String::new(), self.hub.broadcasts.load(Ordering::Relaxed))],
+        );
+        metric(
+            "fazt_deliveries_total",
+            "Realtime messages queued to clients.",
+            "counter",
+            vec![(String::new(), self.hub.deliveries.load(Ordering::Relaxed))],
+        );
+        metric(
+            "fazt_ws_slow_disconnects_total",
+            "Clients dropped for falling behind.",
+            "counter",
+            vec![(String::new(), self.hub.dropped_slow.load(Ordering::Relaxed))],
+        );
         out
     }
 }

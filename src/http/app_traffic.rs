@@ -20,7 +20,9 @@ pub fn handle(
 ) -> Result<Reply, HttpError> {
     let (path, query) = util::split_url(req.url());
     let Some(info) = services.store.get_app(app)? else {
-        return Err(HttpError::not_found(format!("no app named '{app}' is deployed")));
+        return Err(HttpError::not_found(format!(
+            "no app named '{app}' is deployed"
+        )));
     };
     if path == "/_ws" {
         return Ok(Reply::Upgrade);
@@ -46,7 +48,10 @@ fn serve_static(app: &str, path: &str, services: &Services) -> Result<Reply, Htt
         rel.push_str("index.html");
     }
     // Server-side code is never served as a file: it may hold secrets.
-    if rel.starts_with("api/") || rel.starts_with("workers/") || crate::apps::check_path(&rel).is_err() {
+    if rel.starts_with("api/")
+        || rel.starts_with("workers/")
+        || crate::apps::check_path(&rel).is_err()
+    {
         return Err(HttpError::not_found(format!("no file at {path}")));
     }
     let content = match services.store.app_file(app, &rel)? {

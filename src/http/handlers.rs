@@ -62,10 +62,7 @@ impl HandlerCache {
             job: None,
             sink: LogSink::Server,
         };
-        let stale = self
-            .apps
-            .get(app)
-            .is_some_and(|a| a.version != version);
+        let stale = self.apps.get(app).is_some_and(|a| a.version != version);
         if stale {
             self.apps.remove(app);
         }
@@ -150,7 +147,11 @@ fn to_reply(out: &JsValue, ctx: &mut Context) -> Result<Reply, RunError> {
         .get("status")
         .and_then(|s| s.as_i64())
         .filter(|s| (100..=599).contains(s))
-        .filter(|_| json.get("status").and_then(|s| s.as_f64()).is_some_and(|f| f.fract() == 0.0))
+        .filter(|_| {
+            json.get("status")
+                .and_then(|s| s.as_f64())
+                .is_some_and(|f| f.fract() == 0.0)
+        })
     {
         let mut headers = Vec::new();
         if let Some(h) = json.get("headers").and_then(|h| h.as_object()) {

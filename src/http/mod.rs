@@ -90,7 +90,10 @@ fn serve(server: &tiny_http::Server, stopping: &AtomicBool, services: &Arc<Servi
             let _ = req.respond(util::error_response(503, "the server is shutting down"));
             break;
         }
-        services.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
+        services
+            .metrics
+            .http_requests
+            .fetch_add(1, Ordering::Relaxed);
         handle(req, services, &mut cache);
     }
 }
@@ -110,7 +113,9 @@ fn handle(mut req: tiny_http::Request, services: &Arc<Services>, cache: &mut Han
             // A panic may have left a cached context half-updated: drop them all.
             *cache = HandlerCache::default();
             log::error!("a request handler panicked: {} {}", req.method(), req.url());
-            Reply::from(HttpError::internal("internal error while handling the request"))
+            Reply::from(HttpError::internal(
+                "internal error while handling the request",
+            ))
         }
     };
     if let Err(e) = req.respond(reply.into_response()) {

@@ -35,7 +35,11 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
             let body = util::read_body(req, crate::apps::MAX_UPLOAD_BYTES)?;
             let files = crate::apps::parse_upload(&body).map_err(HttpError::bad_request)?;
             let info = services.store.deploy_app(name, files)?;
-            log::info!("deployed app {name} (version {}, {} files)", info.version, info.files);
+            log::info!(
+                "deployed app {name} (version {}, {} files)",
+                info.version,
+                info.files
+            );
             Ok(Reply::json(200, &info))
         }
         (Method::Get, ["api", "apps", name]) => match services.store.get_app(name)? {
@@ -82,14 +86,20 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
             Ok(Reply::json(200, &services.store.job_logs(id, after)?))
         }
         (_, ["api", ..]) | (_, ["metrics"]) => Err(HttpError::new(
-            if matches!(method, Method::Get | Method::Put | Method::Post | Method::Delete) {
+            if matches!(
+                method,
+                Method::Get | Method::Put | Method::Post | Method::Delete
+            ) {
                 404
             } else {
                 405
             },
             format!("no route for {} {path}", method.as_str()),
         )),
-        _ => Err(HttpError::not_found(format!("no route for {} {path}", method.as_str()))),
+        _ => Err(HttpError::not_found(format!(
+            "no route for {} {path}",
+            method.as_str()
+        ))),
     }
 }
 

@@ -59,7 +59,9 @@ impl HttpError {
 impl From<crate::store::Error> for HttpError {
     fn from(e: crate::store::Error) -> HttpError {
         match e {
-            crate::store::Error::NotFound(what) => HttpError::not_found(format!("{what} not found")),
+            crate::store::Error::NotFound(what) => {
+                HttpError::not_found(format!("{what} not found"))
+            }
             crate::store::Error::Invalid(m) => HttpError::bad_request(m),
             crate::store::Error::Closed => HttpError::new(503, "the server is shutting down"),
             other => {
@@ -123,7 +125,8 @@ impl Reply {
                     }
                 }
                 if !has_ct {
-                    if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()) {
+                    if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes())
+                    {
                         resp.add_header(h);
                     }
                 }
@@ -224,7 +227,10 @@ pub fn percent_decode(s: &str) -> String {
 }
 
 pub fn query_get<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    query.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    query
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }
 
 #[cfg(test)]

@@ -35,8 +35,16 @@ pub(super) fn natives(ctx: &mut Context) -> JsObject {
     let mut init = ObjectInitializer::new(ctx);
     init.property(js_string!("appName"), app, Attribute::READONLY);
     if let Some(job) = &host.job {
-        init.property(js_string!("jobId"), JsString::from(job.id.as_str()), Attribute::READONLY);
-        init.property(js_string!("jobAttempt"), job.attempt as f64, Attribute::READONLY);
+        init.property(
+            js_string!("jobId"),
+            JsString::from(job.id.as_str()),
+            Attribute::READONLY,
+        );
+        init.property(
+            js_string!("jobAttempt"),
+            job.attempt as f64,
+            Attribute::READONLY,
+        );
         let data = match &job.data {
             Some(d) => JsValue::from(JsString::from(d.as_str())),
             None => JsValue::null(),
@@ -139,7 +147,7 @@ fn kv_set(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue>
         None => None,
         Some(v) if v.is_undefined() || v.is_null() => None,
         Some(v) => match v.as_number() {
-            Some(n) if n.is_finite() && n >= 1.0 && n <= 1e15 => Some(n as i64),
+            Some(n) if n.is_finite() && (1.0..=1e15).contains(&n) => Some(n as i64),
             _ => {
                 return Err(type_error(
                     "fazt.storage.kv.set: ttlMs must be a positive number of milliseconds",
@@ -173,7 +181,9 @@ fn kv_list(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue
         .store
         .kv_list(&host.app, &prefix)
         .map_err(store_error)?;
-    let values = keys.into_iter().map(|k| JsValue::from(JsString::from(k.as_str())));
+    let values = keys
+        .into_iter()
+        .map(|k| JsValue::from(JsString::from(k.as_str())));
     Ok(JsArray::from_iter(values, ctx).into())
 }
 

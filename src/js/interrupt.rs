@@ -71,12 +71,10 @@ impl Interrupt {
 
     /// Asks the JS to stop. Only the first reason is kept.
     pub fn stop(&self, reason: Reason) {
-        let _ = self.inner.reason.compare_exchange(
-            0,
-            reason as u8,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        let _ =
+            self.inner
+                .reason
+                .compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
         let _guard = self.inner.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.inner.wake.notify_all();
     }

@@ -6,7 +6,9 @@
 mod api;
 /// Helpers for host functions defined outside `js/` (worker, realtime).
 pub(crate) mod api_support {
-    pub(crate) use super::api::{host, opt_str_arg, plain_error, sleep_for, store_error, str_arg, type_error};
+    pub(crate) use super::api::{
+        host, opt_str_arg, plain_error, sleep_for, store_error, str_arg, type_error,
+    };
 }
 pub mod interrupt;
 mod runtime;

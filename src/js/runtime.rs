@@ -146,12 +146,8 @@ pub fn call(
     global
         .set(js_string!("__fazt_args"), arr, false, ctx)
         .map_err(|e| thrown(e, ctx))?;
-    let script = Script::parse(
-        Source::from_bytes("__fazt_fn(...__fazt_args)"),
-        None,
-        ctx,
-    )
-    .map_err(|e| RunError::Thrown(e.to_string()))?;
+    let script = Script::parse(Source::from_bytes("__fazt_fn(...__fazt_args)"), None, ctx)
+        .map_err(|e| RunError::Thrown(e.to_string()))?;
     let value = run_script(ctx, &script, interrupt);
     let _ = global.delete_property_or_throw(js_string!("__fazt_fn"), ctx);
     let _ = global.delete_property_or_throw(js_string!("__fazt_args"), ctx);
@@ -278,7 +274,11 @@ fn integral_numbers(v: serde_json::Value) -> serde_json::Value {
             _ => Value::Number(n),
         },
         Value::Array(a) => Value::Array(a.into_iter().map(integral_numbers).collect()),
-        Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, integral_numbers(v))).collect()),
+        Value::Object(o) => Value::Object(
+            o.into_iter()
+                .map(|(k, v)| (k, integral_numbers(v)))
+                .collect(),
+        ),
         other => other,
     }
 }

@@ -373,7 +373,13 @@ mod tests {
     #[test]
     fn full_queue_disconnects() {
         let l = Arc::new(Listeners::default());
-        let hub = Hub::new(l.clone(), HubLimits { queue: 1, ..HubLimits::default() });
+        let hub = Hub::new(
+            l.clone(),
+            HubLimits {
+                queue: 1,
+                ..HubLimits::default()
+            },
+        );
         let (tx, _rx) = crossbeam_channel::bounded(1);
         let (s, _) = hub.join("a", ip(), tx, None).expect("join");
         hub.subscribe("a", s, "c").expect("subscribe");
@@ -385,7 +391,13 @@ mod tests {
 
     #[test]
     fn caps_refuse() {
-        let hub = Hub::new(Arc::default(), HubLimits { per_ip: 1, ..HubLimits::default() });
+        let hub = Hub::new(
+            Arc::default(),
+            HubLimits {
+                per_ip: 1,
+                ..HubLimits::default()
+            },
+        );
         let (tx, _rx) = crossbeam_channel::bounded(1);
         hub.join("a", ip(), tx.clone(), None).expect("first");
         assert!(hub.join("b", ip(), tx, None).is_err());

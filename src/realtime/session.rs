@@ -36,7 +36,11 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
     };
     let is_ws = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
     let Some(key) = header("sec-websocket-key").filter(|_| is_ws) else {
-        return refuse(req, 400, "this endpoint speaks WebSocket: send an Upgrade: websocket request");
+        return refuse(
+            req,
+            400,
+            "this endpoint speaks WebSocket: send an Upgrade: websocket request",
+        );
     };
     let Some(peer) = req.remote_addr().copied() else {
         return refuse(req, 400, "unknown peer address");
@@ -50,8 +54,9 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
     };
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let resp = Response::empty(101).with_header(
-        Header::from_bytes(&b"Sec-WebSocket-Accept"[..], accept.as_bytes())
-            .unwrap_or_else(|_| Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).expect("static header")),
+        Header::from_bytes(&b"Sec-WebSocket-Accept"[..], accept.as_bytes()).unwrap_or_else(|_| {
+            Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).expect("static header")
+        }),
     );
     let stream = req.upgrade("websocket", resp);
     let sock = match super::socket::duplicate_connection(peer, services.listen_port) {
@@ -67,7 +72,10 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
     if let Ok(kill) = sock.try_clone() {
         hub.attach_socket(app, session, kill);
     }
-    services.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
+    services
+        .metrics
+        .ws_connections
+        .fetch_add(1, Ordering::Relaxed);
     let last_seen = Arc::new(AtomicI64::new(crate::store::now_ms()));
     let writer = {
         let last_seen = last_seen.clone();
@@ -149,7 +157,10 @@ fn read_loop(
         let msg = match ws.read() {
             Ok(m) => m,
             Err(tungstenite::Error::Capacity(e)) => {
-                reply(tx, serde_json::json!({"type": "error", "error": format!("message too large: {e}")}));
+                reply(
+                    tx,
+                    serde_json::json!({"type": "error", "error": format!("message too large: {e}")}),
+                );
                 let _ = ws.flush();
                 return;
             }
@@ -172,7 +183,13 @@ fn read_loop(
     }
 }
 
-fn handle_client_message(text: &str, tx: &Sender<Out>, services: &Services, app: &str, session: u64) {
+fn handle_client_message(
+    text: &str,
+    tx: &Sender<Out>,
+    services: &Services,
+    app: &str,
+    session: u64,
+) {
     let err = |m: String| reply(tx, serde_json::json!({"type": "error", "error": m}));
     let v: serde_json::Value = match serde_json::from_str(text) {
         Ok(v) => v,
@@ -194,7 +211,10 @@ fn handle_client_message(text: &str, tx: &Sender<Out>, services: &Services, app:
         }
         ("unsubscribe", Some(ch)) => {
             services.hub.unsubscribe(app, session, ch);
-            reply(tx, serde_json::json!({"type": "unsubscribed", "channel": ch}));
+            reply(
+                tx,
+                serde_json::json!({"type": "unsubscribed", "channel": ch}),
+            );
         }
         _ => err(format!(
             "unknown message type '{kind}' (use subscribe, unsubscribe or ping)"

@@ -11,7 +11,11 @@ use std::os::fd::FromRawFd;
 pub fn duplicate_connection(peer: SocketAddr, local_port: u16) -> std::io::Result<TcpStream> {
     for entry in std::fs::read_dir("/proc/self/fd")? {
         let Ok(entry) = entry else { continue };
-        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(target) = std::fs::read_link(entry.path()) else {

@@ -173,7 +173,10 @@ impl Store {
                 args.push(st.as_str().to_string());
                 sql.push_str(&format!(" AND status = ?{}", args.len()));
             }
-            sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT {}", f.limit));
+            sql.push_str(&format!(
+                " ORDER BY created_at DESC, id DESC LIMIT {}",
+                f.limit
+            ));
             let mut stmt = c.prepare_cached(&sql).ctx("listing jobs")?;
             let rows = stmt
                 .query_map(rusqlite::params_from_iter(args.iter()), job_from_row)
@@ -272,7 +275,11 @@ impl Store {
     ) {
         let id = id.to_string();
         self.write_later(move |c| {
-            let done_at = if status.is_final() { Some(now_ms()) } else { None };
+            let done_at = if status.is_final() {
+                Some(now_ms())
+            } else {
+                None
+            };
             let progress_done = status == Status::Done;
             c.prepare_cached(
                 "UPDATE worker_jobs SET status = ?2, result = ?3, error = ?4, done_at = ?5,
@@ -310,10 +317,12 @@ impl Store {
     pub fn job_log(&self, id: &str, level: &str, msg: String, keep: i64) {
         let (id, level) = (id.to_string(), level.to_string());
         self.write_later(move |c| {
-            c.prepare_cached("INSERT INTO job_logs(job_id, ts, level, msg) VALUES (?1, ?2, ?3, ?4)")
-                .ctx("appending a log line")?
-                .execute(params![id, now_ms(), level, msg])
-                .ctx("appending a log line")?;
+            c.prepare_cached(
+                "INSERT INTO job_logs(job_id, ts, level, msg) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .ctx("appending a log line")?
+            .execute(params![id, now_ms(), level, msg])
+            .ctx("appending a log line")?;
             c.prepare_cached(
                 "DELETE FROM job_logs WHERE job_id = ?1 AND id <= (
                    SELECT id FROM job_logs WHERE job_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",

@@ -51,7 +51,10 @@ impl Store {
         let (app, key) = (app.to_string(), key.to_string());
         self.write(false, move |c| {
             let n = c
-                .execute("DELETE FROM kv WHERE app = ?1 AND key = ?2", params![app, key])
+                .execute(
+                    "DELETE FROM kv WHERE app = ?1 AND key = ?2",
+                    params![app, key],
+                )
                 .ctx("deleting a key")?;
             Ok(n > 0)
         })

@@ -8,7 +8,11 @@ use super::{Result, SqlContext};
 /// `(version, name, sql)` in the order they must run.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/0001_init.sql")),
-    (2, "workers", include_str!("../../migrations/0002_workers.sql")),
+    (
+        2,
+        "workers",
+        include_str!("../../migrations/0002_workers.sql"),
+    ),
 ];
 
 pub(super) fn apply(conn: &Connection) -> Result<()> {

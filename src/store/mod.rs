@@ -219,7 +219,10 @@ fn open_conn(path: &Path, create: bool) -> Result<Connection> {
     // Reading the header proves the file is a database, so a corrupt file fails here
     // with a clear message instead of at the first query.
     conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
-        .ctx(&format!("{} is not a readable SQLite database", path.display()))?;
+        .ctx(&format!(
+            "{} is not a readable SQLite database",
+            path.display()
+        ))?;
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
     )
@@ -248,9 +251,11 @@ fn commit_batch(conn: &Connection, batch: Vec<WriteReq>) {
     let mut dones = Vec::with_capacity(batch.len());
     let outcome = (|| -> Result<()> {
         if durable {
-            conn.execute_batch("PRAGMA synchronous=FULL").ctx("raising durability")?;
+            conn.execute_batch("PRAGMA synchronous=FULL")
+                .ctx("raising durability")?;
         }
-        conn.execute_batch("BEGIN IMMEDIATE").ctx("starting a write batch")?;
+        conn.execute_batch("BEGIN IMMEDIATE")
+            .ctx("starting a write batch")?;
         for (i, req) in batch.into_iter().enumerate() {
             // A savepoint per op: one op's failure rolls back only that op.
             let sp = format!("op{i}");

@@ -163,12 +163,27 @@ mod tests {
         assert_eq!(t.sample(500, base, budget, t0), Verdict::Fine);
         assert_eq!(t.sample(900, base, budget, t0), Verdict::Warn);
         assert_eq!(t.sample(1200, base, budget, t0), Verdict::Fine);
-        assert_eq!(t.sample(1200, base, budget, t0 + Duration::from_millis(400)), Verdict::Fine);
-        assert_eq!(t.sample(1200, base, budget, t0 + Duration::from_millis(500)), Verdict::Stop);
+        assert_eq!(
+            t.sample(1200, base, budget, t0 + Duration::from_millis(400)),
+            Verdict::Fine
+        );
+        assert_eq!(
+            t.sample(1200, base, budget, t0 + Duration::from_millis(500)),
+            Verdict::Stop
+        );
         // Dropping below resets the clock.
-        assert_eq!(t.sample(500, base, budget, t0 + Duration::from_millis(600)), Verdict::Fine);
-        assert_eq!(t.sample(1200, base, budget, t0 + Duration::from_millis(700)), Verdict::Warn);
-        assert_eq!(t.sample(1200, base, budget, t0 + Duration::from_millis(1100)), Verdict::Fine);
+        assert_eq!(
+            t.sample(500, base, budget, t0 + Duration::from_millis(600)),
+            Verdict::Fine
+        );
+        assert_eq!(
+            t.sample(1200, base, budget, t0 + Duration::from_millis(700)),
+            Verdict::Warn
+        );
+        assert_eq!(
+            t.sample(1200, base, budget, t0 + Duration::from_millis(1100)),
+            Verdict::Fine
+        );
     }
 
     #[test]

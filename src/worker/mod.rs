@@ -80,7 +80,11 @@ pub struct ListFilter {
 }
 
 impl ListFilter {
-    pub fn from_query(app: Option<&str>, status: Option<&str>, limit: Option<&str>) -> Result<ListFilter, String> {
+    pub fn from_query(
+        app: Option<&str>,
+        status: Option<&str>,
+        limit: Option<&str>,
+    ) -> Result<ListFilter, String> {
         let status = match status {
             None | Some("") => None,
             Some(s) => Some(Status::parse(s).ok_or_else(|| {
@@ -115,11 +119,18 @@ pub enum SpawnError {
 
 /// Validates and enqueues a job of `app`. With a uniqueKey that matches a live job, the
 /// live job is returned instead.
-pub fn spawn(services: &Services, app: &str, path: &str, opts: &serde_json::Value) -> Result<JobRow, SpawnError> {
+pub fn spawn(
+    services: &Services,
+    app: &str,
+    path: &str,
+    opts: &serde_json::Value,
+) -> Result<JobRow, SpawnError> {
     check_worker_path(path).map_err(SpawnError::Invalid)?;
     let (config, data) = parse_options(opts).map_err(SpawnError::Invalid)?;
     if services.store.app_file(app, path)?.is_none() {
-        return Err(SpawnError::Invalid(format!("no worker file {path} in app '{app}'")));
+        return Err(SpawnError::Invalid(format!(
+            "no worker file {path} in app '{app}'"
+        )));
     }
     let inserted = services.store.insert_job(
         new_job_id(),
@@ -209,7 +220,9 @@ fn worker_spawn(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<Js
     let opts = match args.get(1) {
         None => serde_json::Value::Null,
         Some(v) if v.is_undefined() || v.is_null() => serde_json::Value::Null,
-        Some(v) if v.is_object() && !v.is_callable() => v.to_json(ctx)?.unwrap_or(serde_json::Value::Null),
+        Some(v) if v.is_object() && !v.is_callable() => {
+            v.to_json(ctx)?.unwrap_or(serde_json::Value::Null)
+        }
         Some(_) => return Err(type_error("fazt.worker.spawn: options must be an object")),
     };
     match spawn(&host.services, &host.app, &path, &opts) {
@@ -235,7 +248,7 @@ fn worker_get(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsVa
 
 fn worker_list(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
-    let filter = match args.get(0) {
+    let filter = match args.first() {
         Some(v) if v.is_object() => v.to_json(ctx)?.unwrap_or(serde_json::Value::Null),
         _ => serde_json::Value::Null,
     };
@@ -244,9 +257,23 @@ fn worker_list(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsV
     if let Some(obj) = filter.as_object() {
         for (k, v) in obj {
             match k.as_str() {
-                "status" => status = Some(v.as_str().ok_or_else(|| type_error("fazt.worker.list: status must be a string"))?.to_string()),
-                "limit" => limit = Some(v.as_u64().map(|n| n.to_string()).ok_or_else(|| type_error("fazt.worker.list: limit must be a whole number"))?),
-                other => return Err(type_error(format!("fazt.worker.list: unknown filter '{other}' (known: status, limit)"))),
+                "status" => {
+                    status = Some(
+                        v.as_str()
+                            .ok_or_else(|| type_error("fazt.worker.list: status must be a string"))?
+                            .to_string(),
+                    )
+                }
+                "limit" => {
+                    limit = Some(v.as_u64().map(|n| n.to_string()).ok_or_else(|| {
+                        type_error("fazt.worker.list: limit must be a whole number")
+                    })?)
+                }
+                other => {
+                    return Err(type_error(format!(
+                        "fazt.worker.list: unknown filter '{other}' (known: status, limit)"
+                    )))
+                }
             }
         }
     }
@@ -260,9 +287,16 @@ fn worker_cancel(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<J
     let host = host(ctx)?;
     let id = str_arg(args, 0, "fazt.worker.cancel: id")?;
     if host.job.as_ref().is_some_and(|j| j.id == id) {
-        return Err(plain_error("fazt.worker.cancel: a job cannot cancel itself; return instead"));
+        return Err(plain_error(
+            "fazt.worker.cancel: a job cannot cancel itself; return instead",
+        ));
     }
-    match host.services.pool.cancel(Some(&host.app), &id).map_err(store_error)? {
+    match host
+        .services
+        .pool
+        .cancel(Some(&host.app), &id)
+        .map_err(store_error)?
+    {
         Some(row) => job_value(&row, ctx),
         None => Ok(JsValue::null()),
     }
@@ -270,7 +304,10 @@ fn worker_cancel(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<J
 
 fn job_host(ctx: &Context) -> JsResult<(crate::js::Host, Arc<crate::js::JobHost>)> {
     let h = host(ctx)?;
-    let job = h.job.clone().ok_or_else(|| plain_error("job API used outside a worker"))?;
+    let job = h
+        .job
+        .clone()
+        .ok_or_else(|| plain_error("job API used outside a worker"))?;
     Ok((h, job))
 }
 
@@ -296,7 +333,10 @@ fn job_checkpoint(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<
             ))
             .into());
     }
-    h.services.store.save_checkpoint(&job.id, value).map_err(store_error)?;
+    h.services
+        .store
+        .save_checkpoint(&job.id, value)
+        .map_err(store_error)?;
     Ok(JsValue::undefined())
 }
 
@@ -333,7 +373,14 @@ mod tests {
     fn worker_paths() {
         assert!(check_worker_path("workers/a.js").is_ok());
         assert!(check_worker_path("workers/sub/a.js").is_ok());
-        for bad in ["api/a.js", "workers/../api/a.js", "/workers/a.js", "workers/a.ts", "workers//a.js", "a.js"] {
+        for bad in [
+            "api/a.js",
+            "workers/../api/a.js",
+            "/workers/a.js",
+            "workers/a.ts",
+            "workers//a.js",
+            "a.js",
+        ] {
             assert!(check_worker_path(bad).is_err(), "{bad}");
         }
     }
@@ -358,7 +405,14 @@ mod tests {
 
     #[test]
     fn status_round_trip() {
-        for s in [Status::Queued, Status::Running, Status::Done, Status::Failed, Status::Cancelled, Status::Stopped] {
+        for s in [
+            Status::Queued,
+            Status::Running,
+            Status::Done,
+            Status::Failed,
+            Status::Cancelled,
+            Status::Stopped,
+        ] {
             assert_eq!(Status::parse(s.as_str()), Some(s));
         }
         assert!(!Status::Queued.is_final());

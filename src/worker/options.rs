@@ -72,7 +72,8 @@ pub fn parse_memory(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = || format!("invalid memory size '{s}': use a whole number and KB, MB or GB, e.g. '64MB'");
+    let bad =
+        || format!("invalid memory size '{s}': use a whole number and KB, MB or GB, e.g. '64MB'");
     if num.is_empty() || num.len() > 9 {
         return Err(bad());
     }
@@ -84,13 +85,15 @@ pub fn parse_memory(s: &str) -> Result<u64, String> {
         _ => return Err(bad()),
     };
     if n == 0 {
-        return Err(format!("invalid memory size '{s}': must be greater than zero"));
+        return Err(format!(
+            "invalid memory size '{s}': must be greater than zero"
+        ));
     }
     Ok(n * mult)
 }
 
 pub fn format_bytes(b: u64) -> String {
-    if b >= 1 << 30 && b % (1 << 30) == 0 {
+    if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
         format!("{}GB", b >> 30)
     } else if b >= 1 << 20 {
         format!("{}MB", (b + (1 << 19)) >> 20)
@@ -100,13 +103,13 @@ pub fn format_bytes(b: u64) -> String {
 }
 
 pub fn format_ms(ms: u64) -> String {
-    if ms % 86_400_000 == 0 {
+    if ms.is_multiple_of(86_400_000) {
         format!("{}d", ms / 86_400_000)
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -144,9 +147,9 @@ pub fn parse_options(opts: &serde_json::Value) -> Result<(JobConfig, Option<Stri
                 cfg.timeout_ms = if null {
                     None
                 } else {
-                    let s = v
-                        .as_str()
-                        .ok_or("timeout must be a string such as '30s' or '5m', or null for none")?;
+                    let s = v.as_str().ok_or(
+                        "timeout must be a string such as '30s' or '5m', or null for none",
+                    )?;
                     Some(parse_duration(s)?)
                 };
             }
@@ -157,11 +160,15 @@ pub fn parse_options(opts: &serde_json::Value) -> Result<(JobConfig, Option<Stri
                 let n = v
                     .as_u64()
                     .filter(|n| *n <= MAX_RETRY as u64)
-                    .ok_or(format!("retry must be a whole number from 0 to {MAX_RETRY}"))?;
+                    .ok_or(format!(
+                        "retry must be a whole number from 0 to {MAX_RETRY}"
+                    ))?;
                 cfg.retry = n as u32;
             }
             "retryDelay" => {
-                let s = v.as_str().ok_or("retryDelay must be a string such as '5s'")?;
+                let s = v
+                    .as_str()
+                    .ok_or("retryDelay must be a string such as '5s'")?;
                 cfg.retry_delay_ms = parse_duration(s)?;
             }
             "uniqueKey" => {
@@ -175,7 +182,9 @@ pub fn parse_options(opts: &serde_json::Value) -> Result<(JobConfig, Option<Stri
             }
             "idleTimeout" => {
                 if !null {
-                    let s = v.as_str().ok_or("idleTimeout must be a string such as '1m'")?;
+                    let s = v
+                        .as_str()
+                        .ok_or("idleTimeout must be a string such as '1m'")?;
                     cfg.idle_timeout_ms = Some(parse_duration(s)?);
                 }
             }
@@ -225,7 +234,18 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(300_000));
         assert_eq!(parse_duration("2h"), Ok(7_200_000));
         assert_eq!(parse_duration("1d"), Ok(86_400_000));
-        for bad in ["", "5", "s", "1.5s", "-1s", "5 min", "5M", "0s", "10w", "99999999999999s"] {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "1.5s",
+            "-1s",
+            "5 min",
+            "5M",
+            "0s",
+            "10w",
+            "99999999999999s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

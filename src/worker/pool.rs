@@ -235,7 +235,10 @@ impl PoolRunner {
         if recovered > 0 {
             log::info!("recovered {recovered} job(s) left running by the previous process");
         }
-        let queued = services.store.queued_jobs().context("loading queued jobs")?;
+        let queued = services
+            .store
+            .queued_jobs()
+            .context("loading queued jobs")?;
         let mut threads = Vec::new();
         let mut sched = Scheduler::new(&self, services.clone());
         for row in &queued {
@@ -318,7 +321,12 @@ struct Running {
 }
 
 impl Slot {
-    fn spawn(index: usize, gen: u64, events: &Sender<Msg>, services: &Arc<Services>) -> anyhow::Result<Slot> {
+    fn spawn(
+        index: usize,
+        gen: u64,
+        events: &Sender<Msg>,
+        services: &Arc<Services>,
+    ) -> anyhow::Result<Slot> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let (heap_tx, heap_rx) = crossbeam_channel::bounded(1);
         let events = events.clone();
@@ -407,7 +415,7 @@ impl Scheduler {
                 },
                 recv(ticker) -> _ => self.on_tick(),
             }
-            if !self.shutting_down.is_some() {
+            if self.shutting_down.is_none() {
                 self.schedule();
             }
             self.publish_stats();
@@ -620,7 +628,10 @@ impl Scheduler {
                 let heap = s.heap.load(Ordering::Relaxed);
                 s.running.as_mut().map(|r| (heap, r))
             })
-            .filter(|(heap, r)| r.stopped_at.is_none() && (*heap - r.heap_at_start) as u64 > r.job.config.memory_bytes)
+            .filter(|(heap, r)| {
+                r.stopped_at.is_none()
+                    && (*heap - r.heap_at_start) as u64 > r.job.config.memory_bytes
+            })
             .max_by_key(|(_, r)| r.started);
         match victim {
             Some((heap, r)) => {
@@ -828,14 +839,9 @@ impl Scheduler {
     }
 
     fn record(&self, job: &Queued, status: Status, result: Option<String>, error: Option<String>) {
-        self.services.store.job_finished(
-            &job.id,
-            status,
-            result,
-            error,
-            job.attempt,
-            job.restarts,
-        );
+        self.services
+            .store
+            .job_finished(&job.id, status, result, error, job.attempt, job.restarts);
     }
 
     fn publish_stats(&self) {

@@ -1,0 +1,8 @@
+//! Integration tests: each starts the real `fazt` binary on an ephemeral port with a
+//! fresh data dir, deploys apps over HTTP and speaks HTTP and WebSocket to it.
+
+mod util;
+
+mod platform;
+mod realtime;
+mod workers;
