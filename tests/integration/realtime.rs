@@ -1,1 +1,207 @@
-use crate::util::Server;
+//! Realtime through the real binary: the WebSocket protocol, channel and app
+//! isolation, counts, fan-out to many clients, slow clients, and idle timeouts.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::util::{wait_until, Server, Ws};
+
+const RT_API: &str = r#"
+module.exports = function (req) {
+  const q = req.query;
+  if (q.op === "broadcast") return { sent: fazt.realtime.broadcast(q.ch, { n: Number(q.n || 0), from: fazt.app.name }) };
+  if (q.op === "blob") return { sent: fazt.realtime.broadcast(q.ch, { n: Number(q.n), pad: "x".repeat(4096) }) };
+  if (q.op === "all") return { sent: fazt.realtime.broadcastAll({ hello: "everyone" }) };
+  if (q.op === "count") return { count: q.ch ? fazt.realtime.count(q.ch) : fazt.realtime.count() };
+  if (q.op === "subs") return { subs: fazt.realtime.subscribers(q.ch) };
+  if (q.op === "bad") { try { fazt.realtime.broadcast("no spaces", 1); } catch (e) { return { error: String(e) }; } }
+  if (q.op === "spawn") return fazt.worker.spawn("workers/ticker.js", { daemon: true, idleTimeout: q.idle, idleChannel: q.ch });
+  return { status: 400, body: "op?" };
+};
+"#;
+
+const TICKER: &str = r#"
+module.exports = function (job) {
+  let i = 0;
+  while (true) {
+    fazt.realtime.broadcast("ticks", { i: i++ });
+    job.sleep(50);
+  }
+};
+"#;
+
+fn rt_server(apps: &[&str]) -> Server {
+    let s = Server::start();
+    for a in apps {
+        s.deploy_ok(a, &[("api/rt.js", RT_API), ("workers/ticker.js", TICKER)]);
+    }
+    s
+}
+
+fn message_on(ws: &mut Ws, ch: &str) -> Value {
+    loop {
+        let m = ws.recv();
+        if m["type"] == "message" && m["channel"] == ch {
+            return m;
+        }
+    }
+}
+
+#[test]
+fn subscribers_receive_broadcasts_from_handlers() {
+    let s = rt_server(&["live"]);
+    let mut ws = s.ws("live");
+    ws.subscribe("news");
+    let sent = s.call("live", "/api/rt?op=broadcast&ch=news&n=7");
+    assert_eq!(sent["sent"], 1);
+    let m = ws.recv();
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["channel"], "news");
+    assert_eq!(m["data"], json!({"n": 7, "from": "live"}));
+    assert!(m["timestamp"].as_i64().is_some_and(|t| t > 1_600_000_000_000));
+    ws.send(json!({"type": "ping"}));
+    assert_eq!(ws.recv()["type"], "pong");
+    let all = s.call("live", "/api/rt?op=all");
+    assert_eq!(all["sent"], 1);
+    assert_eq!(ws.recv()["data"]["hello"], "everyone");
+}
+
+#[test]
+fn channels_and_apps_are_isolated() {
+    let s = rt_server(&["a", "b"]);
+    let mut a_news = s.ws("a");
+    a_news.subscribe("news");
+    let mut a_sport = s.ws("a");
+    a_sport.subscribe("sport");
+    let mut b_news = s.ws("b");
+    b_news.subscribe("news");
+    assert_eq!(s.call("a", "/api/rt?op=broadcast&ch=news&n=1")["sent"], 1);
+    assert_eq!(a_news.recv()["data"]["n"], 1);
+    assert_eq!(a_sport.recv_within(300), None, "other channel got nothing");
+    assert_eq!(b_news.recv_within(300), None, "other app got nothing");
+    assert_eq!(s.call("b", "/api/rt?op=broadcast&ch=news&n=2")["sent"], 1);
+    assert_eq!(b_news.recv()["data"]["from"], "b");
+    assert_eq!(a_news.recv_within(300), None);
+}
+
+#[test]
+fn unsubscribe_count_and_subscribers() {
+    let s = rt_server(&["c"]);
+    let mut one = s.ws("c");
+    let mut two = s.ws("c");
+    one.subscribe("room");
+    two.subscribe("room");
+    assert_eq!(s.call("c", "/api/rt?op=count&ch=room")["count"], 2);
+    assert_eq!(s.call("c", "/api/rt?op=count")["count"], 2);
+    assert_eq!(s.call("c", "/api/rt?op=subs&ch=room")["subs"].as_array().map(Vec::len), Some(2));
+    two.send(json!({"type": "unsubscribe", "channel": "room"}));
+    assert_eq!(two.recv(), json!({"type": "unsubscribed", "channel": "room"}));
+    assert_eq!(s.call("c", "/api/rt?op=count&ch=room")["count"], 1);
+    assert_eq!(s.call("c", "/api/rt?op=broadcast&ch=room")["sent"], 1);
+    assert_eq!(message_on(&mut one, "room")["data"]["n"], 0);
+    assert_eq!(two.recv_within(300), None);
+    drop(one);
+    assert!(wait_until(10, || s.call("c", "/api/rt?op=count&ch=room")["count"] == 0));
+}
+
+#[test]
+fn malformed_frames_get_an_error_and_the_session_lives_on() {
+    let s = rt_server(&["m"]);
+    let mut ws = s.ws("m");
+    for (frame, needle) in [
+        ("not json", "malformed JSON"),
+        (r#"{"type":"subscribe"}"#, "needs a string 'channel'"),
+        (r#"{"type":"subscribe","channel":"bad name"}"#, "invalid channel name"),
+        (r#"{"type":"dance"}"#, "unknown message type 'dance'"),
+    ] {
+        ws.ws.send(tungstenite::Message::text(frame)).expect("send");
+        let m = ws.recv();
+        assert_eq!(m["type"], "error", "{frame}");
+        assert!(m["error"].as_str().is_some_and(|e| e.contains(needle)), "{frame}: {m}");
+    }
+    ws.subscribe("ok");
+    assert!(s.call("m", "/api/rt?op=bad")["error"].as_str().is_some_and(|e| e.contains("invalid channel name")));
+    // Plain HTTP to /_ws is refused clearly.
+    let r = s.app("m", "GET", "/_ws", None);
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("WebSocket"));
+}
+
+#[test]
+fn two_hundred_clients_all_receive_a_broadcast() {
+    let s = rt_server(&["fan"]);
+    let mut clients: Vec<Ws> = (0..200).map(|_| s.ws("fan")).collect();
+    for c in &mut clients {
+        c.subscribe("all");
+    }
+    assert_eq!(s.call("fan", "/api/rt?op=count&ch=all")["count"], 200);
+    let t = Instant::now();
+    assert_eq!(s.call("fan", "/api/rt?op=broadcast&ch=all&n=42")["sent"], 200);
+    for c in &mut clients {
+        assert_eq!(message_on(c, "all")["data"]["n"], 42);
+    }
+    println!("200 clients received one broadcast in {:?}", t.elapsed());
+}
+
+#[test]
+fn a_client_that_stops_reading_does_not_stall_the_others() {
+    let s = rt_server(&["slow"]);
+    let mut stalled = s.ws("slow");
+    stalled.subscribe("firehose");
+    let mut healthy = s.ws("slow");
+    healthy.subscribe("firehose");
+    let t = Instant::now();
+    // 4 KB messages: the stalled client's socket buffers and then its bounded queue
+    // fill up, and the server cuts it off; the healthy client keeps receiving.
+    for n in 1..=3000 {
+        let r = s.call("slow", &format!("/api/rt?op=blob&ch=firehose&n={n}"));
+        assert!(r["sent"].as_u64().is_some());
+        if n % 250 == 0 {
+            let mut got = 0;
+            while got < n {
+                got = message_on(&mut healthy, "firehose")["data"]["n"].as_i64().unwrap_or(0);
+            }
+        }
+    }
+    println!("3000 broadcasts with one stalled client took {:?}", t.elapsed());
+    assert!(
+        wait_until(20, || s.call("slow", "/api/rt?op=count&ch=firehose")["count"] == 1),
+        "the stalled client was disconnected"
+    );
+    let metrics = s.api("GET", "/metrics", None).text();
+    assert!(metrics.contains("fazt_ws_slow_disconnects_total 1"), "{metrics}");
+    assert_eq!(s.call("slow", "/api/rt?op=broadcast&ch=firehose&n=1")["sent"], 1);
+}
+
+#[test]
+fn idle_daemons_stop_and_listeners_keep_them_alive() {
+    let s = rt_server(&["idle"]);
+    // Nobody listens: stopped after ~1 s, status 'stopped', never restarted.
+    let job = s.call("idle", "/api/rt?op=spawn&ch=lonely&idle=1s");
+    let jid = job["id"].as_str().expect("id").to_string();
+    let t = Instant::now();
+    let stopped = s.wait_status(&jid, "stopped", 20);
+    assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
+    assert!(stopped["error"].as_str().is_some_and(|e| e.contains("no listener for 1s")), "{stopped}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(s.job(&jid)["status"], "stopped", "not restarted");
+    assert_eq!(s.job(&jid)["restarts"], 0);
+
+    // A listener arriving in time keeps it running.
+    let mut ws = s.ws("idle");
+    ws.subscribe("busy");
+    let job = s.call("idle", "/api/rt?op=spawn&ch=busy&idle=1s");
+    let jid = job["id"].as_str().expect("id").to_string();
+    s.wait_status(&jid, "running", 20);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(s.job(&jid)["status"], "running");
+    // The daemon's broadcasts reach the listener ("ticks" channel is separate).
+    ws.subscribe("ticks");
+    assert!(message_on(&mut ws, "ticks")["data"]["i"].is_u64());
+    // The listener leaves: it stops about a second later.
+    drop(ws);
+    let stopped = s.wait_status(&jid, "stopped", 20);
+    assert_eq!(stopped["restarts"], 0);
+}
+
