@@ -75,6 +75,34 @@
     return r;
   });
 
+  // A stable merge sort, so comparators also run inside the interruptible loop.
+  // Like the built-in: undefined sorts last, holes are compacted, the default order
+  // compares strings.
+  const defaultCompare = (a, b) => { const x = String(a), y = String(b); return x < y ? -1 : x > y ? 1 : 0; };
+  define(AP, "sort", function sort(cmp) {
+    if (cmp !== undefined && typeof cmp !== "function") throw new TypeError("The comparison function must be either a function or undefined");
+    const c = cmp === undefined ? defaultCompare : cmp;
+    const o = Object(this), n = toLen(o);
+    const vals = []; let undef = 0;
+    for (let i = 0; i < n; i++) if (i in o) { const v = o[i]; if (v === undefined) undef++; else vals.push(v); }
+    let a = vals, b = new Array(vals.length);
+    for (let w = 1; w < a.length; w *= 2) {
+      for (let lo = 0; lo < a.length; lo += 2 * w) {
+        const mid = Math.min(lo + w, a.length), hi = Math.min(lo + 2 * w, a.length);
+        let i = lo, j = mid, k = lo;
+        while (i < mid && j < hi) { const r = Number(c(a[j], a[i])); b[k++] = r < 0 ? a[j++] : a[i++]; }
+        while (i < mid) b[k++] = a[i++];
+        while (j < hi) b[k++] = a[j++];
+      }
+      const t = a; a = b; b = t;
+    }
+    let k = 0;
+    for (; k < a.length; k++) o[k] = a[k];
+    for (let u = 0; u < undef; u++) o[k++] = undefined;
+    for (; k < n; k++) delete o[k];
+    return o;
+  });
+
   const fmt = (args) => args.map((a) => {
     if (typeof a === "string") return a;
     if (a instanceof Error) return String(a);

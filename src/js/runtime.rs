@@ -22,6 +22,11 @@ const BUDGET: u32 = 20_000;
 /// boa runs outside that loop (native callbacks such as `sort` comparators).
 const LOOP_ITERATION_LIMIT: u64 = 1_000_000_000;
 
+/// Deepest call nesting user code may reach before boa stops it with an error.
+const RECURSION_LIMIT: usize = 4096;
+/// Most values on boa's operand stack.
+const VALUE_STACK_LIMIT: usize = 256 * 1024;
+
 /// Why a piece of JS did not produce a value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunError {
@@ -71,8 +76,12 @@ pub struct Host {
 /// A fresh context with the `fazt` API, `console` and the interruptible builtins.
 pub fn new_context(host: Host) -> Result<Context, RunError> {
     let mut ctx = Context::default();
-    ctx.runtime_limits_mut()
-        .set_loop_iteration_limit(LOOP_ITERATION_LIMIT);
+    let limits = ctx.runtime_limits_mut();
+    limits.set_loop_iteration_limit(LOOP_ITERATION_LIMIT);
+    // boa's defaults (512 calls deep, 10k stack values) are too tight for real code;
+    // JS-to-JS calls use heap frames, and the thread stacks are 16 MB.
+    limits.set_recursion_limit(RECURSION_LIMIT);
+    limits.set_stack_size_limit(VALUE_STACK_LIMIT);
     let is_job = host.job.is_some();
     let interrupt = host.interrupt.clone();
     ctx.insert_data(host);

@@ -347,3 +347,56 @@ fn cli_deploys_lists_and_removes_apps() {
     let rm_again = s.cli(&["app", "remove", "blog"]);
     assert!(String::from_utf8_lossy(&rm_again.stderr).contains("404"));
 }
+
+#[test]
+fn builtins_replaced_for_interruptibility_behave_like_the_originals() {
+    let s = Server::start();
+    s.deploy_ok(
+        "b",
+        &[(
+            "api/check.js",
+            r#"module.exports = () => {
+  const people = [{n: "b", a: 2}, {n: "a", a: 1}, {n: "c", a: 2}, {n: "d", a: 1}];
+  const nums = [10, 9, 1, 100, 25, undefined, 3];
+  const holes = [3, , 1];
+  function depth(n) { return n === 0 ? 0 : 1 + depth(n - 1); }
+  return {
+    stable: people.slice().sort((x, y) => x.a - y.a).map((p) => p.n).join(""),
+    dflt: nums.slice().sort(),
+    numeric: [10, 9, 1, 100].sort((a, b) => a - b),
+    holes: holes.sort().length,
+    map: [1, 2, 3].map(function (x) { return x * this.k; }, { k: 3 }),
+    filter: [1, 2, 3, 4].filter((x) => x % 2 === 0),
+    reduce: [1, 2, 3].reduce((a, b) => a + b),
+    reduceRight: ["a", "b", "c"].reduceRight((a, b) => a + b, ""),
+    some: [1, 2].some((x) => x > 1), every: [1, 2].every((x) => x > 1),
+    find: [5, 6].find((x) => x > 5), findIndex: [5, 6].findIndex((x) => x > 9),
+    flatMap: [1, [2]].flatMap((x) => [x, x]),
+    emptyReduce: (() => { try { [].reduce((a, b) => a); } catch (e) { return e.name; } })(),
+    deep: depth(3000),
+  };
+};"#,
+        ), ("api/runaway.js", "module.exports = () => { try { (function f() { f(); })(); } catch (e) { return 'caught'; } };")],
+    );
+    let v = s.call("b", "/api/check");
+    assert_eq!(v["stable"], "adbc");
+    assert_eq!(v["dflt"], serde_json::json!([1, 10, 100, 25, 3, 9, null]));
+    assert_eq!(v["numeric"], serde_json::json!([1, 9, 10, 100]));
+    assert_eq!(v["holes"], 3);
+    assert_eq!(v["map"], serde_json::json!([3, 6, 9]));
+    assert_eq!(v["filter"], serde_json::json!([2, 4]));
+    assert_eq!(v["reduce"], 6);
+    assert_eq!(v["reduceRight"], "cba");
+    assert_eq!(v["some"], true);
+    assert_eq!(v["every"], false);
+    assert_eq!(v["find"], 6);
+    assert_eq!(v["findIndex"], -1);
+    assert_eq!(v["flatMap"], serde_json::json!([1, 1, [2], [2]]));
+    assert_eq!(v["emptyReduce"], "TypeError");
+    assert_eq!(v["deep"], 3000);
+    // Runaway recursion is stopped by an error user code cannot swallow.
+    let r = s.app("b", "GET", "/api/runaway", None);
+    assert_eq!(r.status, 500);
+    assert!(r.error().contains("maximum number of recursive calls"), "{}", r.text());
+    assert_eq!(s.call("b", "/api/check")["deep"], 3000);
+}

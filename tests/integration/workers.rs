@@ -83,6 +83,11 @@ const WORKERS: &[(&str, &str)] = &[
         "workers/hog.js",
         r#"module.exports = () => { const keep = []; while (true) keep.push(new Array(100000).fill(7)); };"#,
     ),
+    (
+        "workers/stuck.js",
+        // A loop inside a callback that native code calls: the run loop cannot stop it.
+        r#"module.exports = () => "a".replace(/a/, () => { while (true) {} });"#,
+    ),
     ("workers/bigcp.js", r#"module.exports = (job) => { job.checkpoint("x".repeat(1100000)); };"#),
     ("workers/badreturn.js", r#"module.exports = async (job) => { await null; throw new RangeError("async nope"); };"#),
 ];
@@ -601,4 +606,55 @@ fn job_api_validates_input() {
     let out = s.cli(&["job", "show", "nope"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no job with id 'nope'"));
+}
+
+#[test]
+fn a_job_that_cannot_be_stopped_is_abandoned_and_its_slot_replaced() {
+    let s = server_with(&["stuck"]);
+    let jid = id(&spawn(&s, "stuck", "workers/stuck.js", serde_json::json!({ "timeout": "200ms" })));
+    let t = Instant::now();
+    let job = s.wait_status(&jid, "failed", 30);
+    let err = job["error"].as_str().unwrap_or_default();
+    assert!(err.starts_with("timed out after 200ms") && err.contains("abandoned"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let m = s.api("GET", "/metrics", None).text();
+    assert!(m.contains("fazt_slots_abandoned_total 1"), "{m}");
+    // All 20 slots still work.
+    let ids: Vec<String> = (0..5)
+        .map(|_| id(&spawn(&s, "stuck", "workers/w.js", serde_json::json!({ "data": { "x": 1 }, "memory": "1MB" }))))
+        .collect();
+    for j in ids {
+        s.wait_status(&j, "done", 20);
+    }
+    assert_eq!(s.health()["workers"]["slots_total"], 20);
+}
+
+#[test]
+fn the_per_app_queue_is_bounded_with_a_clear_error() {
+    let s = server_with(&["q"]);
+    s.deploy_ok(
+        "q",
+        &[
+            WORKERS,
+            &[(
+                "api/flood.js",
+                r#"module.exports = () => {
+  let n = 0;
+  try { for (; n < 1100; n++) fazt.worker.spawn("workers/wait.js"); }
+  catch (e) { return { spawned: n, error: String(e) }; }
+  return { spawned: n };
+};"#,
+            )],
+        ]
+        .concat(),
+    );
+    let v = s.call("q", "/api/flood");
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("job queue of app 'q' is full (1000 jobs waiting)")), "{v}");
+    let spawned = v["spawned"].as_u64().unwrap_or(0);
+    assert!((1000..=1010).contains(&spawned), "{v}");
+    // The CLI can cancel one of them.
+    let list = s.api_json("GET", "/api/jobs?app=q&status=queued&limit=1");
+    let qid = list[0]["id"].as_str().expect("a queued job").to_string();
+    let out = s.cli(&["job", "cancel", &qid]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled"), "{out:?}");
 }
