@@ -43,7 +43,7 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
     let services = Arc::new(Services {
         store,
         pool,
-        hub: Hub::new(listeners.clone(), Default::default()),
+        hub: Hub::new(listeners.clone(), config.realtime.clone()),
         listeners,
         admin_token: admin_token.clone(),
         metrics: Default::default(),

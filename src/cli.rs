@@ -46,6 +46,12 @@ pub enum Command {
         /// Threads serving HTTP requests.
         #[arg(long, default_value_t = 16)]
         http_threads: usize,
+        /// Most WebSocket connections one app may have open.
+        #[arg(long, default_value_t = 5000)]
+        ws_max_per_app: usize,
+        /// Most WebSocket connections one client IP may have open.
+        #[arg(long, default_value_t = 1000)]
+        ws_max_per_ip: usize,
     },
     /// Deploy, list and remove apps.
     App {
@@ -188,7 +194,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.server, &cli.data_dir)?;
     let mut out = std::io::stdout().lock();
     match &cli.command {
-        Command::Server { .. } => unreachable_server(),
+        Command::Server { .. } => bail!("`fazt server` runs the server; it is not a client command"),
         Command::App { command } => match command {
             AppCommand::Deploy { dir, name } => {
                 let name = match name {
@@ -277,10 +283,6 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
         },
     }
     Ok(())
-}
-
-fn unreachable_server() {
-    // `main` handles `server` before it builds a client.
 }
 
 fn follow_logs(

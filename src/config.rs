@@ -10,6 +10,7 @@ pub struct Config {
     /// Threads serving HTTP requests (each may run a handler for up to 5 s).
     pub http_threads: usize,
     pub pool: crate::worker::Limits,
+    pub realtime: crate::realtime::HubLimits,
 }
 
 impl Default for Config {
@@ -19,6 +20,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./fazt-data"),
             http_threads: 16,
             pool: crate::worker::Limits::default(),
+            realtime: crate::realtime::HubLimits::default(),
         }
     }
 }

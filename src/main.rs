@@ -12,7 +12,9 @@ fn main() {
         Command::Server {
             listen,
             http_threads,
-        } => run_server(&cli, listen, *http_threads),
+            ws_max_per_app,
+            ws_max_per_ip,
+        } => run_server(&cli, listen, *http_threads, *ws_max_per_app, *ws_max_per_ip),
         _ => fazt::cli::run_client(&cli),
     };
     if let Err(e) = result {
@@ -21,16 +23,24 @@ fn main() {
     }
 }
 
-fn run_server(cli: &Cli, listen: &str, http_threads: usize) -> anyhow::Result<()> {
-    if http_threads == 0 {
-        anyhow::bail!("--http-threads must be at least 1");
+fn run_server(
+    cli: &Cli,
+    listen: &str,
+    http_threads: usize,
+    ws_max_per_app: usize,
+    ws_max_per_ip: usize,
+) -> anyhow::Result<()> {
+    if http_threads == 0 || ws_max_per_app == 0 || ws_max_per_ip == 0 {
+        anyhow::bail!("--http-threads, --ws-max-per-app and --ws-max-per-ip must be at least 1");
     }
-    let config = fazt::config::Config {
+    let mut config = fazt::config::Config {
         listen: listen.to_string(),
         data_dir: cli.data_dir.clone(),
         http_threads,
         ..Default::default()
     };
+    config.realtime.per_app = ws_max_per_app;
+    config.realtime.per_ip = ws_max_per_ip;
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     ctrlc::set_handler(move || {
         let _ = stop_tx.try_send(());

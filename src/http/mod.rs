@@ -7,7 +7,7 @@ mod handlers;
 mod system;
 mod util;
 
-pub use handlers::HandlerCache;
+pub use handlers::{HandlerCache, HandlerRequest};
 pub use util::{HttpError, Reply};
 
 /// A JSON error response (for code that answers a raw request itself).

@@ -40,7 +40,7 @@ impl Listeners {
 }
 
 /// What a session's writer thread is sent.
-pub(crate) enum Out {
+pub enum Out {
     /// A text frame (a JSON message), shared by every recipient of a broadcast.
     Text(Arc<str>),
     /// Bytes already framed by the session's reader (pong and close replies).
@@ -119,7 +119,7 @@ impl Hub {
     }
 
     /// Registers a session, or refuses it when the app or the IP is at its cap.
-    pub(crate) fn join(
+    pub fn join(
         &self,
         app: &str,
         ip: std::net::IpAddr,
@@ -196,7 +196,7 @@ impl Hub {
         }
     }
 
-    pub(crate) fn subscribe(&self, app: &str, session: u64, channel: &str) -> Result<(), String> {
+    pub fn subscribe(&self, app: &str, session: u64, channel: &str) -> Result<(), String> {
         let mut apps = self.lock();
         let Some(hub) = apps.get_mut(app) else {
             return Err("session is closed".into());

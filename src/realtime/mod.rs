@@ -5,7 +5,7 @@ mod hub;
 mod session;
 mod socket;
 
-pub use hub::{Hub, Listeners};
+pub use hub::{Hub, HubLimits, Listeners};
 pub use session::accept;
 
 use boa_engine::object::builtins::JsArray;

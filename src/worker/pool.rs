@@ -172,7 +172,7 @@ impl Pool {
     /// Cancels job `id`. With `app`, only a job of that app is visible. Returns the job
     /// as it is after the cancel took effect (None: no such job).
     pub fn cancel(&self, app: Option<&str>, id: &str) -> crate::store::Result<Option<JobRow>> {
-        let Some(job) = self.services_store_get(id)? else {
+        let Some(job) = self.store.get_job(id)? else {
             return Ok(None);
         };
         if app.is_some_and(|a| a != job.app) {
@@ -194,16 +194,12 @@ impl Pool {
             let _ = reply_rx.recv_timeout(self.limits.watchdog + Duration::from_secs(3));
         }
         self.store.flush()?;
-        self.services_store_get(id)
+        self.store.get_job(id)
     }
 
     /// Cancels every job of an app (used when the app is removed).
     pub fn cancel_app(&self, app: &str) {
         let _ = self.tx.send(Msg::CancelApp(app.to_string()));
-    }
-
-    fn services_store_get(&self, id: &str) -> crate::store::Result<Option<JobRow>> {
-        self.store.get_job(id)
     }
 
     /// Stops the pool: no new starts, daemons stopped (kept restorable), other running
@@ -305,6 +301,8 @@ struct Slot {
     /// Live heap bytes of the slot thread (counting allocator).
     heap: &'static std::sync::atomic::AtomicI64,
     running: Option<Running>,
+    /// Its thread was abandoned and no replacement could be started yet.
+    broken: bool,
 }
 
 struct Running {
@@ -318,9 +316,16 @@ struct Running {
     stopped_at: Option<Instant>,
     /// Callers waiting for this job to stop.
     waiters: Vec<Sender<()>>,
+    /// Listener counter of the job's idle channel, fetched once at dispatch so the
+    /// per-tick idle check is a plain atomic load.
+    idle_listeners: Option<Arc<AtomicUsize>>,
 }
 
 impl Slot {
+    fn is_free(&self) -> bool {
+        self.running.is_none() && !self.broken
+    }
+
     fn spawn(
         index: usize,
         gen: u64,
@@ -349,6 +354,7 @@ impl Slot {
             handle: Some(handle),
             heap,
             running: None,
+            broken: false,
         })
     }
 }
@@ -528,6 +534,13 @@ impl Scheduler {
             self.push_queue(job);
         }
         for i in 0..self.slots.len() {
+            if self.slots[i].broken {
+                let gen = self.slots[i].gen;
+                if let Ok(s) = Slot::spawn(i, gen, &self.tx, &self.services) {
+                    self.slots[i] = s;
+                }
+                continue;
+            }
             let Some(r) = &mut self.slots[i].running else {
                 continue;
             };
@@ -538,15 +551,14 @@ impl Scheduler {
                 }
             }
             if r.stopped_at.is_none() {
-                if let Some(reason) = r.interrupt.check() {
+                if r.interrupt.check().is_some() {
                     // The deadline passed: the JS stops itself; start the watchdog.
-                    let _ = reason;
                     r.stopped_at = Some(now);
                 }
             }
-            if let Some(ch) = &r.job.config.idle_channel {
+            if let (Some(ch), Some(counter)) = (&r.job.config.idle_channel, &r.idle_listeners) {
                 let idle_ms = r.job.config.idle_timeout_ms.unwrap_or(u64::MAX);
-                let listeners = self.listeners.count(&r.job.app, ch);
+                let listeners = counter.load(Ordering::Relaxed);
                 let seen = self.idle_seen.entry(r.job.id.clone()).or_insert(now);
                 if listeners > 0 {
                     *seen = now;
@@ -604,17 +616,14 @@ impl Scheduler {
             let _ = w.send(());
         }
         match Slot::spawn(i, gen, &self.tx, &self.services) {
-            Ok(mut s) => {
-                // The old thread keeps its own receiver; it exits after its job ends.
-                if let Some(h) = self.slots[i].handle.take() {
-                    drop(h);
-                }
-                s.gen = gen;
-                self.slots[i] = s;
-            }
+            // The old thread keeps its own receiver and exits once its job ends; its
+            // handle is dropped (detached) with the old slot.
+            Ok(s) => self.slots[i] = s,
             Err(e) => {
+                // Keep the slot out of use until a later tick manages to replace it.
                 log::error!("could not replace an abandoned worker slot: {e}");
                 self.slots[i].gen = gen;
+                self.slots[i].broken = true;
             }
         }
     }
@@ -650,7 +659,7 @@ impl Scheduler {
     }
 
     fn schedule(&mut self) {
-        let mut free = self.slots.iter().filter(|s| s.running.is_none()).count();
+        let mut free = self.slots.iter().filter(|s| s.is_free()).count();
         if free == 0 || self.queue.is_empty() {
             return;
         }
@@ -693,8 +702,8 @@ impl Scheduler {
         }
     }
 
-    fn dispatch(&mut self, mut job: Queued) {
-        let Some(i) = self.slots.iter().position(|s| s.running.is_none()) else {
+    fn dispatch(&mut self, job: Queued) {
+        let Some(i) = self.slots.iter().position(Slot::is_free) else {
             self.push_queue(job);
             return;
         };
@@ -709,10 +718,6 @@ impl Scheduler {
             .reserved_bytes
             .fetch_add(job.config.memory_bytes, Ordering::SeqCst);
         self.stats.started_total.fetch_add(1, Ordering::Relaxed);
-        if job.config.daemon {
-            // A restart counts from the first start on.
-            job.restarts = job.restarts.max(0);
-        }
         self.services
             .store
             .job_started(&job.id, job.attempt, job.restarts);
@@ -727,7 +732,14 @@ impl Scheduler {
             self.push_queue(job);
             return;
         }
+        let idle_listeners = job
+            .config
+            .idle_channel
+            .as_deref()
+            .map(|ch| self.listeners.counter(&job.app, ch));
+        let slot = &mut self.slots[i];
         slot.running = Some(Running {
+            idle_listeners,
             heap_at_start: slot.heap.load(Ordering::Relaxed),
             job,
             interrupt,
@@ -791,16 +803,11 @@ impl Scheduler {
                 // Restorable: the next start resumes it from its checkpoint.
                 self.record(&job, Status::Queued, None, None);
             }
-            other => {
-                let error = match other {
-                    Outcome::Failed(m) => m,
-                    Outcome::Interrupted(reason) => {
-                        stop_message(reason, &job.config, Some(r.interrupt.note()))
-                    }
-                    Outcome::Done(_) => unreachable_done(),
-                };
+            Outcome::Interrupted(reason) => {
+                let error = stop_message(reason, &job.config, Some(r.interrupt.note()));
                 self.failed(job, error, ran_for, shutting_down);
             }
+            Outcome::Failed(error) => self.failed(job, error, ran_for, shutting_down),
         }
         for w in r.waiters {
             let _ = w.send(());
@@ -858,10 +865,6 @@ impl Scheduler {
             .store(self.queue.len() + self.delayed.len(), Ordering::Relaxed);
         self.stats.daemons.store(daemons, Ordering::Relaxed);
     }
-}
-
-fn unreachable_done() -> String {
-    "internal error: a finished job was judged as failed".to_string()
 }
 
 /// The error text for a job stopped by the host.

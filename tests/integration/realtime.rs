@@ -205,3 +205,30 @@ fn idle_daemons_stop_and_listeners_keep_them_alive() {
     assert_eq!(stopped["restarts"], 0);
 }
 
+
+#[test]
+fn connection_caps_refuse_with_a_clear_error() {
+    let s = Server::start_with(&["--ws-max-per-app", "3", "--ws-max-per-ip", "4"]);
+    for a in ["x", "y"] {
+        s.deploy_ok(a, &[("api/rt.js", RT_API)]);
+    }
+    let _x: Vec<Ws> = (0..3).map(|_| s.ws("x")).collect();
+    let err = Ws::try_connect(s.addr, "x").err().expect("fourth connection to x is refused");
+    let text = format!("{err:?}");
+    assert!(text.contains("429"), "{text}");
+    let _y = s.ws("y");
+    let err = Ws::try_connect(s.addr, "y").err().expect("fifth connection from this IP is refused");
+    assert!(format!("{err:?}").contains("429"));
+    // A refusal is a readable HTTP error.
+    let host = format!("x.localhost:{}", s.port());
+    let r = crate::util::request(
+        s.addr,
+        "GET",
+        &host,
+        "/_ws",
+        &[("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")],
+        None,
+    );
+    assert_eq!(r.status, 429);
+    assert!(r.error().contains("too many WebSocket connections"), "{}", r.text());
+}

@@ -22,15 +22,20 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Starts a server with extra `fazt server` flags.
+    pub fn start_with(flags: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().join("data");
-        let mut s = Server::start_in(&dir);
+        let mut s = Server::start_in(&dir, flags);
         s._tmp = Some(tmp);
         s
     }
 
     /// Starts a server on `dir` (which may hold data from an earlier run).
-    pub fn start_in(dir: &Path) -> Server {
+    pub fn start_in(dir: &Path, flags: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fazt"))
             .args([
                 "--data-dir",
@@ -39,6 +44,7 @@ impl Server {
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .args(flags)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -115,7 +121,7 @@ impl Server {
     /// Starts a new process on the same data dir (after stop or kill9).
     pub fn restart(&mut self) {
         let tmp = self._tmp.take();
-        let mut next = Server::start_in(&self.dir);
+        let mut next = Server::start_in(&self.dir, &[]);
         next._tmp = tmp;
         std::mem::swap(self, &mut next);
         next._tmp = None;
