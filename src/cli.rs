@@ -194,7 +194,9 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.server, &cli.data_dir)?;
     let mut out = std::io::stdout().lock();
     match &cli.command {
-        Command::Server { .. } => bail!("`fazt server` runs the server; it is not a client command"),
+        Command::Server { .. } => {
+            bail!("`fazt server` runs the server; it is not a client command")
+        }
         Command::App { command } => match command {
             AppCommand::Deploy { dir, name } => {
                 let name = match name {

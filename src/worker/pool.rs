@@ -550,11 +550,9 @@ impl Scheduler {
                     r.stopped_at = Some(now);
                 }
             }
-            if r.stopped_at.is_none() {
-                if r.interrupt.check().is_some() {
-                    // The deadline passed: the JS stops itself; start the watchdog.
-                    r.stopped_at = Some(now);
-                }
+            if r.stopped_at.is_none() && r.interrupt.check().is_some() {
+                // The deadline passed: the JS stops itself; start the watchdog.
+                r.stopped_at = Some(now);
             }
             if let (Some(ch), Some(counter)) = (&r.job.config.idle_channel, &r.idle_listeners) {
                 let idle_ms = r.job.config.idle_timeout_ms.unwrap_or(u64::MAX);
