@@ -611,17 +611,32 @@ fn job_api_validates_input() {
 #[test]
 fn a_job_that_cannot_be_stopped_is_abandoned_and_its_slot_replaced() {
     let s = server_with(&["stuck"]);
-    let jid = id(&spawn(&s, "stuck", "workers/stuck.js", serde_json::json!({ "timeout": "200ms" })));
+    let jid = id(&spawn(
+        &s,
+        "stuck",
+        "workers/stuck.js",
+        serde_json::json!({ "timeout": "200ms" }),
+    ));
     let t = Instant::now();
     let job = s.wait_status(&jid, "failed", 30);
     let err = job["error"].as_str().unwrap_or_default();
-    assert!(err.starts_with("timed out after 200ms") && err.contains("abandoned"), "{err}");
+    assert!(
+        err.starts_with("timed out after 200ms") && err.contains("abandoned"),
+        "{err}"
+    );
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     let m = s.api("GET", "/metrics", None).text();
     assert!(m.contains("fazt_slots_abandoned_total 1"), "{m}");
     // All 20 slots still work.
     let ids: Vec<String> = (0..5)
-        .map(|_| id(&spawn(&s, "stuck", "workers/w.js", serde_json::json!({ "data": { "x": 1 }, "memory": "1MB" }))))
+        .map(|_| {
+            id(&spawn(
+                &s,
+                "stuck",
+                "workers/w.js",
+                serde_json::json!({ "data": { "x": 1 }, "memory": "1MB" }),
+            ))
+        })
         .collect();
     for j in ids {
         s.wait_status(&j, "done", 20);
@@ -649,12 +664,45 @@ fn the_per_app_queue_is_bounded_with_a_clear_error() {
         .concat(),
     );
     let v = s.call("q", "/api/flood");
-    assert!(v["error"].as_str().is_some_and(|e| e.contains("job queue of app 'q' is full (1000 jobs waiting)")), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("job queue of app 'q' is full (1000 jobs waiting)")),
+        "{v}"
+    );
     let spawned = v["spawned"].as_u64().unwrap_or(0);
     assert!((1000..=1010).contains(&spawned), "{v}");
     // The CLI can cancel one of them.
     let list = s.api_json("GET", "/api/jobs?app=q&status=queued&limit=1");
     let qid = list[0]["id"].as_str().expect("a queued job").to_string();
     let out = s.cli(&["job", "cancel", &qid]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cancelled"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn ctrl_c_gives_running_jobs_a_grace_period_and_loses_nothing() {
+    let mut s = server_with(&["g"]);
+    let busy = id(&spawn(&s, "g", "workers/wait.js", Value::Null));
+    let quick = id(&spawn(&s, "g", "workers/steps.js", Value::Null));
+    let queued: Vec<String> = (0..5)
+        .map(|_| id(&spawn(&s, "g", "workers/w.js", serde_json::json!({ "data": { "x": 3 } }))))
+        .collect();
+    s.wait_status(&busy, "running", 20);
+    let t = Instant::now();
+    assert_eq!(s.stop(), 0);
+    let took = t.elapsed();
+    assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(20), "{took:?}");
+    s.restart();
+    let job = s.job(&busy);
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["error"], "interrupted by server shutdown");
+    // A job that finishes within the grace period completes normally.
+    assert_eq!(s.job(&quick)["status"], "done");
+    // Jobs still queued at shutdown run after the restart.
+    for q in queued {
+        assert_eq!(s.wait_status(&q, "done", 20)["result"]["doubled"], 6);
+    }
 }
