@@ -15,6 +15,14 @@ pub struct Metrics {
     pub ws_connections: AtomicU64,
 }
 
+impl Services {
+    /// Bumped after every deploy and removal, so HTTP threads can keep app versions in
+    /// memory and only ask the store again when something changed.
+    pub fn apps_changed(&self) {
+        self.app_generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 pub struct Services {
     pub store: Store,
     pub pool: Pool,
@@ -26,6 +34,8 @@ pub struct Services {
     pub started: Instant,
     /// The port we listen on; the WebSocket code uses it to find its socket.
     pub listen_port: u16,
+    /// See [`Services::apps_changed`].
+    pub app_generation: AtomicU64,
 }
 
 impl Services {

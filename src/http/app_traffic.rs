@@ -86,16 +86,23 @@ fn run_handler(
         .split('/')
         .next()
         .unwrap_or("");
+    // `api/<name>.js`, else `api/main.js`; a module this thread already loaded for
+    // this version needs no store read.
     let mut file = None;
-    if !name.is_empty() && crate::apps::check_path(&format!("api/{name}.js")).is_ok() {
-        let candidate = format!("api/{name}.js");
-        if let Some(src) = services.store.app_file(app, &candidate)? {
-            file = Some((candidate, src));
+    let named = format!("api/{name}.js");
+    let candidates: Vec<&str> = if !name.is_empty() && crate::apps::check_path(&named).is_ok() {
+        vec![named.as_str(), "api/main.js"]
+    } else {
+        vec!["api/main.js"]
+    };
+    for candidate in candidates {
+        if cache.is_loaded(app, version, candidate) {
+            file = Some((candidate.to_string(), Vec::new()));
+            break;
         }
-    }
-    if file.is_none() {
-        if let Some(src) = services.store.app_file(app, "api/main.js")? {
-            file = Some(("api/main.js".to_string(), src));
+        if let Some(src) = services.store.app_file(app, candidate)? {
+            file = Some((candidate.to_string(), src));
+            break;
         }
     }
     let Some((file, source)) = file else {

@@ -26,11 +26,15 @@ struct AppContext {
     last_used: u64,
 }
 
-/// Per-thread cache of warm handler contexts.
+/// Per-thread cache of warm handler contexts and of app versions.
 #[derive(Default)]
 pub struct HandlerCache {
     apps: HashMap<String, AppContext>,
     clock: u64,
+    /// App versions as last read from the store (None: no such app), valid while
+    /// `Services::app_generation` still equals `generation`.
+    versions: HashMap<String, Option<i64>>,
+    generation: u64,
 }
 
 /// The request as handed to a handler (`request` in JS).
@@ -43,7 +47,40 @@ pub struct HandlerRequest {
 }
 
 impl HandlerCache {
-    /// Runs handler file `file` of `app` (at `version`) for `request`.
+    /// The deployed version of `app`, or None when no such app exists. Reads the store
+    /// only after a deploy or removal happened since the last read.
+    pub fn app_version(
+        &mut self,
+        services: &Services,
+        app: &str,
+    ) -> Result<Option<i64>, HttpError> {
+        let generation = services
+            .app_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if generation != self.generation {
+            self.versions.clear();
+            self.generation = generation;
+        }
+        if let Some(v) = self.versions.get(app) {
+            return Ok(*v);
+        }
+        let v = services.store.get_app(app)?.map(|i| i.version);
+        if self.versions.len() > 1024 {
+            self.versions.clear();
+        }
+        self.versions.insert(app.to_string(), v);
+        Ok(v)
+    }
+
+    /// Whether `file` of `app` at `version` is already loaded (its source is not needed).
+    pub fn is_loaded(&self, app: &str, version: i64, file: &str) -> bool {
+        self.apps
+            .get(app)
+            .is_some_and(|a| a.version == version && a.modules.contains_key(file))
+    }
+
+    /// Runs handler file `file` of `app` (at `version`) for `request`. `source` may be
+    /// empty when [`is_loaded`](Self::is_loaded) said so.
     pub fn run(
         &mut self,
         services: &Arc<Services>,

@@ -35,6 +35,7 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
             let body = util::read_body(req, crate::apps::MAX_UPLOAD_BYTES)?;
             let files = crate::apps::parse_upload(&body).map_err(HttpError::bad_request)?;
             let info = services.store.deploy_app(name, files)?;
+            services.apps_changed();
             log::info!(
                 "deployed app {name} (version {}, {} files)",
                 info.version,
@@ -49,7 +50,9 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
         (Method::Delete, ["api", "apps", name]) => {
             crate::apps::check_name(name).map_err(HttpError::bad_request)?;
             services.pool.cancel_app(name);
-            if services.store.remove_app(name)? {
+            let removed = services.store.remove_app(name)?;
+            services.apps_changed();
+            if removed {
                 log::info!("removed app {name}");
                 Ok(Reply::json(200, &serde_json::json!({ "removed": name })))
             } else {
