@@ -29,6 +29,33 @@ impl Listeners {
             .clone()
     }
 
+    /// Lowers the counter of (app, channel), dropping the entry once nobody listens and
+    /// nobody else (an idle-watching job) holds the counter, so the map stays as small
+    /// as the set of channels in use.
+    fn decrement(&self, app: &str, channel: &str) {
+        let key = (app.to_string(), channel.to_string());
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(&key) {
+            let left = c.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+            if left == 0 && Arc::strong_count(c) == 1 {
+                map.remove(&key);
+            }
+        }
+    }
+
+    fn increment(&self, app: &str, channel: &str) {
+        self.counter(app, channel).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Entries in the map (for tests of its clean-up).
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn count(&self, app: &str, channel: &str) -> usize {
         let key = (app.to_string(), channel.to_string());
         self.map
@@ -69,6 +96,8 @@ struct AppHub {
 /// out the recipients' senders, never while writing to a socket.
 pub struct Hub {
     apps: Mutex<HashMap<String, AppHub>>,
+    /// Open connections per client IP, for the per-IP cap.
+    per_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
     listeners: Arc<Listeners>,
     next_id: AtomicU64,
     pub broadcasts: AtomicU64,
@@ -105,6 +134,7 @@ impl Hub {
     pub fn new(listeners: Arc<Listeners>, limits: HubLimits) -> Hub {
         Hub {
             apps: Mutex::new(HashMap::new()),
+            per_ip: Mutex::new(HashMap::new()),
             listeners,
             next_id: AtomicU64::new(1),
             broadcasts: AtomicU64::new(0),
@@ -127,11 +157,9 @@ impl Hub {
         socket: Option<std::net::TcpStream>,
     ) -> Result<(u64, String), String> {
         let mut apps = self.lock();
-        let per_ip: usize = apps
-            .values()
-            .map(|a| a.sessions.values().filter(|s| s.ip == ip).count())
-            .sum();
-        if per_ip >= self.limits.per_ip {
+        // Lock order: `apps`, then `per_ip`.
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if per_ip.get(&ip).copied().unwrap_or(0) >= self.limits.per_ip {
             return Err(format!(
                 "too many WebSocket connections from {ip} (limit {})",
                 self.limits.per_ip
@@ -144,6 +172,7 @@ impl Hub {
                 self.limits.per_app
             ));
         }
+        *per_ip.entry(ip).or_insert(0) += 1;
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("c{n}");
         hub.sessions.insert(
@@ -176,6 +205,14 @@ impl Hub {
             return;
         };
         if let Some(s) = hub.sessions.remove(&session) {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = per_ip.get_mut(&s.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_ip.remove(&s.ip);
+                }
+            }
+            drop(per_ip);
             if let Some(sock) = &s.socket {
                 let _ = sock.shutdown(std::net::Shutdown::Both);
             }
@@ -186,9 +223,7 @@ impl Hub {
                         hub.channels.remove(&ch);
                     }
                 }
-                self.listeners
-                    .counter(app, &ch)
-                    .fetch_sub(1, Ordering::Relaxed);
+                self.listeners.decrement(app, &ch);
             }
         }
         if hub.sessions.is_empty() {
@@ -218,9 +253,7 @@ impl Hub {
             .entry(channel.to_string())
             .or_default()
             .insert(session);
-        self.listeners
-            .counter(app, channel)
-            .fetch_add(1, Ordering::Relaxed);
+        self.listeners.increment(app, channel);
         Ok(())
     }
 
@@ -240,9 +273,7 @@ impl Hub {
                     hub.channels.remove(channel);
                 }
             }
-            self.listeners
-                .counter(app, channel)
-                .fetch_sub(1, Ordering::Relaxed);
+            self.listeners.decrement(app, channel);
         }
     }
 
@@ -368,6 +399,28 @@ mod tests {
         hub.subscribe("a", s, "c").expect("subscribe");
         hub.leave("a", s);
         assert_eq!(l.count("a", "c"), 0);
+        assert!(l.is_empty(), "unused channels leave the map");
+    }
+
+    #[test]
+    fn counters_held_by_a_watcher_survive_an_empty_channel() {
+        let l = Arc::new(Listeners::default());
+        let hub = Hub::new(l.clone(), HubLimits::default());
+        let watched = l.counter("a", "c");
+        let (tx, _rx) = crossbeam_channel::bounded(8);
+        let (s, _) = hub.join("a", ip(), tx, None).expect("join");
+        hub.subscribe("a", s, "c").expect("subscribe");
+        assert_eq!(watched.load(Ordering::Relaxed), 1);
+        hub.leave("a", s);
+        assert_eq!(watched.load(Ordering::Relaxed), 0);
+        let (tx, _rx2) = crossbeam_channel::bounded(8);
+        let (s, _) = hub.join("a", ip(), tx, None).expect("join");
+        hub.subscribe("a", s, "c").expect("subscribe");
+        assert_eq!(
+            watched.load(Ordering::Relaxed),
+            1,
+            "the watcher sees the new listener"
+        );
     }
 
     #[test]

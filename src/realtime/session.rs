@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tiny_http::{Header, Request, Response};
@@ -225,19 +225,23 @@ fn handle_client_message(
 fn write_loop(sock: TcpStream, rx: &Receiver<Out>, last_seen: &AtomicI64) {
     let shutdown = sock.try_clone();
     let mut ws = WebSocket::from_raw_socket(sock, Role::Server, None);
+    // Pings go out on a fixed schedule, busy or not: a peer that stopped reading on a
+    // chatty channel must still be found dead.
+    let mut next_ping = Instant::now() + PING_EVERY;
     'outer: loop {
-        let first = match rx.recv_timeout(PING_EVERY) {
-            Ok(m) => m,
-            Err(RecvTimeoutError::Timeout) => {
-                if crate::store::now_ms() - last_seen.load(Ordering::Relaxed) > DEAD_AFTER_MS {
-                    log::info!("dropping a WebSocket peer that stopped answering pings");
-                    break;
-                }
-                if ws.send(Message::Ping(Default::default())).is_err() {
-                    break;
-                }
-                continue;
+        if Instant::now() >= next_ping {
+            if crate::store::now_ms() - last_seen.load(Ordering::Relaxed) > DEAD_AFTER_MS {
+                log::info!("dropping a WebSocket peer that stopped answering pings");
+                break;
             }
+            if ws.send(Message::Ping(Default::default())).is_err() {
+                break;
+            }
+            next_ping = Instant::now() + PING_EVERY;
+        }
+        let first = match rx.recv_deadline(next_ping) {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => break,
         };
         // Write everything already waiting, then flush once.

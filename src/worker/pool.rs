@@ -49,6 +49,8 @@ impl Default for Limits {
 /// Cooperative part of a cancel: `job.cancelled` turns true and `job.sleep` returns at
 /// once; after this grace the JS is stopped for real.
 const CANCEL_GRACE: Duration = Duration::from_millis(40);
+/// An idle stop is not urgent: the job gets this long to return by itself.
+const IDLE_GRACE: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(10);
 /// Daemons: backoff 1 s, 2 s, 4 s … capped here, reset after `HEALTHY` of running.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -561,15 +563,18 @@ impl Scheduler {
                 if listeners > 0 {
                     *seen = now;
                 } else if now.duration_since(*seen) >= Duration::from_millis(idle_ms)
+                    && r.stop_at.is_none()
                     && r.stopped_at.is_none()
                 {
                     log::info!(
-                        "job {} stopped: channel '{ch}' had no listener for {}",
+                        "job {} stopping: channel '{ch}' had no listener for {}",
                         r.job.id,
                         super::options::format_ms(idle_ms)
                     );
-                    r.interrupt.stop(Reason::Idle);
-                    r.stopped_at = Some(now);
+                    // Like a cancel, but with time to wind down: `job.cancelled` turns
+                    // true and sleeps end; the hard stop follows after the grace.
+                    r.interrupt.request_cancel();
+                    r.stop_at = Some((now + IDLE_GRACE, Reason::Idle));
                 }
             }
             if let Some(at) = r.stopped_at {
@@ -778,7 +783,14 @@ impl Scheduler {
         match outcome {
             Outcome::Done(result) => {
                 self.streaks.remove(&job.id);
-                if r.interrupt.cancel_requested() {
+                if matches!(r.stop_at, Some((_, Reason::Idle))) {
+                    self.record(
+                        &job,
+                        Status::Stopped,
+                        result,
+                        Some(idle_message(&job.config)),
+                    );
+                } else if r.interrupt.cancel_requested() {
                     self.record(&job, Status::Cancelled, result, Some("cancelled".into()));
                 } else {
                     self.record(&job, Status::Done, result, None);
@@ -790,12 +802,7 @@ impl Scheduler {
             }
             Outcome::Interrupted(Reason::Idle) => {
                 self.streaks.remove(&job.id);
-                let msg = format!(
-                    "stopped: channel '{}' had no listener for {}",
-                    job.config.idle_channel.as_deref().unwrap_or(""),
-                    super::options::format_ms(job.config.idle_timeout_ms.unwrap_or(0))
-                );
-                self.record(&job, Status::Stopped, None, Some(msg));
+                self.record(&job, Status::Stopped, None, Some(idle_message(&job.config)));
             }
             Outcome::Interrupted(Reason::Shutdown) if job.config.daemon => {
                 // Restorable: the next start resumes it from its checkpoint.
@@ -863,6 +870,14 @@ impl Scheduler {
             .store(self.queue.len() + self.delayed.len(), Ordering::Relaxed);
         self.stats.daemons.store(daemons, Ordering::Relaxed);
     }
+}
+
+fn idle_message(config: &JobConfig) -> String {
+    format!(
+        "stopped: channel '{}' had no listener for {}",
+        config.idle_channel.as_deref().unwrap_or(""),
+        super::options::format_ms(config.idle_timeout_ms.unwrap_or(0))
+    )
 }
 
 /// The error text for a job stopped by the host.

@@ -3,6 +3,7 @@
 
 mod util;
 
+mod browser;
 mod platform;
 mod realtime;
 mod workers;

@@ -397,6 +397,10 @@ fn builtins_replaced_for_interruptibility_behave_like_the_originals() {
     // Runaway recursion is stopped by an error user code cannot swallow.
     let r = s.app("b", "GET", "/api/runaway", None);
     assert_eq!(r.status, 500);
-    assert!(r.error().contains("maximum number of recursive calls"), "{}", r.text());
+    assert!(
+        r.error().contains("maximum number of recursive calls"),
+        "{}",
+        r.text()
+    );
     assert_eq!(s.call("b", "/api/check")["deep"], 3000);
 }

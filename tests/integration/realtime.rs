@@ -24,10 +24,11 @@ module.exports = function (req) {
 const TICKER: &str = r#"
 module.exports = function (job) {
   let i = 0;
-  while (true) {
+  while (!job.cancelled) {
     fazt.realtime.broadcast("ticks", { i: i++ });
     job.sleep(50);
   }
+  return { wound_down: true, ticks: i };
 };
 "#;
 
@@ -59,7 +60,9 @@ fn subscribers_receive_broadcasts_from_handlers() {
     assert_eq!(m["type"], "message");
     assert_eq!(m["channel"], "news");
     assert_eq!(m["data"], json!({"n": 7, "from": "live"}));
-    assert!(m["timestamp"].as_i64().is_some_and(|t| t > 1_600_000_000_000));
+    assert!(m["timestamp"]
+        .as_i64()
+        .is_some_and(|t| t > 1_600_000_000_000));
     ws.send(json!({"type": "ping"}));
     assert_eq!(ws.recv()["type"], "pong");
     let all = s.call("live", "/api/rt?op=all");
@@ -94,15 +97,25 @@ fn unsubscribe_count_and_subscribers() {
     two.subscribe("room");
     assert_eq!(s.call("c", "/api/rt?op=count&ch=room")["count"], 2);
     assert_eq!(s.call("c", "/api/rt?op=count")["count"], 2);
-    assert_eq!(s.call("c", "/api/rt?op=subs&ch=room")["subs"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        s.call("c", "/api/rt?op=subs&ch=room")["subs"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
     two.send(json!({"type": "unsubscribe", "channel": "room"}));
-    assert_eq!(two.recv(), json!({"type": "unsubscribed", "channel": "room"}));
+    assert_eq!(
+        two.recv(),
+        json!({"type": "unsubscribed", "channel": "room"})
+    );
     assert_eq!(s.call("c", "/api/rt?op=count&ch=room")["count"], 1);
     assert_eq!(s.call("c", "/api/rt?op=broadcast&ch=room")["sent"], 1);
     assert_eq!(message_on(&mut one, "room")["data"]["n"], 0);
     assert_eq!(two.recv_within(300), None);
     drop(one);
-    assert!(wait_until(10, || s.call("c", "/api/rt?op=count&ch=room")["count"] == 0));
+    assert!(wait_until(10, || s.call("c", "/api/rt?op=count&ch=room")
+        ["count"]
+        == 0));
 }
 
 #[test]
@@ -112,16 +125,24 @@ fn malformed_frames_get_an_error_and_the_session_lives_on() {
     for (frame, needle) in [
         ("not json", "malformed JSON"),
         (r#"{"type":"subscribe"}"#, "needs a string 'channel'"),
-        (r#"{"type":"subscribe","channel":"bad name"}"#, "invalid channel name"),
+        (
+            r#"{"type":"subscribe","channel":"bad name"}"#,
+            "invalid channel name",
+        ),
         (r#"{"type":"dance"}"#, "unknown message type 'dance'"),
     ] {
         ws.ws.send(tungstenite::Message::text(frame)).expect("send");
         let m = ws.recv();
         assert_eq!(m["type"], "error", "{frame}");
-        assert!(m["error"].as_str().is_some_and(|e| e.contains(needle)), "{frame}: {m}");
+        assert!(
+            m["error"].as_str().is_some_and(|e| e.contains(needle)),
+            "{frame}: {m}"
+        );
     }
     ws.subscribe("ok");
-    assert!(s.call("m", "/api/rt?op=bad")["error"].as_str().is_some_and(|e| e.contains("invalid channel name")));
+    assert!(s.call("m", "/api/rt?op=bad")["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("invalid channel name")));
     // Plain HTTP to /_ws is refused clearly.
     let r = s.app("m", "GET", "/_ws", None);
     assert_eq!(r.status, 400);
@@ -137,7 +158,10 @@ fn two_hundred_clients_all_receive_a_broadcast() {
     }
     assert_eq!(s.call("fan", "/api/rt?op=count&ch=all")["count"], 200);
     let t = Instant::now();
-    assert_eq!(s.call("fan", "/api/rt?op=broadcast&ch=all&n=42")["sent"], 200);
+    assert_eq!(
+        s.call("fan", "/api/rt?op=broadcast&ch=all&n=42")["sent"],
+        200
+    );
     for c in &mut clients {
         assert_eq!(message_on(c, "all")["data"]["n"], 42);
     }
@@ -160,18 +184,31 @@ fn a_client_that_stops_reading_does_not_stall_the_others() {
         if n % 250 == 0 {
             let mut got = 0;
             while got < n {
-                got = message_on(&mut healthy, "firehose")["data"]["n"].as_i64().unwrap_or(0);
+                got = message_on(&mut healthy, "firehose")["data"]["n"]
+                    .as_i64()
+                    .unwrap_or(0);
             }
         }
     }
-    println!("3000 broadcasts with one stalled client took {:?}", t.elapsed());
+    println!(
+        "3000 broadcasts with one stalled client took {:?}",
+        t.elapsed()
+    );
     assert!(
-        wait_until(20, || s.call("slow", "/api/rt?op=count&ch=firehose")["count"] == 1),
+        wait_until(20, || s.call("slow", "/api/rt?op=count&ch=firehose")
+            ["count"]
+            == 1),
         "the stalled client was disconnected"
     );
     let metrics = s.api("GET", "/metrics", None).text();
-    assert!(metrics.contains("fazt_ws_slow_disconnects_total 1"), "{metrics}");
-    assert_eq!(s.call("slow", "/api/rt?op=broadcast&ch=firehose&n=1")["sent"], 1);
+    assert!(
+        metrics.contains("fazt_ws_slow_disconnects_total 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        s.call("slow", "/api/rt?op=broadcast&ch=firehose&n=1")["sent"],
+        1
+    );
 }
 
 #[test]
@@ -182,8 +219,19 @@ fn idle_daemons_stop_and_listeners_keep_them_alive() {
     let jid = job["id"].as_str().expect("id").to_string();
     let t = Instant::now();
     let stopped = s.wait_status(&jid, "stopped", 20);
-    assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
-    assert!(stopped["error"].as_str().is_some_and(|e| e.contains("no listener for 1s")), "{stopped}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        stopped["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no listener for 1s")),
+        "{stopped}"
+    );
+    // It saw job.cancelled and returned by itself.
+    assert_eq!(stopped["result"]["wound_down"], true, "{stopped}");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(s.job(&jid)["status"], "stopped", "not restarted");
     assert_eq!(s.job(&jid)["restarts"], 0);
@@ -205,7 +253,6 @@ fn idle_daemons_stop_and_listeners_keep_them_alive() {
     assert_eq!(stopped["restarts"], 0);
 }
 
-
 #[test]
 fn connection_caps_refuse_with_a_clear_error() {
     let s = Server::start_with(&["--ws-max-per-app", "3", "--ws-max-per-ip", "4"]);
@@ -213,11 +260,15 @@ fn connection_caps_refuse_with_a_clear_error() {
         s.deploy_ok(a, &[("api/rt.js", RT_API)]);
     }
     let _x: Vec<Ws> = (0..3).map(|_| s.ws("x")).collect();
-    let err = Ws::try_connect(s.addr, "x").err().expect("fourth connection to x is refused");
+    let err = Ws::try_connect(s.addr, "x")
+        .err()
+        .expect("fourth connection to x is refused");
     let text = format!("{err:?}");
     assert!(text.contains("429"), "{text}");
     let _y = s.ws("y");
-    let err = Ws::try_connect(s.addr, "y").err().expect("fifth connection from this IP is refused");
+    let err = Ws::try_connect(s.addr, "y")
+        .err()
+        .expect("fifth connection from this IP is refused");
     assert!(format!("{err:?}").contains("429"));
     // A refusal is a readable HTTP error.
     let host = format!("x.localhost:{}", s.port());
@@ -226,9 +277,18 @@ fn connection_caps_refuse_with_a_clear_error() {
         "GET",
         &host,
         "/_ws",
-        &[("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")],
+        &[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ],
         None,
     );
     assert_eq!(r.status, 429);
-    assert!(r.error().contains("too many WebSocket connections"), "{}", r.text());
+    assert!(
+        r.error().contains("too many WebSocket connections"),
+        "{}",
+        r.text()
+    );
 }

@@ -352,7 +352,9 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
             break;
         }
         let start = pos + 2;
-        let Some(chunk) = b.get(start..start + size) else { break };
+        let Some(chunk) = b.get(start..start + size) else {
+            break;
+        };
         out.extend_from_slice(chunk);
         b = b.get(start + size + 2..).unwrap_or_default();
     }

@@ -688,13 +688,23 @@ fn ctrl_c_gives_running_jobs_a_grace_period_and_loses_nothing() {
     let busy = id(&spawn(&s, "g", "workers/wait.js", Value::Null));
     let quick = id(&spawn(&s, "g", "workers/steps.js", Value::Null));
     let queued: Vec<String> = (0..5)
-        .map(|_| id(&spawn(&s, "g", "workers/w.js", serde_json::json!({ "data": { "x": 3 } }))))
+        .map(|_| {
+            id(&spawn(
+                &s,
+                "g",
+                "workers/w.js",
+                serde_json::json!({ "data": { "x": 3 } }),
+            ))
+        })
         .collect();
     s.wait_status(&busy, "running", 20);
     let t = Instant::now();
     assert_eq!(s.stop(), 0);
     let took = t.elapsed();
-    assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(20), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
     s.restart();
     let job = s.job(&busy);
     assert_eq!(job["status"], "failed");
