@@ -34,23 +34,6 @@ pub(super) fn natives(ctx: &mut Context) -> JsObject {
     let app = JsString::from(&*host.app);
     let mut init = ObjectInitializer::new(ctx);
     init.property(js_string!("appName"), app, Attribute::READONLY);
-    if let Some(job) = &host.job {
-        init.property(
-            js_string!("jobId"),
-            JsString::from(job.id.as_str()),
-            Attribute::READONLY,
-        );
-        init.property(
-            js_string!("jobAttempt"),
-            job.attempt as f64,
-            Attribute::READONLY,
-        );
-        let data = match &job.data {
-            Some(d) => JsValue::from(JsString::from(d.as_str())),
-            None => JsValue::null(),
-        };
-        init.property(js_string!("jobData"), data, Attribute::READONLY);
-    }
     for (name, f, len) in fns {
         init.function(NativeFunction::from_fn_ptr(f), JsString::from(name), len);
     }

@@ -148,21 +148,26 @@
   });
 
   if (isJob) {
-    const job = {};
-    Object.defineProperty(job, "id", { value: host.jobId, enumerable: true });
-    Object.defineProperty(job, "attempt", { value: host.jobAttempt, enumerable: true });
-    Object.defineProperty(job, "data", { value: parse(host.jobData), enumerable: true, writable: true });
-    Object.defineProperty(job, "cancelled", { get: () => host.jobCancelled(), enumerable: true });
-    define(job, "progress", (n) => host.jobProgress(n));
-    define(job, "log", function () { host.log("job", fmt(Array.prototype.slice.call(arguments))); });
-    define(job, "checkpoint", (value) => {
-      const s = JSON.stringify(value);
-      if (s === undefined) throw new TypeError("job.checkpoint: value must be JSON-serialisable");
-      host.jobCheckpoint(s);
-    });
-    define(job, "getCheckpoint", () => parse(host.jobGetCheckpoint()));
-    define(job, "sleep", (ms) => host.jobSleep(ms));
-    globalThis.__job = Object.freeze(job);
+    // A worker context is reused for the next job of the same app, so the `job`
+    // object is made per run; the natives answer for the job running now.
+    globalThis.__fazt_make_job = function () {
+      const info = host.jobInfo();
+      const job = {};
+      Object.defineProperty(job, "id", { value: info[0], enumerable: true });
+      Object.defineProperty(job, "attempt", { value: info[1], enumerable: true });
+      Object.defineProperty(job, "data", { value: parse(info[2]), enumerable: true, writable: true });
+      Object.defineProperty(job, "cancelled", { get: () => host.jobCancelled(), enumerable: true });
+      define(job, "progress", (n) => host.jobProgress(n));
+      define(job, "log", function () { host.log("job", fmt(Array.prototype.slice.call(arguments))); });
+      define(job, "checkpoint", (value) => {
+        const s = JSON.stringify(value);
+        if (s === undefined) throw new TypeError("job.checkpoint: value must be JSON-serialisable");
+        host.jobCheckpoint(s);
+      });
+      define(job, "getCheckpoint", () => parse(host.jobGetCheckpoint()));
+      define(job, "sleep", (ms) => host.jobSleep(ms));
+      return Object.freeze(job);
+    };
   }
   delete globalThis.__host;
   delete globalThis.__isJob;

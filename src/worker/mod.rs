@@ -207,6 +207,7 @@ pub(crate) fn job_natives() -> Vec<(&'static str, Native, usize)> {
         ("jobGetCheckpoint", job_get_checkpoint, 0),
         ("jobCancelled", job_cancelled, 0),
         ("jobSleep", job_sleep, 1),
+        ("jobInfo", job_info, 0),
     ]
 }
 
@@ -309,6 +310,21 @@ fn job_host(ctx: &Context) -> JsResult<(crate::js::Host, Arc<crate::js::JobHost>
         .clone()
         .ok_or_else(|| plain_error("job API used outside a worker"))?;
     Ok((h, job))
+}
+
+/// `[id, attempt, data JSON text or null]` of the job running in this context now.
+fn job_info(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let (_, job) = job_host(ctx)?;
+    let data = match &job.data {
+        Some(d) => JsValue::from(JsString::from(d.as_str())),
+        None => JsValue::null(),
+    };
+    let values = [
+        JsValue::from(JsString::from(job.id.as_str())),
+        JsValue::from(job.attempt as f64),
+        data,
+    ];
+    Ok(boa_engine::object::builtins::JsArray::from_iter(values, ctx).into())
 }
 
 fn job_progress(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {

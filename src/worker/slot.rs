@@ -1,8 +1,12 @@
-//! A slot thread: receives one job at a time from the scheduler, runs it in a fresh boa
-//! context (contexts are never shared between jobs, so nothing leaks between them),
-//! and reports the outcome. Everything runs under `catch_unwind`.
+//! A slot thread: receives one job at a time from the scheduler, runs it in a boa
+//! context kept warm for the app's next job (never shared between apps, thrown away
+//! after an interrupted run), and reports the outcome. Everything runs under
+//! `catch_unwind`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use boa_engine::{Context, JsValue};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -30,6 +34,19 @@ pub(crate) enum Outcome {
     Interrupted(Reason),
 }
 
+/// The context of the last app this slot ran, kept for that app's next job: a fresh
+/// context costs milliseconds (the API prelude), a warm one a function call. Only one
+/// app's context is kept, so idle slots hold little memory; jobs of the same app may
+/// see each other's globals, never another app's.
+struct Warm {
+    app: String,
+    ctx: Context,
+    /// Source each loaded module was built from; a redeploy that changes any of them
+    /// gives the app a fresh context.
+    sources: HashMap<String, Vec<u8>>,
+    modules: HashMap<String, JsValue>,
+}
+
 pub(crate) fn run(
     index: usize,
     gen: u64,
@@ -37,11 +54,13 @@ pub(crate) fn run(
     events: &Sender<Msg>,
     services: &Arc<Services>,
 ) {
+    let mut warm: Option<Warm> = None;
     while let Ok(SlotMsg::Run(run)) = rx.recv() {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_job(&run.job, &run.interrupt, services)
+            run_job(&run.job, &run.interrupt, services, &mut warm)
         }))
         .unwrap_or_else(|p| {
+            warm = None;
             let msg = p
                 .downcast_ref::<String>()
                 .cloned()
@@ -63,7 +82,12 @@ pub(crate) fn run(
     }
 }
 
-fn run_job(job: &Queued, interrupt: &Interrupt, services: &Arc<Services>) -> Outcome {
+fn run_job(
+    job: &Queued,
+    interrupt: &Interrupt,
+    services: &Arc<Services>,
+    warm: &mut Option<Warm>,
+) -> Outcome {
     let source = match services.store.app_file(&job.app, &job.path) {
         Ok(Some(s)) => s,
         Ok(None) => {
@@ -74,7 +98,7 @@ fn run_job(job: &Queued, interrupt: &Interrupt, services: &Arc<Services>) -> Out
         }
         Err(e) => return Outcome::Failed(format!("loading {}: {e}", job.path)),
     };
-    let Ok(source) = String::from_utf8(source) else {
+    let Ok(text) = std::str::from_utf8(&source) else {
         return Outcome::Failed(format!("{} is not valid UTF-8", job.path));
     };
     let host = Host {
@@ -88,17 +112,48 @@ fn run_job(job: &Queued, interrupt: &Interrupt, services: &Arc<Services>) -> Out
         })),
         sink: LogSink::Job,
     };
+    let reusable = warm
+        .as_ref()
+        .is_some_and(|w| w.app == job.app && w.sources.get(&job.path).is_none_or(|s| *s == source));
+    if !reusable {
+        *warm = None;
+    }
     let result = (|| -> Result<Option<String>, RunError> {
-        let mut ctx = js::new_context(host)?;
-        let exports = js::load_module(&mut ctx, &job.path, &source, interrupt)?;
-        let job_obj = ctx
+        let w = match warm {
+            Some(w) => {
+                w.ctx.insert_data(host);
+                w
+            }
+            None => warm.insert(Warm {
+                app: job.app.clone(),
+                ctx: js::new_context(host)?,
+                sources: HashMap::new(),
+                modules: HashMap::new(),
+            }),
+        };
+        let exports = match w.modules.get(&job.path) {
+            Some(e) => e.clone(),
+            None => {
+                let e = js::load_module(&mut w.ctx, &job.path, text, interrupt)?;
+                w.modules.insert(job.path.clone(), e.clone());
+                w.sources.insert(job.path.clone(), source.clone());
+                e
+            }
+        };
+        let make_job = w
+            .ctx
             .global_object()
-            .get(boa_engine::js_string!("__job"), &mut ctx)
+            .get(boa_engine::js_string!("__fazt_make_job"), &mut w.ctx)
             .map_err(|e| RunError::Thrown(e.to_string()))?;
-        let out = js::call(&mut ctx, &exports, &[job_obj], interrupt)?;
-        let json = js::to_json(&out, &mut ctx)?;
+        let job_obj = js::call(&mut w.ctx, &make_job, &[], interrupt)?;
+        let out = js::call(&mut w.ctx, &exports, &[job_obj], interrupt)?;
+        let json = js::to_json(&out, &mut w.ctx)?;
         Ok(json.map(|j| j.to_string()))
     })();
+    if matches!(result, Err(RunError::Interrupted(_))) {
+        // The interrupted run left frames behind: never reuse this context.
+        *warm = None;
+    }
     match result {
         Ok(Some(r)) if r.len() > super::MAX_JSON_BYTES => Outcome::Failed(format!(
             "the result is {} bytes of JSON; the limit is {}",

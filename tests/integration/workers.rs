@@ -716,3 +716,75 @@ fn ctrl_c_gives_running_jobs_a_grace_period_and_loses_nothing() {
         assert_eq!(s.wait_status(&q, "done", 20)["result"]["doubled"], 6);
     }
 }
+
+#[test]
+fn warm_worker_contexts_pick_up_redeploys_and_never_cross_apps() {
+    let s = Server::start();
+    let setter = "module.exports = () => { globalThis.secret = 'A'; return 'v1'; };";
+    s.deploy_ok("ga", &[("api/spawn.js", SPAWN), ("workers/g.js", setter)]);
+    s.deploy_ok(
+        "gb",
+        &[
+            ("api/spawn.js", SPAWN),
+            (
+                "workers/g.js",
+                "module.exports = () => typeof globalThis.secret;",
+            ),
+        ],
+    );
+    // Enough jobs that every slot has run app ga at least once.
+    let ids: Vec<String> = (0..40)
+        .map(|_| {
+            id(&spawn(
+                &s,
+                "ga",
+                "workers/g.js",
+                serde_json::json!({ "memory": "1MB" }),
+            ))
+        })
+        .collect();
+    for j in &ids {
+        assert_eq!(s.wait_status(j, "done", 30)["result"], "v1");
+    }
+    let ids: Vec<String> = (0..40)
+        .map(|_| {
+            id(&spawn(
+                &s,
+                "gb",
+                "workers/g.js",
+                serde_json::json!({ "memory": "1MB" }),
+            ))
+        })
+        .collect();
+    for j in &ids {
+        assert_eq!(
+            s.wait_status(j, "done", 30)["result"],
+            "undefined",
+            "no globals leak between apps"
+        );
+    }
+    s.deploy_ok(
+        "ga",
+        &[
+            ("api/spawn.js", SPAWN),
+            ("workers/g.js", "module.exports = () => 'v2';"),
+        ],
+    );
+    let ids: Vec<String> = (0..40)
+        .map(|_| {
+            id(&spawn(
+                &s,
+                "ga",
+                "workers/g.js",
+                serde_json::json!({ "memory": "1MB" }),
+            ))
+        })
+        .collect();
+    for j in &ids {
+        assert_eq!(
+            s.wait_status(j, "done", 30)["result"],
+            "v2",
+            "the new code runs"
+        );
+    }
+}
