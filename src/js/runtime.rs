@@ -155,14 +155,26 @@ pub fn call(
     global
         .set(js_string!("__fazt_args"), arr, false, ctx)
         .map_err(|e| thrown(e, ctx))?;
-    let script = Script::parse(Source::from_bytes("__fazt_fn(...__fazt_args)"), None, ctx)
-        .map_err(|e| RunError::Thrown(e.to_string()))?;
+    let script = match ctx.get_data::<CallScript>() {
+        Some(cached) => cached.0.clone(),
+        None => {
+            let s = Script::parse(Source::from_bytes("__fazt_fn(...__fazt_args)"), None, ctx)
+                .map_err(|e| RunError::Thrown(e.to_string()))?;
+            ctx.insert_data(CallScript(s.clone()));
+            s
+        }
+    };
     let value = run_script(ctx, &script, interrupt);
     let _ = global.delete_property_or_throw(js_string!("__fazt_fn"), ctx);
     let _ = global.delete_property_or_throw(js_string!("__fazt_args"), ctx);
     let value = value?;
     settle(ctx, value, interrupt)
 }
+
+/// The trampoline `call` evaluates, parsed once per context: parsing is most of the
+/// cost of a warm call. Held in the context's host data, it stays rooted while the
+/// context lives.
+struct CallScript(Script);
 
 fn settle(ctx: &mut Context, value: JsValue, interrupt: &Interrupt) -> Result<JsValue, RunError> {
     let Some(obj) = value.as_object() else {

@@ -102,7 +102,8 @@ fn get_job(c: &Connection, id: &str) -> Result<Option<JobRow>> {
 
 impl Store {
     /// Inserts a queued job, unless a live job of the app has the same uniqueKey (then
-    /// that one is returned) or the app's queue is full (then an `Invalid` error).
+    /// that one is returned) or the app's queue is full (then an `Invalid` error). With
+    /// `queue_limit` None the count is skipped: the caller knows the queue is far from it.
     pub fn insert_job(
         &self,
         id: String,
@@ -110,7 +111,7 @@ impl Store {
         path: &str,
         config: &JobConfig,
         data: Option<String>,
-        queue_limit: i64,
+        queue_limit: Option<i64>,
     ) -> Result<Inserted> {
         let app = app.to_string();
         let path = path.to_string();
@@ -131,17 +132,19 @@ impl Store {
                     return Ok(Inserted::Existing(row));
                 }
             }
-            let queued: i64 = c
-                .prepare_cached(
-                    "SELECT COUNT(*) FROM worker_jobs WHERE app = ?1 AND status = 'queued'",
-                )
-                .ctx("counting the queue")?
-                .query_row([&app], |r| r.get(0))
-                .ctx("counting the queue")?;
-            if queued >= queue_limit {
-                return Err(Error::Invalid(format!(
-                    "the job queue of app '{app}' is full ({queue_limit} jobs waiting): try again later"
-                )));
+            if let Some(limit) = queue_limit {
+                let queued: i64 = c
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM worker_jobs WHERE app = ?1 AND status = 'queued'",
+                    )
+                    .ctx("counting the queue")?
+                    .query_row([&app], |r| r.get(0))
+                    .ctx("counting the queue")?;
+                if queued >= limit {
+                    return Err(Error::Invalid(format!(
+                        "the job queue of app '{app}' is full ({limit} jobs waiting): try again later"
+                    )));
+                }
             }
             let cfg = serde_json::to_string(&config)
                 .map_err(|e| Error::Invalid(format!("encoding job config: {e}")))?;
