@@ -4,7 +4,7 @@
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
-use super::{now_ms, Error, Result, SqlContext, Store};
+use super::{now_ms, query_all, Error, Result, SqlContext, Store};
 
 /// One file of an app, as uploaded.
 #[derive(Debug, Clone)]
@@ -59,15 +59,8 @@ impl Store {
 
     pub fn list_apps(&self) -> Result<Vec<AppInfo>> {
         self.read(|c| {
-            let mut stmt = c
-                .prepare_cached(&format!("{APP_COLUMNS} ORDER BY name"))
-                .ctx("listing apps")?;
-            let rows = stmt
-                .query_map([], app_from_row)
-                .ctx("listing apps")?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .ctx("reading apps")?;
-            Ok(rows)
+            let sql = format!("{APP_COLUMNS} ORDER BY name");
+            query_all(c, &sql, [], "listing apps", app_from_row)
         })
     }
 

@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use super::{now_ms, Error, Result, SqlContext, Store};
+use super::{now_ms, query_all, Error, Result, SqlContext, Store};
 use crate::worker::{JobConfig, ListFilter, Status};
 
 /// A job as stored.
@@ -180,12 +180,13 @@ impl Store {
                 " ORDER BY created_at DESC, id DESC LIMIT {}",
                 f.limit
             ));
-            let mut stmt = c.prepare_cached(&sql).ctx("listing jobs")?;
-            let rows = stmt
-                .query_map(rusqlite::params_from_iter(args.iter()), job_from_row)
-                .ctx("listing jobs")?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .ctx("listing jobs")?;
+            let rows = query_all(
+                c,
+                &sql,
+                rusqlite::params_from_iter(args.iter()),
+                "listing jobs",
+                job_from_row,
+            )?;
             Ok(rows.iter().map(JobRow::to_json).collect())
         })
     }
@@ -193,17 +194,8 @@ impl Store {
     /// Queued jobs in creation order (the scheduler loads these at start).
     pub fn queued_jobs(&self) -> Result<Vec<JobRow>> {
         self.read(|c| {
-            let mut stmt = c
-                .prepare_cached(&format!(
-                    "{JOB_COLUMNS} WHERE status = 'queued' ORDER BY created_at, id"
-                ))
-                .ctx("loading queued jobs")?;
-            let rows = stmt
-                .query_map([], job_from_row)
-                .ctx("loading queued jobs")?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .ctx("loading queued jobs")?;
-            Ok(rows)
+            let sql = format!("{JOB_COLUMNS} WHERE status = 'queued' ORDER BY created_at, id");
+            query_all(c, &sql, [], "loading queued jobs", job_from_row)
         })
     }
 
@@ -212,17 +204,8 @@ impl Store {
     /// else failed with "interrupted by server restart". Returns how many were touched.
     pub fn recover_interrupted(&self) -> Result<usize> {
         self.write(true, |c| {
-            let rows = {
-                let mut stmt = c
-                    .prepare_cached(&format!("{JOB_COLUMNS} WHERE status = 'running'"))
-                    .ctx("finding interrupted jobs")?;
-                let rows = stmt
-                    .query_map([], job_from_row)
-                    .ctx("finding interrupted jobs")?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-                    .ctx("finding interrupted jobs")?;
-                rows
-            };
+            let sql = format!("{JOB_COLUMNS} WHERE status = 'running'");
+            let rows = query_all(c, &sql, [], "finding interrupted jobs", job_from_row)?;
             let now = now_ms();
             for j in &rows {
                 if j.config.daemon {
@@ -340,25 +323,21 @@ impl Store {
     /// Log lines with id > `after`, oldest first.
     pub fn job_logs(&self, id: &str, after: i64) -> Result<Vec<LogLine>> {
         self.read(|c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT id, ts, level, msg FROM job_logs WHERE job_id = ?1 AND id > ?2
-                     ORDER BY id LIMIT 1000",
-                )
-                .ctx("reading logs")?;
-            let rows = stmt
-                .query_map(params![id, after], |r| {
+            query_all(
+                c,
+                "SELECT id, ts, level, msg FROM job_logs WHERE job_id = ?1 AND id > ?2
+                 ORDER BY id LIMIT 1000",
+                params![id, after],
+                "reading logs",
+                |r| {
                     Ok(LogLine {
                         id: r.get(0)?,
                         ts: r.get(1)?,
                         level: r.get(2)?,
                         msg: r.get(3)?,
                     })
-                })
-                .ctx("reading logs")?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .ctx("reading logs")?;
-            Ok(rows)
+                },
+            )
         })
     }
 
@@ -388,15 +367,13 @@ impl Store {
     /// Counts of jobs by status, for /metrics.
     pub fn job_counts(&self) -> Result<Vec<(String, i64)>> {
         self.read(|c| {
-            let mut stmt = c
-                .prepare_cached("SELECT status, COUNT(*) FROM worker_jobs GROUP BY status")
-                .ctx("counting jobs")?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .ctx("counting jobs")?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .ctx("counting jobs")?;
-            Ok(rows)
+            query_all(
+                c,
+                "SELECT status, COUNT(*) FROM worker_jobs GROUP BY status",
+                [],
+                "counting jobs",
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
         })
     }
 }

@@ -3,7 +3,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{now_ms, Error, Result, SqlContext, Store};
+use super::{now_ms, query_all, Error, Result, SqlContext, Store};
 
 /// Largest value one key may hold (JSON text), so one app cannot fill the disk in one call.
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
@@ -60,28 +60,18 @@ impl Store {
         })
     }
 
-    /// Live keys starting with `prefix`, in order, at most 1,000.
+    /// Live keys starting with `prefix` (case-sensitive, unlike LIKE), in order, at most
+    /// 1,000.
     pub fn kv_list(&self, app: &str, prefix: &str) -> Result<Vec<String>> {
-        let pattern = format!(
-            "{}%",
-            prefix
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        );
         self.read(|c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT key FROM kv WHERE app = ?1 AND key LIKE ?2 ESCAPE '\\'
-                     AND (expires_at IS NULL OR expires_at > ?3) ORDER BY key LIMIT 1000",
-                )
-                .ctx("listing keys")?;
-            let keys = stmt
-                .query_map(params![app, pattern, now_ms()], |r| r.get(0))
-                .ctx("listing keys")?
-                .collect::<rusqlite::Result<Vec<String>>>()
-                .ctx("listing keys")?;
-            Ok(keys)
+            query_all(
+                c,
+                "SELECT key FROM kv WHERE app = ?1 AND substr(key, 1, length(?2)) = ?2
+                 AND (expires_at IS NULL OR expires_at > ?3) ORDER BY key LIMIT 1000",
+                params![app, prefix, now_ms()],
+                "listing keys",
+                |r| r.get(0),
+            )
         })
     }
 }

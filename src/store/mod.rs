@@ -55,6 +55,23 @@ impl<T> SqlContext<T> for rusqlite::Result<T> {
     }
 }
 
+/// Runs a query and collects every row through `map`; `what` names it in errors.
+pub(crate) fn query_all<T, P: rusqlite::Params>(
+    c: &Connection,
+    sql: &str,
+    params: P,
+    what: &str,
+    map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let mut stmt = c.prepare_cached(sql).ctx(what)?;
+    let rows = stmt
+        .query_map(params, map)
+        .ctx(what)?
+        .collect::<rusqlite::Result<Vec<T>>>()
+        .ctx(what);
+    rows
+}
+
 type WriteFn = Box<dyn FnOnce(&Connection) + Send>;
 
 /// One unit of work for the writer thread.

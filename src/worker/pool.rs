@@ -837,7 +837,13 @@ impl Scheduler {
     }
 
     fn failed(&mut self, mut job: Queued, error: String, ran_for: Duration, shutting_down: bool) {
-        if job.config.daemon && !shutting_down {
+        if job.config.daemon && shutting_down {
+            // Still a daemon: it stays queued in the store and restarts after the restart.
+            job.restarts += 1;
+            self.record(&job, Status::Queued, None, Some(error));
+            return;
+        }
+        if job.config.daemon {
             let streak = self.streaks.entry(job.id.clone()).or_insert(0);
             if ran_for >= HEALTHY {
                 *streak = 0;

@@ -404,3 +404,62 @@ fn builtins_replaced_for_interruptibility_behave_like_the_originals() {
     );
     assert_eq!(s.call("b", "/api/check")["deep"], 3000);
 }
+
+#[test]
+fn kv_storage_lists_by_prefix_expires_and_is_per_app() {
+    let s = Server::start();
+    let kv = r#"module.exports = (r) => {
+  const q = r.query, kv = fazt.storage.kv;
+  if (q.op === "seed") {
+    for (const k of ["user:1", "user:2", "User:3", "user_%", "order:1"]) kv.set(k, { k });
+    kv.set("short", 1, 150);
+    return kv.list("user");
+  }
+  if (q.op === "list") return kv.list(q.prefix);
+  if (q.op === "get") return kv.get(q.key);
+  if (q.op === "del") return kv.delete(q.key);
+  if (q.op === "bad") { try { kv.set("", 1); } catch (e) { return String(e); } }
+  if (q.op === "ttl") { try { kv.set("x", 1, -5); } catch (e) { return String(e); } }
+  if (q.op === "fn") { try { kv.set("x", () => 1); } catch (e) { return String(e); } }
+};"#;
+    s.deploy_ok("k1", &[("api/kv.js", kv)]);
+    s.deploy_ok("k2", &[("api/kv.js", kv)]);
+    assert_eq!(
+        s.call("k1", "/api/kv?op=seed"),
+        serde_json::json!(["user:1", "user:2", "user_%"])
+    );
+    assert_eq!(
+        s.call("k1", "/api/kv?op=list&prefix=user_"),
+        serde_json::json!(["user_%"])
+    );
+    assert_eq!(
+        s.call("k1", "/api/kv?op=get&key=user:2"),
+        serde_json::json!({"k": "user:2"})
+    );
+    assert_eq!(
+        s.call("k2", "/api/kv?op=get&key=user:2"),
+        serde_json::Value::Null,
+        "per app"
+    );
+    assert_eq!(
+        s.call("k2", "/api/kv?op=list&prefix="),
+        serde_json::json!([])
+    );
+    assert_eq!(s.call("k1", "/api/kv?op=del&key=user:1"), true);
+    assert_eq!(s.call("k1", "/api/kv?op=del&key=user:1"), false);
+    assert!(crate::util::wait_until(10, || s
+        .call("k1", "/api/kv?op=get&key=short")
+        .is_null()));
+    assert!(s
+        .call("k1", "/api/kv?op=bad")
+        .as_str()
+        .is_some_and(|e| e.contains("1 to 512 bytes")));
+    assert!(s
+        .call("k1", "/api/kv?op=ttl")
+        .as_str()
+        .is_some_and(|e| e.contains("ttlMs")));
+    assert!(s
+        .call("k1", "/api/kv?op=fn")
+        .as_str()
+        .is_some_and(|e| e.contains("JSON-serialisable")));
+}
