@@ -17,24 +17,8 @@ const APP: &str = "bench";
 const HANDLER_FILE: &str = "api/hello.js";
 const HANDLER_SRC: &str = "module.exports = () => ({ok: true});";
 
-/// A server started in-process on a free port, with its temp data dir. The dir is
-/// kept as long as the server runs.
-struct Running {
-    handle: fazt::app::Handle,
-    _tmp: tempfile::TempDir,
-}
-
-fn start_server() -> Running {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let config = fazt::config::Config {
-        listen: "127.0.0.1:0".into(),
-        data_dir: tmp.path().join("data"),
-        http_threads: 4,
-        ..Default::default()
-    };
-    let handle = fazt::app::start(config).expect("start the server");
-    Running { handle, _tmp: tmp }
-}
+mod common;
+use common::start_server;
 
 fn request() -> HandlerRequest {
     HandlerRequest {
@@ -108,7 +92,7 @@ fn connect(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
 }
 
 fn handler(c: &mut Criterion) {
-    let server = start_server();
+    let server = start_server(4);
     let services = server.handle.services.clone();
     let addr = server.handle.addr;
     let info = services

@@ -18,22 +18,8 @@ const BATCH: usize = 1000;
 /// to the scheduler, the slots and the writer.
 const POLL: Duration = Duration::from_micros(100);
 
-struct Running {
-    handle: fazt::app::Handle,
-    _tmp: tempfile::TempDir,
-}
-
-fn start_server() -> Running {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let config = fazt::config::Config {
-        listen: "127.0.0.1:0".into(),
-        data_dir: tmp.path().join("data"),
-        http_threads: 2,
-        ..Default::default()
-    };
-    let handle = fazt::app::start(config).expect("start the server");
-    Running { handle, _tmp: tmp }
-}
+mod common;
+use common::start_server;
 
 fn deploy_noop(services: &fazt::services::Services, app: &str) {
     services
@@ -68,7 +54,7 @@ fn is_done(services: &fazt::services::Services, id: &str) -> bool {
 }
 
 fn jobs(c: &mut Criterion) {
-    let server = start_server();
+    let server = start_server(2);
     let services = server.handle.services.clone();
     deploy_noop(&services, "lat");
     let batch_apps: Vec<String> = (0..BATCH_APPS).map(|i| format!("batch{i}")).collect();
