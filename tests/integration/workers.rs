@@ -788,3 +788,39 @@ fn warm_worker_contexts_pick_up_redeploys_and_never_cross_apps() {
         );
     }
 }
+
+#[test]
+fn job_logs_keep_the_newest_thousand_lines() {
+    let s = Server::start();
+    s.deploy_ok(
+        "logs",
+        &[
+            ("api/spawn.js", SPAWN),
+            (
+                "workers/chatty.js",
+                "module.exports = (job) => { for (let i = 1; i <= 1100; i++) console.log('line', i); };",
+            ),
+        ],
+    );
+    let jid = id(&spawn(&s, "logs", "workers/chatty.js", Value::Null));
+    s.wait_status(&jid, "done", 30);
+    let mut lines = Vec::new();
+    assert!(wait_until(10, || {
+        lines = s
+            .api_json("GET", &format!("/api/jobs/{jid}/logs"))
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        lines.last().is_some_and(|l| l["msg"] == "line 1100")
+    }));
+    assert_eq!(lines.len(), 1000);
+    assert_eq!(lines[0]["msg"], "line 101");
+    assert_eq!(lines[0]["level"], "log");
+    let after = lines[998]["id"].as_i64().expect("id");
+    let tail = s.api_json("GET", &format!("/api/jobs/{jid}/logs?after={after}"));
+    assert_eq!(
+        tail.as_array().map(Vec::len),
+        Some(1),
+        "paging with ?after="
+    );
+}
