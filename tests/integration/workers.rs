@@ -513,11 +513,9 @@ fn a_daemon_resumes_from_its_checkpoint_after_kill_9() {
         serde_json::json!({ "daemon": true }),
     ));
     s.wait_status(&jid, "running", 20);
-    // Let it checkpoint a few times, then kill the process mid-stream.
-    assert!(wait_until(20, || s
-        .call("k", "/api/jobs?op=kv&key=resumes")
-        .is_array()));
-    std::thread::sleep(Duration::from_millis(400));
+    // Let it checkpoint a few times (progress follows the counter), then kill the
+    // process mid-stream.
+    s.wait_job(&jid, 20, |j| j["progress"].as_i64() >= Some(8));
     s.kill9();
     s.restart();
     let resumes = {
