@@ -25,6 +25,7 @@ pub struct Handle {
 }
 
 pub fn start(config: Config) -> anyhow::Result<Handle> {
+    raise_fd_limit();
     prepare_data_dir(&config.data_dir)?;
     let (admin_token, created) = admin_token(&config.data_dir)?;
     let store = Store::open(&config.data_dir).with_context(|| {
@@ -81,6 +82,24 @@ impl Handle {
         }
         self.services.store.close();
         log::info!("shutdown complete");
+    }
+}
+
+/// Each WebSocket holds a few descriptors; the common soft limit of 1,024 would cap a
+/// server at a couple of hundred clients. Raise the soft limit to the hard one.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                log::warn!("could not raise the open-file limit");
+            }
+        }
     }
 }
 

@@ -287,6 +287,16 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_log_line(out: &mut impl Write, l: &serde_json::Value) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{} [{}] {}",
+        l["ts"],
+        l["level"].as_str().unwrap_or(""),
+        l["msg"].as_str().unwrap_or("")
+    )
+}
+
 fn follow_logs(
     client: &Client,
     id: &str,
@@ -308,13 +318,7 @@ fn follow_logs(
         }
         for l in lines.as_array().into_iter().flatten() {
             after = after.max(l["id"].as_i64().unwrap_or(after));
-            writeln!(
-                out,
-                "{} [{}] {}",
-                l["ts"],
-                l["level"].as_str().unwrap_or(""),
-                l["msg"].as_str().unwrap_or("")
-            )?;
+            print_log_line(out, l)?;
         }
         let Some(job) = job else { break };
         let status = job["status"].as_str().unwrap_or("");
@@ -330,6 +334,11 @@ fn follow_logs(
         bar_shown = true;
         if !matches!(status, "queued" | "running") {
             writeln!(out)?;
+            // Lines written between the log read and the status read come last.
+            let rest = client.call("GET", &format!("/api/jobs/{id}/logs?after={after}"), None)?;
+            for l in rest.as_array().into_iter().flatten() {
+                print_log_line(out, l)?;
+            }
             if let Some(e) = job["error"].as_str() {
                 writeln!(out, "error: {e}")?;
             }

@@ -42,7 +42,13 @@ fn run_server(
     config.realtime.per_app = ws_max_per_app;
     config.realtime.per_ip = ws_max_per_ip;
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let signals = std::sync::atomic::AtomicUsize::new(0);
     ctrlc::set_handler(move || {
+        // The first Ctrl-C shuts down gracefully; a second one means "now".
+        if signals.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            eprintln!("second interrupt: exiting without waiting");
+            std::process::exit(130);
+        }
         let _ = stop_tx.try_send(());
     })
     .map_err(|e| anyhow::anyhow!("installing the Ctrl-C handler: {e}"))?;

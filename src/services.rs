@@ -13,6 +13,8 @@ use crate::worker::Pool;
 pub struct Metrics {
     pub http_requests: AtomicU64,
     pub ws_connections: AtomicU64,
+    /// HTTP threads replaced because user JS kept them past the handler deadline.
+    pub http_threads_abandoned: AtomicU64,
 }
 
 impl Services {
@@ -64,130 +66,134 @@ impl Services {
         use std::fmt::Write as _;
         let s = &self.pool.stats;
         let b = &self.pool.budget;
+        let hub = &self.hub;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
-        let mut metric = |name: &str, help: &str, kind: &str, lines: Vec<(String, u64)>| {
+        let head = |out: &mut String, name: &str, help: &str, kind: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in lines {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
         };
+        head(
+            &mut out,
+            "fazt_jobs",
+            "Jobs in the store by status.",
+            "gauge",
+        );
         let counts = self.store.job_counts().unwrap_or_default();
-        let statuses = [
+        let mut lines = String::new();
+        for st in [
             "queued",
             "running",
             "done",
             "failed",
             "cancelled",
             "stopped",
-        ];
-        metric(
-            "fazt_jobs",
-            "Jobs in the store by status.",
-            "gauge",
-            statuses
-                .iter()
-                .map(|st| {
-                    let n = counts.iter().find(|(k, _)| k == st).map_or(0, |(_, n)| *n);
-                    (format!("{{status=\"{st}\"}}"), n.max(0) as u64)
-                })
-                .collect(),
-        );
-        metric(
-            "fazt_jobs_running",
-            "Jobs running in slots.",
-            "gauge",
-            vec![(String::new(), s.running.load(Ordering::Relaxed) as u64)],
-        );
-        metric(
-            "fazt_queue_depth",
-            "Jobs waiting for a slot, memory or a retry delay.",
-            "gauge",
-            vec![(String::new(), s.queued.load(Ordering::Relaxed) as u64)],
-        );
-        metric(
-            "fazt_daemons_running",
-            "Daemon jobs running.",
-            "gauge",
-            vec![(String::new(), s.daemons.load(Ordering::Relaxed) as u64)],
-        );
-        metric(
-            "fazt_jobs_started_total",
-            "Job runs started since start.",
-            "counter",
-            vec![(
-                String::new(),
+        ] {
+            let n = counts.iter().find(|(k, _)| k == st).map_or(0, |(_, n)| *n);
+            let _ = writeln!(lines, "fazt_jobs{{status=\"{st}\"}} {n}");
+        }
+        out.push_str(&lines);
+        let singles: [(&str, &str, &str, u64); 16] = [
+            (
+                "fazt_jobs_running",
+                "Jobs running in slots.",
+                "gauge",
+                s.running.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "fazt_queue_depth",
+                "Jobs waiting for a slot, memory or a retry delay.",
+                "gauge",
+                s.queued.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "fazt_daemons_running",
+                "Daemon jobs running.",
+                "gauge",
+                s.daemons.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "fazt_jobs_started_total",
+                "Job runs started since start.",
+                "counter",
                 s.started_total.load(Ordering::Relaxed) as u64,
-            )],
-        );
-        metric(
-            "fazt_slots_abandoned_total",
-            "Slot threads abandoned by the watchdog.",
-            "counter",
-            vec![(
-                String::new(),
+            ),
+            (
+                "fazt_slots_abandoned_total",
+                "Slot threads abandoned by the watchdog.",
+                "counter",
                 s.abandoned_slots.load(Ordering::Relaxed) as u64,
-            )],
-        );
-        metric(
-            "fazt_memory_budget_bytes",
-            "Worker memory budget.",
-            "gauge",
-            vec![(String::new(), b.budget_bytes)],
-        );
-        metric(
-            "fazt_memory_reserved_bytes",
-            "Memory reserved by running jobs.",
-            "gauge",
-            vec![(String::new(), b.reserved_bytes.load(Ordering::Relaxed))],
-        );
-        metric(
-            "fazt_rss_bytes",
-            "Resident set size of the process.",
-            "gauge",
-            vec![(String::new(), crate::worker::rss_bytes())],
-        );
-        metric(
-            "fazt_http_requests_total",
-            "HTTP requests handled.",
-            "counter",
-            vec![(
-                String::new(),
-                self.metrics.http_requests.load(Ordering::Relaxed),
-            )],
-        );
-        metric(
-            "fazt_ws_connections_total",
-            "WebSocket connections accepted.",
-            "counter",
-            vec![(
-                String::new(),
-                self.metrics.ws_connections.load(Ordering::Relaxed),
-            )],
-        );
-        metric(
-            "fazt_ws_connections",
-            "WebSocket connections open.",
-            "gauge",
-            vec![(String::new(), self.hub.total_connections() as u64)],
-        );
-        metric(
-            "fazt_broadcasts_total",
-            "Realtime broadcasts.",
-            "counter",
-            vec![(String::new(), self.hub.broadcasts.load(Ordering::Relaxed))],
-        );
-        metric(
-            "fazt_deliveries_total",
-            "Realtime messages queued to clients.",
-            "counter",
-            vec![(String::new(), self.hub.deliveries.load(Ordering::Relaxed))],
-        );
-        metric(
-            "fazt_ws_slow_disconnects_total",
-            "Clients dropped for falling behind.",
-            "counter",
-            vec![(String::new(), self.hub.dropped_slow.load(Ordering::Relaxed))],
-        );
+            ),
+            (
+                "fazt_memory_budget_bytes",
+                "Worker memory budget.",
+                "gauge",
+                b.budget_bytes,
+            ),
+            (
+                "fazt_memory_reserved_bytes",
+                "Memory reserved by running jobs.",
+                "gauge",
+                b.reserved_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "fazt_rss_bytes",
+                "Resident set size of the process.",
+                "gauge",
+                crate::worker::rss_bytes(),
+            ),
+            (
+                "fazt_http_requests_total",
+                "HTTP requests handled.",
+                "counter",
+                load(&self.metrics.http_requests),
+            ),
+            (
+                "fazt_http_threads_abandoned_total",
+                "HTTP threads replaced because a handler could not be stopped.",
+                "counter",
+                load(&self.metrics.http_threads_abandoned),
+            ),
+            (
+                "fazt_ws_connections_total",
+                "WebSocket connections accepted.",
+                "counter",
+                load(&self.metrics.ws_connections),
+            ),
+            (
+                "fazt_ws_connections",
+                "WebSocket connections open.",
+                "gauge",
+                hub.total_connections() as u64,
+            ),
+            (
+                "fazt_broadcasts_total",
+                "Realtime broadcasts.",
+                "counter",
+                load(&hub.broadcasts),
+            ),
+            (
+                "fazt_deliveries_total",
+                "Realtime messages queued to clients.",
+                "counter",
+                load(&hub.deliveries),
+            ),
+            (
+                "fazt_ws_slow_disconnects_total",
+                "Clients dropped for falling behind.",
+                "counter",
+                load(&hub.dropped_slow),
+            ),
+            (
+                "fazt_uptime_seconds",
+                "Seconds since start.",
+                "gauge",
+                self.started.elapsed().as_secs(),
+            ),
+        ];
+        for (name, help, kind, value) in singles {
+            head(&mut out, name, help, kind);
+            let _ = writeln!(out, "{name} {value}");
+        }
         out
     }
 }

@@ -3,6 +3,7 @@
 //! interrupted, so a warm request costs one function call, not a parse.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,8 +28,10 @@ struct AppContext {
 }
 
 /// Per-thread cache of warm handler contexts and of app versions.
-#[derive(Default)]
 pub struct HandlerCache {
+    /// When this thread started running user JS (epoch ms; 0 = not running), read by
+    /// the HTTP watchdog.
+    js_since: Arc<AtomicI64>,
     apps: HashMap<String, AppContext>,
     clock: u64,
     /// App versions as last read from the store (None: no such app), valid while
@@ -46,7 +49,29 @@ pub struct HandlerRequest {
     pub body: serde_json::Value,
 }
 
+impl Default for HandlerCache {
+    fn default() -> Self {
+        HandlerCache::new(Arc::default())
+    }
+}
+
 impl HandlerCache {
+    pub fn new(js_since: Arc<AtomicI64>) -> HandlerCache {
+        HandlerCache {
+            js_since,
+            apps: HashMap::new(),
+            clock: 0,
+            versions: HashMap::new(),
+            generation: 0,
+        }
+    }
+
+    /// Forgets every warm context and version.
+    pub fn clear(&mut self) {
+        self.apps.clear();
+        self.versions.clear();
+    }
+
     /// The deployed version of `app`, or None when no such app exists. Reads the store
     /// only after a deploy or removal happened since the last read.
     pub fn app_version(
@@ -58,7 +83,10 @@ impl HandlerCache {
             .app_generation
             .load(std::sync::atomic::Ordering::SeqCst);
         if generation != self.generation {
+            // An app may have been removed and deployed again at the same version
+            // number: drop warm contexts too, not just the versions.
             self.versions.clear();
+            self.apps.clear();
             self.generation = generation;
         }
         if let Some(v) = self.versions.get(app) {
@@ -130,7 +158,10 @@ impl HandlerCache {
         };
         entry.last_used = self.clock;
         entry.ctx.insert_data(host);
+        self.js_since
+            .store(crate::store::now_ms(), Ordering::SeqCst);
         let result = call_handler(entry, file, source, request, &interrupt);
+        self.js_since.store(0, Ordering::SeqCst);
         if let Err(RunError::Interrupted(_)) = &result {
             // The interrupted run left frames behind: this context cannot be reused.
             self.apps.remove(app);

@@ -16,8 +16,8 @@ pub fn error_reply(status: u16, msg: &str) -> tiny_http::Response<std::io::Curso
 }
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::services::Services;
@@ -26,10 +26,25 @@ use crate::services::Services;
 /// from native code, so the 2 MB default is too tight for deep but legal programs.
 pub const JS_STACK_BYTES: usize = 16 << 20;
 
+/// A handler thread as the watchdog sees it.
+struct Worker {
+    handle: JoinHandle<()>,
+    /// When the thread started running user JS (epoch ms), 0 when it is not.
+    js_since: Arc<AtomicI64>,
+    /// Set by the watchdog: the thread is replaced and must exit when it gets free.
+    abandoned: Arc<AtomicBool>,
+}
+
+/// A handler whose JS is still running this long after its deadline is stuck in code
+/// the interrupt cannot reach (e.g. a getter called from native code): its thread is
+/// replaced so the server keeps serving.
+const STUCK_AFTER_MS: i64 = handlers::HANDLER_TIMEOUT.as_millis() as i64 + 2000;
+
 pub struct HttpServer {
     server: Arc<tiny_http::Server>,
     stopping: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    workers: Arc<Mutex<Vec<Worker>>>,
+    watchdog: Option<JoinHandle<()>>,
 }
 
 impl HttpServer {
@@ -43,40 +58,116 @@ impl HttpServer {
             .map_err(|e| anyhow::anyhow!("starting the HTTP server: {e}"))?;
         let server = Arc::new(server);
         let stopping = Arc::new(AtomicBool::new(false));
-        let mut handles = Vec::with_capacity(threads);
+        let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
-            let server = server.clone();
-            let stopping = stopping.clone();
-            let services = services.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("fazt-http-{i}"))
-                .stack_size(JS_STACK_BYTES)
-                .spawn(move || serve(&server, &stopping, &services))
-                .context("spawning an HTTP thread")?;
-            handles.push(h);
+            workers.push(spawn_worker(i, &server, &stopping, &services)?);
         }
+        let workers = Arc::new(Mutex::new(workers));
+        let watchdog = {
+            let (server, stopping, workers) = (server.clone(), stopping.clone(), workers.clone());
+            std::thread::Builder::new()
+                .name("fazt-http-watchdog".into())
+                .spawn(move || watch(&server, &stopping, &workers, &services))
+                .context("spawning the HTTP watchdog")?
+        };
         Ok(HttpServer {
             server,
             stopping,
-            threads: handles,
+            workers,
+            watchdog: Some(watchdog),
         })
     }
 
-    /// Stops taking new requests, lets in-flight ones finish, and joins the threads.
-    pub fn shutdown(self) {
+    /// Stops taking new requests, lets in-flight ones finish, and joins the threads
+    /// (not the abandoned ones: they may never finish).
+    pub fn shutdown(mut self) {
         self.stopping.store(true, Ordering::SeqCst);
-        for _ in 0..self.threads.len() {
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        for _ in 0..workers.len() {
             self.server.unblock();
         }
-        for t in self.threads {
-            let _ = t.join();
+        for w in workers {
+            if !w.abandoned.load(Ordering::SeqCst) {
+                let _ = w.handle.join();
+            }
         }
     }
 }
 
-fn serve(server: &tiny_http::Server, stopping: &AtomicBool, services: &Arc<Services>) {
-    let mut cache = HandlerCache::default();
+fn spawn_worker(
+    i: usize,
+    server: &Arc<tiny_http::Server>,
+    stopping: &Arc<AtomicBool>,
+    services: &Arc<Services>,
+) -> anyhow::Result<Worker> {
+    use anyhow::Context as _;
+    let js_since = Arc::new(AtomicI64::new(0));
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let (server, stopping, services) = (server.clone(), stopping.clone(), services.clone());
+    let (js, gone) = (js_since.clone(), abandoned.clone());
+    let handle = std::thread::Builder::new()
+        .name(format!("fazt-http-{i}"))
+        .stack_size(JS_STACK_BYTES)
+        .spawn(move || serve(&server, &stopping, &services, js, &gone))
+        .context("spawning an HTTP thread")?;
+    Ok(Worker {
+        handle,
+        js_since,
+        abandoned,
+    })
+}
+
+fn watch(
+    server: &Arc<tiny_http::Server>,
+    stopping: &Arc<AtomicBool>,
+    workers: &Mutex<Vec<Worker>>,
+    services: &Arc<Services>,
+) {
+    let mut next_name = workers.lock().map(|w| w.len()).unwrap_or(0);
     while !stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let now = crate::store::now_ms();
+        let mut workers = workers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut replacements = Vec::new();
+        for w in workers.iter() {
+            let since = w.js_since.load(Ordering::SeqCst);
+            if since != 0
+                && now - since > STUCK_AFTER_MS
+                && !w.abandoned.swap(true, Ordering::SeqCst)
+            {
+                log::error!(
+                    "an HTTP thread is stuck in user JS {} ms past its deadline; starting a replacement",
+                    now - since - handlers::HANDLER_TIMEOUT.as_millis() as i64
+                );
+                services
+                    .metrics
+                    .http_threads_abandoned
+                    .fetch_add(1, Ordering::Relaxed);
+                match spawn_worker(next_name, server, stopping, services) {
+                    Ok(new) => replacements.push(new),
+                    Err(e) => log::error!("could not replace a stuck HTTP thread: {e}"),
+                }
+                next_name += 1;
+            }
+        }
+        // Abandoned threads are forgotten (detached); their replacements take over.
+        workers.retain(|w| !w.abandoned.load(Ordering::SeqCst));
+        workers.extend(replacements);
+    }
+}
+
+fn serve(
+    server: &tiny_http::Server,
+    stopping: &AtomicBool,
+    services: &Arc<Services>,
+    js_since: Arc<AtomicI64>,
+    abandoned: &AtomicBool,
+) {
+    let mut cache = HandlerCache::new(js_since);
+    while !stopping.load(Ordering::SeqCst) && !abandoned.load(Ordering::SeqCst) {
         let req = match server.recv() {
             Ok(r) => r,
             Err(e) => {
@@ -111,7 +202,7 @@ fn handle(mut req: tiny_http::Request, services: &Arc<Services>, cache: &mut Han
         Ok(Err(e)) => Reply::from(e),
         Err(_) => {
             // A panic may have left a cached context half-updated: drop them all.
-            *cache = HandlerCache::default();
+            cache.clear();
             log::error!("a request handler panicked: {} {}", req.method(), req.url());
             Reply::from(HttpError::internal(
                 "internal error while handling the request",

@@ -187,14 +187,15 @@ pub fn split_url(url: &str) -> (String, Vec<(String, String)>) {
         .filter(|s| !s.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
+            (percent_decode(k, true), percent_decode(v, true))
         })
         .collect();
-    (percent_decode(path), pairs)
+    (percent_decode(path, false), pairs)
 }
 
-/// Decodes `%XX` and `+` (as space in queries); invalid escapes are kept as they are.
-pub fn percent_decode(s: &str) -> String {
+/// Decodes `%XX`, and `+` as a space when `plus_is_space` (query strings only);
+/// invalid escapes are kept as they are.
+pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -213,7 +214,7 @@ pub fn percent_decode(s: &str) -> String {
                     }
                 }
             }
-            b'+' => {
+            b'+' if plus_is_space => {
                 out.push(b' ');
                 i += 1;
             }
@@ -260,6 +261,7 @@ mod tests {
                 ("c".into(), "".into())
             ]
         );
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%zz%4", false), "%zz%4");
+        assert_eq!(split_url("/c++.html?q=a+b").0, "/c++.html");
     }
 }

@@ -11,6 +11,7 @@ pub(crate) mod api_support {
     };
 }
 pub mod interrupt;
+mod jobs;
 mod runtime;
 
 pub use interrupt::{Interrupt, Reason};

@@ -75,7 +75,10 @@ pub struct Host {
 
 /// A fresh context with the `fazt` API, `console` and the interruptible builtins.
 pub fn new_context(host: Host) -> Result<Context, RunError> {
-    let mut ctx = Context::default();
+    let mut ctx = boa_engine::context::ContextBuilder::new()
+        .job_executor(std::rc::Rc::new(super::jobs::InterruptibleJobs::default()))
+        .build()
+        .map_err(|e| RunError::Thrown(format!("creating a JS context: {e}")))?;
     let limits = ctx.runtime_limits_mut();
     limits.set_loop_iteration_limit(LOOP_ITERATION_LIMIT);
     // boa's defaults (512 calls deep, 10k stack values) are too tight for real code;

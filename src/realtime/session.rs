@@ -89,6 +89,8 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
         hub.leave(app, session);
         return;
     }
+    let services_for_cleanup = services.clone();
+    let app_for_cleanup = app.to_string();
     let services = services.clone();
     let app = app.to_string();
     let reader = std::thread::Builder::new()
@@ -100,7 +102,10 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
             let _ = tx.try_send(Out::Close("client gone"));
         });
     if let Err(e) = reader {
+        // The closure (and its stream) is gone; leaving the hub shuts the socket,
+        // which ends the writer.
         log::error!("cannot start a WebSocket reader: {e}");
+        services_for_cleanup.hub.leave(&app_for_cleanup, session);
     }
 }
 
@@ -223,7 +228,6 @@ fn handle_client_message(
 }
 
 fn write_loop(sock: TcpStream, rx: &Receiver<Out>, last_seen: &AtomicI64) {
-    let shutdown = sock.try_clone();
     let mut ws = WebSocket::from_raw_socket(sock, Role::Server, None);
     // Pings go out on a fixed schedule, busy or not: a peer that stopped reading on a
     // chatty channel must still be found dead.
@@ -266,7 +270,6 @@ fn write_loop(sock: TcpStream, rx: &Receiver<Out>, last_seen: &AtomicI64) {
             break;
         }
     }
-    if let Ok(s) = shutdown {
-        let _ = s.shutdown(Shutdown::Both);
-    }
+    // Ends the reader too: its blocked read returns.
+    let _ = ws.get_ref().shutdown(Shutdown::Both);
 }

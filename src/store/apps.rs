@@ -68,7 +68,7 @@ impl Store {
         self.read(|c| get_app(c, app))
     }
 
-    /// Deletes an app, its files and its kv data. Returns false when there was no such app.
+    /// Deletes an app, its files, its kv data and its jobs. Returns false when there was no such app.
     pub fn remove_app(&self, app: &str) -> Result<bool> {
         let app = app.to_string();
         self.write(true, move |c| {
@@ -76,6 +76,14 @@ impl Store {
                 .ctx("removing files")?;
             c.execute("DELETE FROM kv WHERE app = ?1", [&app])
                 .ctx("removing kv data")?;
+            // Job history goes too, so a new app of the same name starts clean.
+            c.execute(
+                "DELETE FROM job_logs WHERE job_id IN (SELECT id FROM worker_jobs WHERE app = ?1)",
+                [&app],
+            )
+            .ctx("removing job logs")?;
+            c.execute("DELETE FROM worker_jobs WHERE app = ?1", [&app])
+                .ctx("removing jobs")?;
             let n = c
                 .execute("DELETE FROM apps WHERE name = ?1", [&app])
                 .ctx("removing the app")?;

@@ -72,7 +72,9 @@ pub(crate) fn query_all<T, P: rusqlite::Params>(
     rows
 }
 
-type WriteFn = Box<dyn FnOnce(&Connection) + Send>;
+/// A write op; returns whether it succeeded, so a failed op's partial changes are
+/// rolled back to its savepoint instead of being committed with the batch.
+type WriteFn = Box<dyn FnOnce(&Connection) -> bool + Send>;
 
 /// One unit of work for the writer thread.
 struct WriteReq {
@@ -158,7 +160,10 @@ impl Store {
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let (val_tx, val_rx) = crossbeam_channel::bounded(1);
         let op: WriteFn = Box::new(move |c| {
-            let _ = val_tx.send(f(c));
+            let result = f(c);
+            let ok = result.is_ok();
+            let _ = val_tx.send(result);
+            ok
         });
         self.sender()?
             .send(WriteReq {
@@ -175,9 +180,11 @@ impl Store {
     /// Queues `f` for the writer thread without waiting (progress, logs). A failure is
     /// logged by the writer; the queue is bounded, so a flood slows the producer down.
     pub(crate) fn write_later(&self, f: impl FnOnce(&Connection) -> Result<()> + Send + 'static) {
-        let op: WriteFn = Box::new(move |c| {
-            if let Err(e) = f(c) {
+        let op: WriteFn = Box::new(move |c| match f(c) {
+            Ok(()) => true,
+            Err(e) => {
                 log::error!("background write failed: {e}");
+                false
             }
         });
         let Ok(tx) = self.sender() else {
@@ -279,10 +286,12 @@ fn commit_batch(conn: &Connection, batch: Vec<WriteReq>) {
             conn.execute_batch(&format!("SAVEPOINT {sp}"))
                 .ctx("opening a savepoint")?;
             let op = req.op;
-            let panicked =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(conn))).is_err();
-            if panicked {
-                log::error!("a store write panicked; rolled back that write only");
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(conn)))
+                .unwrap_or_else(|_| {
+                    log::error!("a store write panicked; rolled back that write only");
+                    false
+                });
+            if !ok {
                 conn.execute_batch(&format!("ROLLBACK TO {sp}"))
                     .ctx("rolling back a failed write")?;
             }
@@ -317,4 +326,37 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_write_is_rolled_back_alone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let failed = store.write(false, |c| {
+            c.execute(
+                "INSERT INTO kv(app, key, value) VALUES ('a', 'half', '1')",
+                [],
+            )
+            .ctx("insert")?;
+            Err::<(), _>(Error::Invalid("refused after a partial change".into()))
+        });
+        assert!(failed.is_err());
+        store
+            .kv_set("a", "whole", "2".into(), None)
+            .expect("a later write");
+        assert_eq!(
+            store.kv_get("a", "half").expect("read"),
+            None,
+            "rolled back"
+        );
+        assert_eq!(
+            store.kv_get("a", "whole").expect("read").as_deref(),
+            Some("2")
+        );
+        store.close();
+    }
 }

@@ -40,6 +40,8 @@ impl Default for JobConfig {
 pub const DEFAULT_TIMEOUT_MS: u64 = 30 * 60 * 1000;
 pub const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 pub const MAX_RETRY: u32 = 100;
+/// Longest duration accepted (1000 days); beyond it a typo is more likely than intent.
+pub const MAX_DURATION_MS: u64 = 1000 * 86_400_000;
 
 /// `'100ms' | '30s' | '5m' | '2h' | '1d'` → milliseconds.
 pub fn parse_duration(s: &str) -> Result<u64, String> {
@@ -64,7 +66,9 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
     if n == 0 {
         return Err(format!("invalid duration '{s}': must be greater than zero"));
     }
-    Ok(n * mult)
+    n.checked_mul(mult)
+        .filter(|ms| *ms <= MAX_DURATION_MS)
+        .ok_or_else(|| format!("invalid duration '{s}': longer than 1000 days"))
 }
 
 /// `'512KB' | '64MB' | '1GB'` → bytes (binary units; case-insensitive unit).

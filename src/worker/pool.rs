@@ -347,7 +347,7 @@ impl Slot {
             .spawn(move || {
                 let heap = budget::watch_this_thread();
                 let _ = heap_tx.send(heap);
-                slot::run(index, gen, &rx, &events, &services);
+                slot::run(index, gen, &rx, &events, &services, heap);
             })
             .map_err(|e| anyhow::anyhow!("starting worker slot {index}: {e}"))?;
         let heap = heap_rx
@@ -503,6 +503,7 @@ impl Scheduler {
         }
         if let Some(pos) = self.delayed.iter().position(|(_, j)| j.id == id) {
             let (_, job) = self.delayed.remove(pos);
+            self.streaks.remove(&job.id);
             self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
             reply.map(|r| r.send(()));
             return;
@@ -602,26 +603,12 @@ impl Scheduler {
             self.limits.watchdog
         );
         self.stats.abandoned_slots.fetch_add(1, Ordering::Relaxed);
-        self.release(&r.job);
         let reason = r.interrupt.check().unwrap_or(Reason::Cancelled);
-        let status = match reason {
-            Reason::Cancelled => Status::Cancelled,
-            Reason::Idle => Status::Stopped,
-            _ => Status::Failed,
-        };
-        self.record(
-            &r.job,
-            status,
-            None,
-            Some(format!(
-                "{}; the job did not stop within {:?}, so its worker thread was abandoned",
-                stop_message(reason, &r.job.config, None),
-                self.limits.watchdog
-            )),
+        let suffix = format!(
+            "; the job did not stop within {:?}, so its worker thread was abandoned",
+            self.limits.watchdog
         );
-        for w in r.waiters {
-            let _ = w.send(());
-        }
+        self.conclude(r, Outcome::Interrupted(reason), &suffix);
         match Slot::spawn(i, gen, &self.tx, &self.services) {
             // The old thread keeps its own receiver and exits once its job ends; its
             // handle is dropped (detached) with the old slot.
@@ -646,7 +633,7 @@ impl Scheduler {
             })
             .filter(|(heap, r)| {
                 r.stopped_at.is_none()
-                    && (*heap - r.heap_at_start) as u64 > r.job.config.memory_bytes
+                    && (*heap - r.heap_at_start).max(0) as u64 > r.job.config.memory_bytes
             })
             .max_by_key(|(_, r)| r.started);
         match victim {
@@ -661,7 +648,13 @@ impl Scheduler {
                 r.interrupt.stop_with_note(Reason::Memory, used);
                 r.stopped_at = Some(Instant::now());
             }
-            None => log::warn!("memory over budget, but no job exceeds its reservation"),
+            None => {
+                // Often freed memory the allocator kept (e.g. after a runaway handler
+                // was stopped): hand it back to the system before judging again.
+                // SAFETY: malloc_trim has no preconditions.
+                unsafe { libc::malloc_trim(0) };
+                log::warn!("memory over budget, but no job exceeds its reservation");
+            }
         }
     }
 
@@ -672,6 +665,13 @@ impl Scheduler {
         }
         let mut start = Vec::new();
         let mut reserved_now = 0u64;
+        let pinned: u64 = self
+            .slots
+            .iter()
+            .filter_map(|s| s.running.as_ref())
+            .filter(|r| r.job.config.daemon || r.job.config.timeout_ms.is_none())
+            .map(|r| r.job.config.memory_bytes)
+            .sum();
         for (&seq, job) in &self.queue {
             if free == 0 {
                 break;
@@ -694,6 +694,12 @@ impl Scheduler {
                 continue;
             }
             if job.config.memory_bytes > self.budget.available().saturating_sub(reserved_now) {
+                if job.config.memory_bytes > self.budget.budget_bytes.saturating_sub(pinned) {
+                    // Jobs that never end on their own (daemons, no timeout) hold too
+                    // much for this one to fit before they stop: let others pass
+                    // rather than stall every app behind it.
+                    continue;
+                }
                 // FIFO on memory: nobody overtakes a job that waits for memory, so a
                 // big job is never starved by a stream of small ones.
                 break;
@@ -787,49 +793,81 @@ impl Scheduler {
             return;
         };
         if s.gen != gen {
-            return; // An abandoned thread finally finished; its job was already failed.
+            return; // An abandoned thread finally finished; its job was already concluded.
         }
         let Some(r) = s.running.take() else {
             return;
         };
+        self.conclude(r, outcome, "");
+    }
+
+    /// Records how a run ended and what happens next (retry, restart, restore). Used
+    /// for runs that reported back and for abandoned ones alike; `suffix` is appended
+    /// to the error text.
+    fn conclude(&mut self, r: Running, outcome: Outcome, suffix: &str) {
         self.release(&r.job);
         self.idle_seen.remove(&r.job.id);
         let ran_for = r.started.elapsed();
         let job = r.job;
         let shutting_down = self.shutting_down.is_some();
+        // A stop that was asked for decides the status, whatever the code did in its
+        // grace period (returned, threw, or ran into its timeout).
+        let asked = match r.stop_at {
+            Some((_, Reason::Idle)) => Some(Reason::Idle),
+            _ if r.interrupt.cancel_requested() => Some(Reason::Cancelled),
+            _ => None,
+        };
+        let outcome = match (asked, outcome) {
+            (Some(reason), Outcome::Failed(_)) => Outcome::Interrupted(reason),
+            (Some(reason), Outcome::Interrupted(Reason::Timeout | Reason::Memory)) => {
+                Outcome::Interrupted(reason)
+            }
+            (_, other) => other,
+        };
+        let with = |m: String| format!("{m}{suffix}");
         match outcome {
             Outcome::Done(result) => {
                 self.streaks.remove(&job.id);
-                if matches!(r.stop_at, Some((_, Reason::Idle))) {
-                    self.record(
+                match asked {
+                    Some(Reason::Idle) => self.record(
                         &job,
                         Status::Stopped,
                         result,
                         Some(idle_message(&job.config)),
-                    );
-                } else if r.interrupt.cancel_requested() {
-                    self.record(&job, Status::Cancelled, result, Some("cancelled".into()));
-                } else {
-                    self.record(&job, Status::Done, result, None);
+                    ),
+                    Some(_) => {
+                        self.record(&job, Status::Cancelled, result, Some("cancelled".into()))
+                    }
+                    None => self.record(&job, Status::Done, result, None),
                 }
             }
             Outcome::Interrupted(Reason::Cancelled) => {
                 self.streaks.remove(&job.id);
-                self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
+                self.record(
+                    &job,
+                    Status::Cancelled,
+                    None,
+                    Some(with("cancelled".into())),
+                );
             }
             Outcome::Interrupted(Reason::Idle) => {
                 self.streaks.remove(&job.id);
-                self.record(&job, Status::Stopped, None, Some(idle_message(&job.config)));
+                let msg = with(idle_message(&job.config));
+                self.record(&job, Status::Stopped, None, Some(msg));
             }
             Outcome::Interrupted(Reason::Shutdown) if job.config.daemon => {
                 // Restorable: the next start resumes it from its checkpoint.
                 self.record(&job, Status::Queued, None, None);
             }
             Outcome::Interrupted(reason) => {
-                let error = stop_message(reason, &job.config, Some(r.interrupt.note()));
+                let error = with(stop_message(reason, &job.config, Some(r.interrupt.note())));
                 self.failed(job, error, ran_for, shutting_down);
             }
-            Outcome::Failed(error) => self.failed(job, error, ran_for, shutting_down),
+            Outcome::Fatal(error) => {
+                self.streaks.remove(&job.id);
+                self.record(&job, Status::Failed, None, Some(with(error)));
+            }
+            Outcome::Failed(error) => self.failed(job, with(error), ran_for, shutting_down),
         }
         for w in r.waiters {
             let _ = w.send(());

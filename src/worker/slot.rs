@@ -28,8 +28,10 @@ pub(crate) enum SlotMsg {
 pub(crate) enum Outcome {
     /// Returned; the result as JSON text (None for undefined).
     Done(Option<String>),
-    /// Threw, rejected, or could not be started; the message.
+    /// Threw or rejected; the message. Retried or restarted as configured.
     Failed(String),
+    /// Cannot work however often it is tried (its worker file is gone); never retried.
+    Fatal(String),
     /// Stopped by the host.
     Interrupted(Reason),
 }
@@ -47,14 +49,19 @@ struct Warm {
     modules: HashMap<String, JsValue>,
 }
 
+/// Heap a slot may keep between jobs for its warm context.
+const MAX_WARM_BYTES: i64 = 16 << 20;
+
 pub(crate) fn run(
     index: usize,
     gen: u64,
     rx: &Receiver<SlotMsg>,
     events: &Sender<Msg>,
     services: &Arc<Services>,
+    heap: &std::sync::atomic::AtomicI64,
 ) {
     let mut warm: Option<Warm> = None;
+    let base = heap.load(std::sync::atomic::Ordering::Relaxed);
     while let Ok(SlotMsg::Run(run)) = rx.recv() {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run_job(&run.job, &run.interrupt, services, &mut warm)
@@ -69,6 +76,11 @@ pub(crate) fn run(
             log::error!("job {} panicked the runtime: {msg}", run.job.id);
             Outcome::Failed(format!("internal error while running the job: {msg}"))
         });
+        // A warm context that grew (module-level caches, leaked globals) would hold
+        // memory outside any job's reservation: start the next job fresh instead.
+        if heap.load(std::sync::atomic::Ordering::Relaxed) - base > MAX_WARM_BYTES {
+            warm = None;
+        }
         if events
             .send(Msg::Finished {
                 slot: index,
@@ -91,7 +103,7 @@ fn run_job(
     let source = match services.store.app_file(&job.app, &job.path) {
         Ok(Some(s)) => s,
         Ok(None) => {
-            return Outcome::Failed(format!(
+            return Outcome::Fatal(format!(
                 "worker file {} no longer exists in app '{}'",
                 job.path, job.app
             ))
@@ -99,7 +111,7 @@ fn run_job(
         Err(e) => return Outcome::Failed(format!("loading {}: {e}", job.path)),
     };
     let Ok(text) = std::str::from_utf8(&source) else {
-        return Outcome::Failed(format!("{} is not valid UTF-8", job.path));
+        return Outcome::Fatal(format!("{} is not valid UTF-8", job.path));
     };
     let host = Host {
         app: Arc::from(job.app.as_str()),

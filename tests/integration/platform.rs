@@ -463,3 +463,49 @@ fn kv_storage_lists_by_prefix_expires_and_is_per_app() {
         .as_str()
         .is_some_and(|e| e.contains("JSON-serialisable")));
 }
+
+#[test]
+fn await_loops_time_out_and_stuck_handler_threads_are_replaced() {
+    let s = Server::start_with(&["--http-threads", "1"]);
+    s.deploy_ok(
+        "stuck",
+        &[
+            ("api/awaits.js", "module.exports = async () => { for (;;) await 0; };"),
+            (
+                "api/chain.js",
+                "module.exports = () => { const s = () => Promise.resolve().then(s); s(); return new Promise(() => {}); };",
+            ),
+            // A replace callback runs from native code, outside the interruptible
+            // loop: only the watchdog can save the thread.
+            (
+                "api/native.js",
+                "module.exports = () => 'a'.replace(/a/, () => { const f = () => 1; for (;;) f(); });",
+            ),
+        ],
+    );
+    for route in ["/api/awaits", "/api/chain"] {
+        let t = Instant::now();
+        let r = s.app("stuck", "GET", route, None);
+        assert_eq!(r.status, 504, "{route}: {}", r.text());
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "{route}: {:?}",
+            t.elapsed()
+        );
+    }
+    let addr = s.addr;
+    let port = s.port();
+    std::thread::spawn(move || {
+        let host = format!("stuck.localhost:{port}");
+        let _ = crate::util::request(addr, "GET", &host, "/api/native", &[], None);
+    });
+    // With its only thread stuck, the server answers again once the watchdog replaced it.
+    assert!(
+        crate::util::wait_until(30, || {
+            let m = s.api("GET", "/metrics", None).text();
+            m.contains("fazt_http_threads_abandoned_total 1")
+        }),
+        "the stuck thread was replaced"
+    );
+    assert_eq!(s.health()["status"], "ok");
+}

@@ -822,3 +822,73 @@ fn job_logs_keep_the_newest_thousand_lines() {
         "paging with ?after="
     );
 }
+
+#[test]
+fn a_job_too_big_to_fit_beside_daemons_does_not_stall_the_queue() {
+    let s = server_with(&["p"]);
+    let daemon = id(&spawn(
+        &s,
+        "p",
+        "workers/wait.js",
+        serde_json::json!({ "daemon": true, "memory": "64MB" }),
+    ));
+    s.wait_status(&daemon, "running", 20);
+    let big = id(&spawn(
+        &s,
+        "p",
+        "workers/w.js",
+        serde_json::json!({ "memory": "256MB", "data": { "x": 1 } }),
+    ));
+    let small = id(&spawn(
+        &s,
+        "p",
+        "workers/w.js",
+        serde_json::json!({ "memory": "1MB", "data": { "x": 2 } }),
+    ));
+    assert_eq!(s.wait_status(&small, "done", 20)["result"]["doubled"], 4);
+    assert_eq!(
+        s.job(&big)["status"],
+        "queued",
+        "waits for the daemon's memory"
+    );
+    s.api_json("POST", &format!("/api/jobs/{daemon}/cancel"));
+    assert_eq!(s.wait_status(&big, "done", 20)["result"]["doubled"], 2);
+}
+
+#[test]
+fn a_cancel_wins_over_a_throw_in_the_grace_period() {
+    let s = Server::start();
+    s.deploy_ok(
+        "grace",
+        &[
+            ("api/spawn.js", SPAWN),
+            (
+                "workers/bail.js",
+                "module.exports = (job) => { for (;;) { job.sleep(5000); if (job.cancelled) throw new Error('bailing out'); } };",
+            ),
+        ],
+    );
+    let jid = id(&spawn(
+        &s,
+        "grace",
+        "workers/bail.js",
+        serde_json::json!({ "retry": 3 }),
+    ));
+    s.wait_status(&jid, "running", 20);
+    let job = s.api_json("POST", &format!("/api/jobs/{jid}/cancel"));
+    assert_eq!(job["status"], "cancelled", "not retried: {job}");
+    let d = id(&spawn(
+        &s,
+        "grace",
+        "workers/bail.js",
+        serde_json::json!({ "daemon": true }),
+    ));
+    s.wait_status(&d, "running", 20);
+    let job = s.api_json("POST", &format!("/api/jobs/{d}/cancel"));
+    assert_eq!(
+        job["status"], "cancelled",
+        "a daemon is not restarted: {job}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(s.job(&d)["status"], "cancelled");
+}
