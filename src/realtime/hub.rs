@@ -43,6 +43,20 @@ impl Listeners {
         }
     }
 
+    /// Gives back a counter fetched with [`counter`](Self::counter) (an idle-watching
+    /// job ended): the entry goes if nobody listens and nobody else holds it.
+    pub fn release(&self, app: &str, channel: &str, counter: Arc<AtomicUsize>) {
+        drop(counter);
+        let key = (app.to_string(), channel.to_string());
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&key)
+            .is_some_and(|c| c.load(Ordering::Relaxed) == 0 && Arc::strong_count(c) == 1)
+        {
+            map.remove(&key);
+        }
+    }
+
     fn increment(&self, app: &str, channel: &str) {
         self.counter(app, channel).fetch_add(1, Ordering::Relaxed);
     }

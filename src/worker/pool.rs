@@ -804,9 +804,12 @@ impl Scheduler {
     /// Records how a run ended and what happens next (retry, restart, restore). Used
     /// for runs that reported back and for abandoned ones alike; `suffix` is appended
     /// to the error text.
-    fn conclude(&mut self, r: Running, outcome: Outcome, suffix: &str) {
+    fn conclude(&mut self, mut r: Running, outcome: Outcome, suffix: &str) {
         self.release(&r.job);
         self.idle_seen.remove(&r.job.id);
+        if let (Some(ch), Some(counter)) = (&r.job.config.idle_channel, r.idle_listeners.take()) {
+            self.listeners.release(&r.job.app, ch, counter);
+        }
         let ran_for = r.started.elapsed();
         let job = r.job;
         let shutting_down = self.shutting_down.is_some();
