@@ -296,10 +296,12 @@ fn worker_cancel(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<J
             "fazt.worker.cancel: a job cannot cancel itself; return instead",
         ));
     }
+    // Waits for the stop at most 1 s, well inside the caller's own watchdog; a job
+    // still stopping after that is returned as it is then.
     match host
         .services
         .pool
-        .cancel(Some(&host.app), &id)
+        .cancel_within(Some(&host.app), &id, std::time::Duration::from_secs(1))
         .map_err(store_error)?
     {
         Some(row) => job_value(&row, ctx),

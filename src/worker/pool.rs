@@ -174,6 +174,17 @@ impl Pool {
     /// Cancels job `id`. With `app`, only a job of that app is visible. Returns the job
     /// as it is after the cancel took effect (None: no such job).
     pub fn cancel(&self, app: Option<&str>, id: &str) -> crate::store::Result<Option<JobRow>> {
+        self.cancel_within(app, id, self.limits.watchdog + Duration::from_secs(3))
+    }
+
+    /// Like [`cancel`](Self::cancel), waiting at most `wait` for the job to stop (JS
+    /// callers must not outwait their own deadline and watchdog).
+    pub fn cancel_within(
+        &self,
+        app: Option<&str>,
+        id: &str,
+        wait: Duration,
+    ) -> crate::store::Result<Option<JobRow>> {
         let Some(job) = self.store.get_job(id)? else {
             return Ok(None);
         };
@@ -193,7 +204,7 @@ impl Pool {
             .is_ok()
         {
             // The scheduler answers once the job stopped (or the watchdog gave up).
-            let _ = reply_rx.recv_timeout(self.limits.watchdog + Duration::from_secs(3));
+            let _ = reply_rx.recv_timeout(wait);
         }
         self.store.flush()?;
         self.store.get_job(id)
