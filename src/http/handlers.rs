@@ -27,10 +27,37 @@ struct AppContext {
     last_used: u64,
 }
 
+/// Milliseconds on a monotonic clock (never 0), for the watchdog: wall-clock jumps
+/// must not make a healthy thread look stuck.
+pub(crate) fn mono_ms() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as i64
+        + 1
+}
+
+/// Marks the thread as running user JS until dropped (also when a panic unwinds).
+struct Busy<'a>(&'a AtomicI64);
+
+impl<'a> Busy<'a> {
+    fn start(flag: &'a AtomicI64) -> Busy<'a> {
+        flag.store(mono_ms(), Ordering::SeqCst);
+        Busy(flag)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+}
+
 /// Per-thread cache of warm handler contexts and of app versions.
 pub struct HandlerCache {
-    /// When this thread started running user JS (epoch ms; 0 = not running), read by
-    /// the HTTP watchdog.
+    /// When this thread started running user JS ([`mono_ms`]; 0 = not running), read
+    /// by the HTTP watchdog.
     js_since: Arc<AtomicI64>,
     apps: HashMap<String, AppContext>,
     clock: u64,
@@ -158,10 +185,9 @@ impl HandlerCache {
         };
         entry.last_used = self.clock;
         entry.ctx.insert_data(host);
-        self.js_since
-            .store(crate::store::now_ms(), Ordering::SeqCst);
+        let busy = Busy::start(&self.js_since);
         let result = call_handler(entry, file, source, request, &interrupt);
-        self.js_since.store(0, Ordering::SeqCst);
+        drop(busy);
         if let Err(RunError::Interrupted(_)) = &result {
             // The interrupted run left frames behind: this context cannot be reused.
             self.apps.remove(app);

@@ -16,7 +16,7 @@ pub fn error_reply(status: u16, msg: &str) -> tiny_http::Response<std::io::Curso
 }
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -47,6 +47,11 @@ pub struct HttpServer {
     watchdog: Option<JoinHandle<()>>,
 }
 
+/// Abandoned handler threads still alive. Each may spin on a core until boa's loop
+/// limit ends it, so their number is capped: past the cap a stuck thread is left in
+/// place (the pool serves with one thread less) instead of adding another spinner.
+static ABANDONED_LIVE: AtomicUsize = AtomicUsize::new(0);
+
 impl HttpServer {
     pub fn start(
         listener: TcpListener,
@@ -67,7 +72,7 @@ impl HttpServer {
             let (server, stopping, workers) = (server.clone(), stopping.clone(), workers.clone());
             std::thread::Builder::new()
                 .name("fazt-http-watchdog".into())
-                .spawn(move || watch(&server, &stopping, &workers, &services))
+                .spawn(move || watch(&server, &stopping, &workers, &services, threads))
                 .context("spawning the HTTP watchdog")?
         };
         Ok(HttpServer {
@@ -86,12 +91,20 @@ impl HttpServer {
             let _ = w.join();
         }
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
-        for _ in 0..workers.len() {
+        // Extra wake-ups are harmless; too few would leave a thread in recv().
+        for _ in 0..workers.len() + ABANDONED_LIVE.load(Ordering::SeqCst) + 1 {
             self.server.unblock();
         }
+        // In-flight requests may finish; a thread stuck in user JS is not waited for.
+        let deadline = std::time::Instant::now() + handlers::HANDLER_TIMEOUT * 2;
         for w in workers {
-            if !w.abandoned.load(Ordering::SeqCst) {
+            while !w.handle.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if w.handle.is_finished() {
                 let _ = w.handle.join();
+            } else {
+                log::warn!("an HTTP thread is still busy at shutdown; not waiting for it");
             }
         }
     }
@@ -125,32 +138,39 @@ fn watch(
     stopping: &Arc<AtomicBool>,
     workers: &Mutex<Vec<Worker>>,
     services: &Arc<Services>,
+    max_abandoned: usize,
 ) {
     let mut next_name = workers.lock().map(|w| w.len()).unwrap_or(0);
     while !stopping.load(Ordering::SeqCst) {
         std::thread::sleep(std::time::Duration::from_millis(250));
-        let now = crate::store::now_ms();
+        let now = handlers::mono_ms();
         let mut workers = workers.lock().unwrap_or_else(|p| p.into_inner());
         let mut replacements = Vec::new();
         for w in workers.iter() {
             let since = w.js_since.load(Ordering::SeqCst);
-            if since != 0
-                && now - since > STUCK_AFTER_MS
-                && !w.abandoned.swap(true, Ordering::SeqCst)
-            {
-                log::error!(
-                    "an HTTP thread is stuck in user JS {} ms past its deadline; starting a replacement",
-                    now - since - handlers::HANDLER_TIMEOUT.as_millis() as i64
-                );
-                services
-                    .metrics
-                    .http_threads_abandoned
-                    .fetch_add(1, Ordering::Relaxed);
-                match spawn_worker(next_name, server, stopping, services) {
-                    Ok(new) => replacements.push(new),
-                    Err(e) => log::error!("could not replace a stuck HTTP thread: {e}"),
+            if since == 0 || now - since <= STUCK_AFTER_MS || w.abandoned.load(Ordering::SeqCst) {
+                continue;
+            }
+            if ABANDONED_LIVE.load(Ordering::SeqCst) >= max_abandoned {
+                continue; // Capped: see ABANDONED_LIVE.
+            }
+            // Replace first, so a failed spawn never shrinks the pool.
+            match spawn_worker(next_name, server, stopping, services) {
+                Ok(new) => {
+                    log::error!(
+                        "an HTTP thread is stuck in user JS {} ms past its deadline; replaced it",
+                        now - since - handlers::HANDLER_TIMEOUT.as_millis() as i64
+                    );
+                    ABANDONED_LIVE.fetch_add(1, Ordering::SeqCst);
+                    w.abandoned.store(true, Ordering::SeqCst);
+                    services
+                        .metrics
+                        .http_threads_abandoned
+                        .fetch_add(1, Ordering::Relaxed);
+                    replacements.push(new);
+                    next_name += 1;
                 }
-                next_name += 1;
+                Err(e) => log::error!("could not replace a stuck HTTP thread: {e}"),
             }
         }
         // Abandoned threads are forgotten (detached); their replacements take over.
@@ -186,6 +206,9 @@ fn serve(
             .http_requests
             .fetch_add(1, Ordering::Relaxed);
         handle(req, services, &mut cache);
+    }
+    if abandoned.load(Ordering::SeqCst) {
+        ABANDONED_LIVE.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -1,7 +1,8 @@
 //! The promise job queue. boa's stock executor runs queued jobs (promise reactions,
 //! `await` continuations) back to back without looking up; this one checks the run's
 //! [`Interrupt`](super::Interrupt) before every job, so `for (;;) await 0` or an endless
-//! promise chain is stopped like any other loop.
+//! promise chain is stopped. A single continuation still runs to its next `await` in one
+//! go (boa resumes it synchronously): a loop there is left to the watchdogs.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -37,14 +38,18 @@ impl JobExecutor for InterruptibleJobs {
             let Some(job) = self.queue.borrow_mut().pop_front() else {
                 return Ok(());
             };
-            match job {
-                Job::PromiseJob(j) => {
-                    j.call(context)?;
-                }
-                Job::GenericJob(j) => {
-                    j.call(context)?;
-                }
-                _ => {}
+            let result = match job {
+                Job::PromiseJob(j) => j.call(context),
+                Job::GenericJob(j) => j.call(context),
+                _ => Ok(boa_engine::JsValue::undefined()),
+            };
+            // WeakRef targets are kept alive only until the current job ends.
+            context.clear_kept_objects();
+            if let Err(e) = result {
+                // What is left belongs to a run that failed: never carry it into the
+                // next run of a reused context.
+                self.queue.borrow_mut().clear();
+                return Err(e);
             }
         }
     }

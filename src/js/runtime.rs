@@ -171,7 +171,12 @@ pub fn call(
     let _ = global.delete_property_or_throw(js_string!("__fazt_fn"), ctx);
     let _ = global.delete_property_or_throw(js_string!("__fazt_args"), ctx);
     let value = value?;
-    settle(ctx, value, interrupt)
+    let settled = settle(ctx, value, interrupt)?;
+    // Drain what the run left queued (reactions it did not await), like a microtask
+    // checkpoint: otherwise it would run at the start of the next call of a reused
+    // context, under the next request's or job's host.
+    ctx.run_jobs().map_err(|e| classify(e, ctx, interrupt))?;
+    Ok(settled)
 }
 
 /// The trampoline `call` evaluates, parsed once per context: parsing is most of the

@@ -494,7 +494,7 @@ impl Scheduler {
                         if r.job.config.daemon {
                             r.interrupt.stop(Reason::Shutdown);
                             r.stopped_at = Some(now);
-                        } else {
+                        } else if r.stop_at.is_none() {
                             r.stop_at = Some((now + self.limits.shutdown_grace, Reason::Shutdown));
                         }
                     }
@@ -619,7 +619,17 @@ impl Scheduler {
             "; the job did not stop within {:?}, so its worker thread was abandoned",
             self.limits.watchdog
         );
-        self.conclude(r, Outcome::Interrupted(reason), &suffix);
+        // The old thread may still be running it: never retry or restart such a job,
+        // or each attempt could strand another spinning thread.
+        let outcome = match reason {
+            Reason::Timeout | Reason::Memory => Outcome::Fatal(stop_message(
+                reason,
+                &r.job.config,
+                Some(r.interrupt.note()),
+            )),
+            other => Outcome::Interrupted(other),
+        };
+        self.conclude(r, outcome, &suffix);
         match Slot::spawn(i, gen, &self.tx, &self.services) {
             // The old thread keeps its own receiver and exits once its job ends; its
             // handle is dropped (detached) with the old slot.
@@ -833,9 +843,10 @@ impl Scheduler {
         };
         let outcome = match (asked, outcome) {
             (Some(reason), Outcome::Failed(_)) => Outcome::Interrupted(reason),
-            (Some(reason), Outcome::Interrupted(Reason::Timeout | Reason::Memory)) => {
-                Outcome::Interrupted(reason)
-            }
+            (
+                Some(reason),
+                Outcome::Interrupted(Reason::Timeout | Reason::Memory | Reason::Shutdown),
+            ) => Outcome::Interrupted(reason),
             (_, other) => other,
         };
         let with = |m: String| format!("{m}{suffix}");

@@ -47,6 +47,11 @@ struct Warm {
     /// gives the app a fresh context.
     sources: HashMap<String, Vec<u8>>,
     modules: HashMap<String, JsValue>,
+    /// `Services::app_generation` when built: after an app is removed and deployed
+    /// again, even with the same sources, it starts from a fresh context.
+    generation: u64,
+    /// Heap growth of this thread across the jobs this context served.
+    grown: i64,
 }
 
 /// Heap a slot may keep between jobs for its warm context.
@@ -61,8 +66,9 @@ pub(crate) fn run(
     heap: &std::sync::atomic::AtomicI64,
 ) {
     let mut warm: Option<Warm> = None;
-    let base = heap.load(std::sync::atomic::Ordering::Relaxed);
+    let heap_now = || heap.load(std::sync::atomic::Ordering::Relaxed);
     while let Ok(SlotMsg::Run(run)) = rx.recv() {
+        let before = heap_now();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run_job(&run.job, &run.interrupt, services, &mut warm)
         }))
@@ -77,9 +83,19 @@ pub(crate) fn run(
             Outcome::Failed(format!("internal error while running the job: {msg}"))
         });
         // A warm context that grew (module-level caches, leaked globals) would hold
-        // memory outside any job's reservation: start the next job fresh instead.
-        if heap.load(std::sync::atomic::Ordering::Relaxed) - base > MAX_WARM_BYTES {
-            warm = None;
+        // memory outside any job's reservation: collect, and if it is still too big,
+        // start the next job fresh instead.
+        if let Some(w) = warm.as_mut() {
+            w.grown += heap_now() - before;
+            if w.grown > MAX_WARM_BYTES {
+                let pre = heap_now();
+                boa_gc::force_collect();
+                w.grown -= pre - heap_now();
+                if w.grown > MAX_WARM_BYTES {
+                    warm = None;
+                    boa_gc::force_collect();
+                }
+            }
         }
         if events
             .send(Msg::Finished {
@@ -124,9 +140,14 @@ fn run_job(
         })),
         sink: LogSink::Job,
     };
-    let reusable = warm
-        .as_ref()
-        .is_some_and(|w| w.app == job.app && w.sources.get(&job.path).is_none_or(|s| *s == source));
+    let generation = services
+        .app_generation
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let reusable = warm.as_ref().is_some_and(|w| {
+        w.app == job.app
+            && w.generation == generation
+            && w.sources.get(&job.path).is_none_or(|s| *s == source)
+    });
     if !reusable {
         *warm = None;
     }
@@ -141,6 +162,8 @@ fn run_job(
                 ctx: js::new_context(host)?,
                 sources: HashMap::new(),
                 modules: HashMap::new(),
+                generation,
+                grown: 0,
             }),
         };
         let exports = match w.modules.get(&job.path) {

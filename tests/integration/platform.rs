@@ -509,3 +509,26 @@ fn await_loops_time_out_and_stuck_handler_threads_are_replaced() {
     );
     assert_eq!(s.health()["status"], "ok");
 }
+
+#[test]
+fn promise_reactions_a_handler_leaves_behind_run_before_the_response() {
+    let s = Server::start();
+    s.deploy_ok(
+        "micro",
+        &[
+            (
+                "api/fire.js",
+                "module.exports = (r) => { Promise.resolve().then(() => fazt.storage.kv.set('late', r.query.n)); return 'ok'; };",
+            ),
+            ("api/read.js", "module.exports = () => fazt.storage.kv.get('late');"),
+        ],
+    );
+    assert_eq!(s.call("micro", "/api/fire?n=1"), "ok");
+    assert_eq!(
+        s.call("micro", "/api/read"),
+        "1",
+        "ran with its own request"
+    );
+    assert_eq!(s.call("micro", "/api/fire?n=2"), "ok");
+    assert_eq!(s.call("micro", "/api/read"), "2");
+}
