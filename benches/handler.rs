@@ -132,40 +132,24 @@ fn handler(c: &mut Criterion) {
     });
 
     // A cold request: fresh cache, so context + module load + call.
-    g.bench_function("run_cold", |b| {
-        b.iter(|| {
-            let mut cache = HandlerCache::default();
-            let reply = cache
-                .run(
-                    &services,
-                    APP,
-                    info.version,
-                    HANDLER_FILE,
-                    HANDLER_SRC,
-                    request(),
-                )
-                .expect("run");
-            expect_ok(reply);
-        })
-    });
+    let run = |cache: &mut HandlerCache| {
+        let reply = cache
+            .run(
+                &services,
+                APP,
+                info.version,
+                HANDLER_FILE,
+                HANDLER_SRC,
+                request(),
+            )
+            .expect("run");
+        expect_ok(reply);
+    };
+    g.bench_function("run_cold", |b| b.iter(|| run(&mut HandlerCache::default())));
 
     // A warm request: the context and module are cached, one call per request.
     let mut cache = HandlerCache::default();
-    g.bench_function("run_warm", |b| {
-        b.iter(|| {
-            let reply = cache
-                .run(
-                    &services,
-                    APP,
-                    info.version,
-                    HANDLER_FILE,
-                    HANDLER_SRC,
-                    request(),
-                )
-                .expect("run");
-            expect_ok(reply);
-        })
-    });
+    g.bench_function("run_warm", |b| b.iter(|| run(&mut cache)));
 
     // Full HTTP requests to the running server over one keep-alive connection.
     let host_header = format!("{APP}.localhost:{}", addr.port());

@@ -270,41 +270,35 @@ fn apps_and_data_survive_a_restart_and_shutdown_is_clean() {
     assert_eq!(s.call("keep", "/api/hello")["n"], 2);
 }
 
+/// Runs `fazt server` on `data_dir` expecting it to refuse to start; returns stderr.
+fn refused_start(data_dir: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fazt"))
+        .args([
+            "--data-dir",
+            data_dir.to_str().expect("utf-8"),
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
 #[test]
 fn a_corrupt_database_is_a_clear_error_at_start() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("data");
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("fazt.db"), vec![0x42u8; 8192]).expect("garbage");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fazt"))
-        .args([
-            "--data-dir",
-            dir.to_str().expect("utf-8"),
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&dir);
     assert!(err.contains("error: opening the database"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-
     let file = tmp.path().join("file");
     std::fs::write(&file, "x").expect("file");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fazt"))
-        .args([
-            "--data-dir",
-            file.to_str().expect("utf-8"),
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+    assert!(refused_start(&file).contains("not a directory"));
 }
 
 #[test]

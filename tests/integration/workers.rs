@@ -715,6 +715,17 @@ fn ctrl_c_gives_running_jobs_a_grace_period_and_loses_nothing() {
     }
 }
 
+/// Spawns `n` jobs of `path` (1 MB each, so all slots take part) and returns their
+/// results once all are done.
+fn results_of(s: &Server, app: &str, path: &str, n: usize) -> Vec<Value> {
+    let ids: Vec<String> = (0..n)
+        .map(|_| id(&spawn(s, app, path, serde_json::json!({ "memory": "1MB" }))))
+        .collect();
+    ids.iter()
+        .map(|j| s.wait_status(j, "done", 30)["result"].clone())
+        .collect()
+}
+
 #[test]
 fn warm_worker_contexts_pick_up_redeploys_and_never_cross_apps() {
     let s = Server::start();
@@ -731,36 +742,14 @@ fn warm_worker_contexts_pick_up_redeploys_and_never_cross_apps() {
         ],
     );
     // Enough jobs that every slot has run app ga at least once.
-    let ids: Vec<String> = (0..40)
-        .map(|_| {
-            id(&spawn(
-                &s,
-                "ga",
-                "workers/g.js",
-                serde_json::json!({ "memory": "1MB" }),
-            ))
-        })
-        .collect();
-    for j in &ids {
-        assert_eq!(s.wait_status(j, "done", 30)["result"], "v1");
-    }
-    let ids: Vec<String> = (0..40)
-        .map(|_| {
-            id(&spawn(
-                &s,
-                "gb",
-                "workers/g.js",
-                serde_json::json!({ "memory": "1MB" }),
-            ))
-        })
-        .collect();
-    for j in &ids {
-        assert_eq!(
-            s.wait_status(j, "done", 30)["result"],
-            "undefined",
-            "no globals leak between apps"
-        );
-    }
+    assert!(results_of(&s, "ga", "workers/g.js", 40)
+        .iter()
+        .all(|r| r == "v1"));
+    let b = results_of(&s, "gb", "workers/g.js", 40);
+    assert!(
+        b.iter().all(|r| r == "undefined"),
+        "no globals leak between apps: {b:?}"
+    );
     s.deploy_ok(
         "ga",
         &[
@@ -768,23 +757,8 @@ fn warm_worker_contexts_pick_up_redeploys_and_never_cross_apps() {
             ("workers/g.js", "module.exports = () => 'v2';"),
         ],
     );
-    let ids: Vec<String> = (0..40)
-        .map(|_| {
-            id(&spawn(
-                &s,
-                "ga",
-                "workers/g.js",
-                serde_json::json!({ "memory": "1MB" }),
-            ))
-        })
-        .collect();
-    for j in &ids {
-        assert_eq!(
-            s.wait_status(j, "done", 30)["result"],
-            "v2",
-            "the new code runs"
-        );
-    }
+    let a = results_of(&s, "ga", "workers/g.js", 40);
+    assert!(a.iter().all(|r| r == "v2"), "the new code runs: {a:?}");
 }
 
 #[test]
