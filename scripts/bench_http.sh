@@ -31,15 +31,7 @@ const server = http.createServer((req, res) => {
 });
 server.listen(0, '127.0.0.1', () => console.log(`listening ${server.address().port}`));
 EOF
-node "$WORK/node-counter.js" >"$WORK/node.out" 2>&1 &
-PIDS+=("$!")
-NODE_PORT=""
-for _ in $(seq 1 100); do
-  NODE_PORT="$(sed -n 's/^listening //p' "$WORK/node.out")"
-  [ -n "$NODE_PORT" ] && break
-  sleep 0.1
-done
-[ -n "$NODE_PORT" ] || { cat "$WORK/node.out" >&2; echo "node did not start" >&2; exit 1; }
+start_node_baseline "$WORK/node-counter.js"
 
 # --- fazt ---------------------------------------------------------------------------
 start_fazt

@@ -76,6 +76,20 @@ app_get() {
 }
 
 # rss_kb PID: resident set size in kB.
+# Runs a Node baseline server (a script that prints "listening <port>") in the
+# background and sets NODE_PORT once it listens.
+start_node_baseline() {
+  node "$1" >"$WORK/node.out" 2>&1 &
+  PIDS+=("$!")
+  NODE_PORT=""
+  for _ in $(seq 1 100); do
+    NODE_PORT="$(sed -n 's/^listening //p' "$WORK/node.out")"
+    [ -n "$NODE_PORT" ] && break
+    sleep 0.1
+  done
+  [ -n "$NODE_PORT" ] || { cat "$WORK/node.out" >&2; echo "node did not start" >&2; exit 1; }
+}
+
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
 # The shared drivers take loopback URLs only and set no Host header, but fazt routes
