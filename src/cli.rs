@@ -287,64 +287,92 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_log_line(out: &mut impl Write, l: &serde_json::Value) -> std::io::Result<()> {
+fn print_log_line(out: &mut (impl Write + ?Sized), l: &serde_json::Value) -> std::io::Result<()> {
     writeln!(
         out,
         "{} [{}] {}",
-        l["ts"],
+        clock_time(l["ts"].as_i64().unwrap_or(0)),
         l["level"].as_str().unwrap_or(""),
         l["msg"].as_str().unwrap_or("")
     )
 }
 
+/// `HH:MM:SS.mmm` (UTC) of an epoch-ms timestamp.
+fn clock_time(ms: i64) -> String {
+    let day_ms = ms.rem_euclid(86_400_000);
+    let (h, m, s, milli) = (
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000,
+    );
+    format!("{h:02}:{m:02}:{s:02}.{milli:03}")
+}
+
+/// Prints the job's log; with `follow`, keeps printing new lines until the job ends,
+/// with a progress bar on a terminal (a plain status line at the end otherwise).
 fn follow_logs(
     client: &Client,
     id: &str,
     follow: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let tty = std::io::stdout().is_terminal();
     let mut after = 0i64;
-    let mut bar_shown = false;
-    loop {
+    let print_new = |out: &mut dyn Write, after: &mut i64| -> anyhow::Result<()> {
         let lines = client.call("GET", &format!("/api/jobs/{id}/logs?after={after}"), None)?;
-        let job = if follow {
-            Some(client.call("GET", &format!("/api/jobs/{id}"), None)?)
-        } else {
-            None
-        };
-        if bar_shown {
-            // Clear the progress bar line before printing log lines over it.
-            write!(out, "\r\x1b[2K")?;
-        }
         for l in lines.as_array().into_iter().flatten() {
-            after = after.max(l["id"].as_i64().unwrap_or(after));
+            *after = (*after).max(l["id"].as_i64().unwrap_or(*after));
             print_log_line(out, l)?;
         }
-        let Some(job) = job else { break };
+        Ok(())
+    };
+    print_new(out, &mut after)?;
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        let job = client.call("GET", &format!("/api/jobs/{id}"), None)?;
         let status = job["status"].as_str().unwrap_or("");
         let pct = job["progress"].as_i64().unwrap_or(0).clamp(0, 100);
-        let filled = (pct / 5) as usize;
-        write!(
-            out,
-            "[{}{}] {pct:>3}% {status}",
-            "#".repeat(filled),
-            "-".repeat(20 - filled)
-        )?;
-        out.flush()?;
-        bar_shown = true;
-        if !matches!(status, "queued" | "running") {
-            writeln!(out)?;
-            // Lines written between the log read and the status read come last.
-            let rest = client.call("GET", &format!("/api/jobs/{id}/logs?after={after}"), None)?;
-            for l in rest.as_array().into_iter().flatten() {
-                print_log_line(out, l)?;
-            }
+        let done = !matches!(status, "queued" | "running");
+        let bar = || {
+            let filled = (pct / 5) as usize;
+            format!(
+                "[{}{}] {pct:>3}% {status}",
+                "#".repeat(filled),
+                "-".repeat(20 - filled)
+            )
+        };
+        if tty && !done {
+            write!(out, "{}", bar())?;
+            out.flush()?;
+            std::thread::sleep(Duration::from_millis(500));
+            // Clear the bar before log lines are printed over it.
+            write!(out, "\r\x1b[2K")?;
+        } else if !done {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        // Lines written up to (and after) the status read.
+        print_new(out, &mut after)?;
+        if done {
+            writeln!(out, "{}", bar())?;
             if let Some(e) = job["error"].as_str() {
                 writeln!(out, "error: {e}")?;
             }
-            break;
+            return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(500));
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clock_time;
+
+    #[test]
+    fn log_times_are_utc_clock_times() {
+        assert_eq!(clock_time(0), "00:00:00.000");
+        assert_eq!(clock_time(86_400_000 + 3_723_004), "01:02:03.004");
+    }
 }
