@@ -49,7 +49,7 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
         },
         (Method::Delete, ["api", "apps", name]) => {
             crate::apps::check_name(name).map_err(HttpError::bad_request)?;
-            services.pool.cancel_app(name);
+            services.pool.cancel_app(name)?;
             let removed = services.store.remove_app(name)?;
             services.apps_changed();
             if removed {

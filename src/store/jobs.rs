@@ -160,6 +160,19 @@ impl Store {
         })
     }
 
+    /// Ids of an app's queued and running jobs.
+    pub fn live_job_ids(&self, app: &str) -> Result<Vec<String>> {
+        self.read(|c| {
+            query_all(
+                c,
+                "SELECT id FROM worker_jobs WHERE app = ?1 AND status IN ('queued', 'running')",
+                [app],
+                "listing live jobs",
+                |r| r.get(0),
+            )
+        })
+    }
+
     pub fn get_job(&self, id: &str) -> Result<Option<JobRow>> {
         self.read(|c| get_job(c, id))
     }

@@ -78,7 +78,6 @@ pub(crate) enum Msg {
         id: String,
         reply: Sender<()>,
     },
-    CancelApp(String),
     Finished {
         slot: usize,
         gen: u64,
@@ -210,9 +209,21 @@ impl Pool {
         self.store.get_job(id)
     }
 
-    /// Cancels every job of an app (used when the app is removed).
-    pub fn cancel_app(&self, app: &str) {
-        let _ = self.tx.send(Msg::CancelApp(app.to_string()));
+    /// Cancels every live job of an app and waits (bounded) until they stopped, so
+    /// nothing of the app keeps running or writing once it is removed.
+    pub fn cancel_app(&self, app: &str) -> crate::store::Result<()> {
+        let mut replies = Vec::new();
+        for id in self.store.live_job_ids(app)? {
+            let (reply, rx) = crossbeam_channel::bounded(1);
+            if self.tx.send(Msg::Cancel { id, reply }).is_ok() {
+                replies.push(rx);
+            }
+        }
+        let deadline = Instant::now() + self.limits.watchdog + Duration::from_secs(3);
+        for rx in replies {
+            let _ = rx.recv_deadline(deadline);
+        }
+        self.store.flush()
     }
 
     /// Stops the pool: no new starts, daemons stopped (kept restorable), other running
@@ -465,25 +476,6 @@ impl Scheduler {
         match msg {
             Msg::Enqueue(job) => self.push_queue(*job),
             Msg::Cancel { id, reply } => self.cancel(&id, Some(reply)),
-            Msg::CancelApp(app) => {
-                let ids: Vec<String> = self
-                    .queue
-                    .values()
-                    .chain(self.delayed.iter().map(|(_, j)| j))
-                    .filter(|j| j.app == app)
-                    .map(|j| j.id.clone())
-                    .chain(
-                        self.slots
-                            .iter()
-                            .filter_map(|s| s.running.as_ref())
-                            .filter(|r| r.job.app == app)
-                            .map(|r| r.job.id.clone()),
-                    )
-                    .collect();
-                for id in ids {
-                    self.cancel(&id, None);
-                }
-            }
             Msg::Finished { slot, gen, outcome } => self.finished(slot, gen, outcome),
             Msg::OverBudget => self.over_budget(),
             Msg::Shutdown(done) => {

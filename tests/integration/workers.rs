@@ -866,3 +866,25 @@ fn a_cancel_wins_over_a_throw_in_the_grace_period() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(s.job(&d)["status"], "cancelled");
 }
+
+#[test]
+fn removing_an_app_stops_its_jobs_and_forgets_them() {
+    let s = server_with(&["gone"]);
+    let running = id(&spawn(&s, "gone", "workers/steps.js", Value::Null));
+    let queued: Vec<String> = (0..6)
+        .map(|_| id(&spawn(&s, "gone", "workers/wait.js", Value::Null)))
+        .collect();
+    s.wait_job(&running, 20, |j| j["progress"].as_i64() >= Some(2));
+    let t = Instant::now();
+    assert_eq!(s.api("DELETE", "/api/apps/gone", None).status, 200);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    for j in queued.iter().chain([&running]) {
+        assert_eq!(s.api("GET", &format!("/api/jobs/{j}"), None).status, 404);
+    }
+    assert_eq!(s.health()["workers"]["running"], 0);
+    // A new app with the same name starts with no history.
+    s.deploy_ok("gone", WORKERS);
+    assert_eq!(s.call("gone", "/api/jobs?op=list"), serde_json::json!([]));
+    let logs = s.api("GET", &format!("/api/jobs/{running}/logs"), None);
+    assert_eq!(logs.status, 404);
+}
