@@ -10,17 +10,17 @@ mod util;
 pub use handlers::{HandlerCache, HandlerRequest};
 pub use util::{HttpError, Reply};
 
-/// A JSON error response (for code that answers a raw request itself).
-pub fn error_reply(status: u16, msg: &str) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    util::error_response(status, msg)
-}
-
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::services::Services;
+
+/// A JSON error response (for code that answers a raw request itself).
+pub fn error_reply(status: u16, msg: &str) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
+    util::error_response(status, msg)
+}
 
 /// Stack for threads that run user JS: boa recurses on the native stack for calls made
 /// from native code, so the 2 MB default is too tight for deep but legal programs.

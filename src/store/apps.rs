@@ -91,6 +91,16 @@ impl Store {
         })
     }
 
+    /// Whether the app has a file at `path` (without reading it).
+    pub fn app_file_exists(&self, app: &str, path: &str) -> Result<bool> {
+        self.read(|c| {
+            c.prepare_cached("SELECT EXISTS(SELECT 1 FROM app_files WHERE app = ?1 AND path = ?2)")
+                .ctx("checking a file")?
+                .query_row(params![app, path], |r| r.get(0))
+                .ctx("checking a file")
+        })
+    }
+
     /// One file's content, or None.
     pub fn app_file(&self, app: &str, path: &str) -> Result<Option<Vec<u8>>> {
         self.read(|c| {

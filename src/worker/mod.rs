@@ -127,7 +127,7 @@ pub fn spawn(
 ) -> Result<JobRow, SpawnError> {
     check_worker_path(path).map_err(SpawnError::Invalid)?;
     let (config, data) = parse_options(opts).map_err(SpawnError::Invalid)?;
-    if services.store.app_file(app, path)?.is_none() {
+    if !services.store.app_file_exists(app, path)? {
         return Err(SpawnError::Invalid(format!(
             "no worker file {path} in app '{app}'"
         )));

@@ -43,12 +43,10 @@ pub(crate) enum Outcome {
 struct Warm {
     app: String,
     ctx: Context,
-    /// Source each loaded module was built from; a redeploy that changes any of them
-    /// gives the app a fresh context.
-    sources: HashMap<String, Vec<u8>>,
+    /// `module.exports` of each worker file loaded, by path.
     modules: HashMap<String, JsValue>,
-    /// `Services::app_generation` when built: after an app is removed and deployed
-    /// again, even with the same sources, it starts from a fresh context.
+    /// `Services::app_generation` when built: any deploy or removal since gives the
+    /// app a fresh context with the new code.
     generation: u64,
     /// Heap growth of this thread across the jobs this context served.
     grown: i64,
@@ -116,18 +114,36 @@ fn run_job(
     services: &Arc<Services>,
     warm: &mut Option<Warm>,
 ) -> Outcome {
-    let source = match services.store.app_file(&job.app, &job.path) {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            return Outcome::Fatal(format!(
-                "worker file {} no longer exists in app '{}'",
-                job.path, job.app
-            ))
+    // Every deploy or removal bumps the generation, so a warm context of the same
+    // generation still has the app's current code.
+    let generation = services
+        .app_generation
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let reusable = warm
+        .as_ref()
+        .is_some_and(|w| w.app == job.app && w.generation == generation);
+    if !reusable {
+        *warm = None;
+    }
+    let loaded = warm
+        .as_ref()
+        .is_some_and(|w| w.modules.contains_key(&job.path));
+    let source = if loaded {
+        String::new()
+    } else {
+        match services.store.app_file(&job.app, &job.path) {
+            Ok(Some(bytes)) => match String::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(_) => return Outcome::Fatal(format!("{} is not valid UTF-8", job.path)),
+            },
+            Ok(None) => {
+                return Outcome::Fatal(format!(
+                    "worker file {} no longer exists in app '{}'",
+                    job.path, job.app
+                ))
+            }
+            Err(e) => return Outcome::Failed(format!("loading {}: {e}", job.path)),
         }
-        Err(e) => return Outcome::Failed(format!("loading {}: {e}", job.path)),
-    };
-    let Ok(text) = std::str::from_utf8(&source) else {
-        return Outcome::Fatal(format!("{} is not valid UTF-8", job.path));
     };
     let host = Host {
         app: Arc::from(job.app.as_str()),
@@ -140,17 +156,6 @@ fn run_job(
         })),
         sink: LogSink::Job,
     };
-    let generation = services
-        .app_generation
-        .load(std::sync::atomic::Ordering::SeqCst);
-    let reusable = warm.as_ref().is_some_and(|w| {
-        w.app == job.app
-            && w.generation == generation
-            && w.sources.get(&job.path).is_none_or(|s| *s == source)
-    });
-    if !reusable {
-        *warm = None;
-    }
     let result = (|| -> Result<Option<String>, RunError> {
         let w = match warm {
             Some(w) => {
@@ -160,7 +165,6 @@ fn run_job(
             None => warm.insert(Warm {
                 app: job.app.clone(),
                 ctx: js::new_context(host)?,
-                sources: HashMap::new(),
                 modules: HashMap::new(),
                 generation,
                 grown: 0,
@@ -169,9 +173,8 @@ fn run_job(
         let exports = match w.modules.get(&job.path) {
             Some(e) => e.clone(),
             None => {
-                let e = js::load_module(&mut w.ctx, &job.path, text, interrupt)?;
+                let e = js::load_module(&mut w.ctx, &job.path, &source, interrupt)?;
                 w.modules.insert(job.path.clone(), e.clone());
-                w.sources.insert(job.path.clone(), source.clone());
                 e
             }
         };
