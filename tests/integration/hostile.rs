@@ -64,3 +64,269 @@ fn huge_content_length_does_not_abort() {
         server.threads_named("fazt-http-")
     );
 }
+
+#[test]
+fn sixteen_silent_bodies_do_not_make_the_server_deaf() {
+    let server = Server::start_with(&["--body-timeout", "1s"]);
+    // More connections than HTTP threads, each declaring a body it never sends: to
+    // /health (which never reads it: the drain after the answer used to wait forever)
+    // and to a deploy (which reads it).
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let mut s = TcpStream::connect(server.addr).expect("connect");
+        let head = if i % 2 == 0 {
+            "POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\npartial"
+                .to_string()
+        } else {
+            format!(
+                "PUT /api/apps/half HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nContent-Length: 1000000\r\n\r\npartial",
+                server.token
+            )
+        };
+        s.write_all(head.as_bytes()).expect("write");
+        held.push(s);
+    }
+    assert!(
+        wait_until(10, || server.health_within(2000) == Some(200)),
+        "the server went deaf behind 20 silent bodies"
+    );
+    // The deploy whose body stopped half-way gets a 408.
+    let s = &mut held[1];
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    assert_eq!(read_status(s), Some(408));
+}
+
+#[test]
+fn http2_request_lines_do_not_leak_threads() {
+    let server = Server::start();
+    let before = server.thread_count();
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(server.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"GET / HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .expect("write");
+        assert_eq!(read_status(&mut s), Some(505));
+        held.push(s); // the client keeps its side open
+    }
+    // The server closed each connection after its 505 (read sees EOF)...
+    for s in held.iter_mut() {
+        let mut rest = Vec::new();
+        let r = s.read_to_end(&mut rest);
+        assert!(
+            r.is_ok(),
+            "the server kept an HTTP/2.0 connection open: {r:?}"
+        );
+    }
+    // ...and its threads are gone with them.
+    assert!(
+        wait_until(10, || server.thread_count() <= before + 10),
+        "threads leaked: {} before, {} after",
+        before,
+        server.thread_count()
+    );
+    assert_eq!(
+        raw_status(server.addr, b"GET /health HTTP/3.0\r\n\r\n", false, 5000),
+        Some(505)
+    );
+    assert_eq!(
+        raw_status(server.addr, b"GET /health HTTX/1.1\r\n\r\n", false, 5000),
+        Some(400)
+    );
+}
+
+#[test]
+fn oversized_header_gets_431() {
+    let server = Server::start();
+    let big = "x".repeat(40 << 10);
+    let req = format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {big}\r\n\r\n");
+    assert_eq!(
+        raw_status(server.addr, req.as_bytes(), false, 5000),
+        Some(431)
+    );
+    // Many small headers add up the same way.
+    let many: String = (0..2000)
+        .map(|i| format!("X-H{i}: 0123456789\r\n"))
+        .collect();
+    let req = format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n{many}\r\n");
+    assert_eq!(
+        raw_status(server.addr, req.as_bytes(), false, 5000),
+        Some(431)
+    );
+    // A 64 MB header line is cut off after the limit, not buffered: the answer comes
+    // while the client is still sending.
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Huge: ")
+        .expect("write");
+    let chunk = vec![b'a'; 64 << 10];
+    for _ in 0..1024 {
+        if s.write_all(&chunk).is_err() {
+            break; // the server answered and closed
+        }
+    }
+    assert_eq!(read_status(&mut s), Some(431));
+    assert_eq!(server.health_within(2000), Some(200));
+}
+
+#[test]
+fn oversized_request_line_gets_414() {
+    let server = Server::start();
+    let path = format!("/{}", "a".repeat(10 << 10));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert_eq!(
+        raw_status(server.addr, req.as_bytes(), false, 5000),
+        Some(414)
+    );
+    // Just under the limit is served as usual.
+    let path = format!("/{}", "a".repeat(7 << 10));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        raw_status(server.addr, req.as_bytes(), false, 5000),
+        Some(401)
+    );
+}
+
+#[test]
+fn slow_request_head_gets_408() {
+    let server = Server::start_with(&["--head-timeout", "1s"]);
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let started = Instant::now();
+    // One byte every 200 ms: each read is quick, the head as a whole is not.
+    let mut status = None;
+    for b in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: aaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut peek = [0u8; 1];
+        let answered = matches!(s.peek(&mut peek), Ok(n) if n > 0);
+        s.set_nonblocking(false).expect("blocking");
+        if answered {
+            status = read_status(&mut s);
+            break;
+        }
+    }
+    assert_eq!(status, Some(408), "a dripped head was not cut off");
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+#[test]
+fn accept_loop_survives_fd_exhaustion() {
+    let server = Server::start_with_env(&["--max-connections", "100000"], &[], Some(128));
+    // Hold more connections than the process has descriptors for.
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        if let Ok(s) = TcpStream::connect(server.addr) {
+            held.push(s);
+        }
+    }
+    assert!(
+        wait_until(10, || server.fd_count() >= 120),
+        "the server never ran out of descriptors ({} open)",
+        server.fd_count()
+    );
+    drop(held);
+    // Once descriptors are free again, the server accepts again.
+    assert!(
+        wait_until(20, || server.health_within(1000) == Some(200)),
+        "the server stopped accepting after running out of descriptors"
+    );
+}
+
+#[test]
+fn panicking_http_thread_is_replaced() {
+    let server = Server::start_with_env(
+        &[],
+        &[("FAZT_TEST_KILL_HTTP_THREAD_ON_PATH", "/boom")],
+        None,
+    );
+    let threads = server.threads_named("fazt-http-");
+    // More panics than there are HTTP threads.
+    for _ in 0..24 {
+        raw_status(
+            server.addr,
+            b"GET /boom HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            false,
+            5000,
+        );
+    }
+    assert!(
+        wait_until(10, || server.threads_named("fazt-http-") == threads),
+        "HTTP threads not replaced: {} of {threads}",
+        server.threads_named("fazt-http-")
+    );
+    assert_eq!(server.health_within(2000), Some(200));
+}
+
+#[test]
+fn connection_caps_per_ip() {
+    let server = Server::start_with(&["--max-connections-per-ip", "5"]);
+    let held: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(server.addr).expect("connect"))
+        .collect();
+    // Let the server account for them before the next one.
+    std::thread::sleep(Duration::from_millis(200));
+    let req = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    assert_eq!(raw_status(server.addr, req, false, 5000), Some(429));
+    drop(held);
+    assert!(wait_until(5, || raw_status(server.addr, req, false, 2000) == Some(200)));
+
+    let server = Server::start_with(&["--max-connections", "5"]);
+    let held: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(server.addr).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(raw_status(server.addr, req, false, 5000), Some(503));
+    drop(held);
+    assert!(wait_until(5, || raw_status(server.addr, req, false, 2000) == Some(200)));
+}
+
+#[test]
+fn handler_body_over_limit_gets_413_before_reading() {
+    let server = Server::start();
+    server.deploy_ok(
+        "sink",
+        &[(
+            "api/echo.js",
+            "module.exports = (r) => ({ n: (r.body || '').length });",
+        )],
+    );
+    let host = format!("sink.localhost:{}", server.port());
+    // 2 MB declared, nothing sent: the answer cannot wait for the body.
+    let req = format!("POST /api/echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 2097152\r\n\r\n");
+    let started = Instant::now();
+    assert_eq!(
+        raw_status(server.addr, req.as_bytes(), false, 5000),
+        Some(413)
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // A chunked body is cut off at the limit.
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let head =
+        format!("POST /api/echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    s.write_all(head.as_bytes()).expect("write");
+    let chunk = format!("10000\r\n{}\r\n", "a".repeat(0x10000));
+    for _ in 0..20 {
+        if s.write_all(chunk.as_bytes()).is_err() {
+            break;
+        }
+    }
+    assert_eq!(read_status(&mut s), Some(413));
+    // Under the limit still works.
+    let r = server.app(
+        "sink",
+        "POST",
+        "/api/echo",
+        Some(&format!("\"{}\"", "b".repeat(1000))),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -4,12 +4,17 @@ use std::io::Error as IoError;
 use std::io::Result as IoResult;
 use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
-use std::net::SocketAddr;
+use std::net::{Shutdown, SocketAddr};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::common::{HTTPVersion, Method};
+use crate::connection::Connection;
 use crate::util::RefinedTcpStream;
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
+use crate::Limits;
 use crate::Request;
 
 /// A ClientConnection is an object that will store a socket to a client
@@ -34,6 +39,13 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // fazt patch: a handle on the socket to set each phase's read timeout, the limits,
+    // and the flag a body reader sets when it left part of its body unread (the
+    // connection must then close: its next bytes are not a request head).
+    control: Connection,
+    limits: Arc<Limits>,
+    must_close: Arc<AtomicBool>,
 }
 
 /// Error that can happen when reading a request.
@@ -44,19 +56,43 @@ enum ReadError {
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
+    /// fazt patch: the request line is longer than the limit (414).
+    RequestLineTooLong,
+    /// fazt patch: the header lines are longer than the limit (431).
+    HeadersTooLarge,
+    /// fazt patch: the head did not arrive within the head timeout (408).
+    HeadTimeout,
+    /// fazt patch: a well-formed HTTP version other than 1.0 and 1.1 (505).
+    UnsupportedVersion,
+    /// fazt patch: nothing more on this connection (EOF, idle timeout, or a body was
+    /// left unread): close without an answer.
+    Closed,
+}
+
+/// Why reading a line stopped early.
+enum LineError {
+    TooLong,
+    TimedOut,
+    Io(IoError),
+}
+
+fn is_timeout(e: &IoError) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
 
 impl ClientConnection {
     /// Creates a new `ClientConnection` that takes ownership of the `TcpStream`.
-    pub fn new(
+    pub(crate) fn new(
         write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
+        control: Connection,
+        limits: Arc<Limits>,
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
 
         let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(1024, read_socket));
-        let first_header = source.next().unwrap();
+        let first_header = source.next_reader();
 
         ClientConnection {
             source,
@@ -65,6 +101,9 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            control,
+            limits,
+            must_close: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -73,11 +112,12 @@ impl ClientConnection {
         self.secure
     }
 
-    /// Reads the next line from self.next_header_source.
+    /// Reads the next line from self.next_header_source, at most `limit` bytes, and
+    /// only until `deadline` (fazt patch: unbounded before, tiny-http #56).
     ///
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
-    fn read_next_line(&mut self) -> IoResult<AsciiString> {
+    fn read_next_line(&mut self, limit: usize, deadline: Instant) -> Result<Vec<u8>, LineError> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
@@ -85,44 +125,120 @@ impl ClientConnection {
             let byte = self.next_header_source.by_ref().bytes().next();
 
             let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
+                Some(Ok(b)) => b,
+                Some(Err(e)) if is_timeout(&e) => return Err(LineError::TimedOut),
+                Some(Err(e)) => return Err(LineError::Io(e)),
+                None => {
+                    return Err(LineError::Io(IoError::new(
+                        ErrorKind::ConnectionAborted,
+                        "Unexpected EOF",
+                    )))
+                }
             };
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+                return Ok(buf);
             }
 
             prev_byte_was_cr = byte == b'\r';
 
             buf.push(byte);
+            if buf.len() > limit + 1 {
+                return Err(LineError::TooLong);
+            }
+            // A client dripping one byte at a time must not hold the connection.
+            if Instant::now() > deadline {
+                return Err(LineError::TimedOut);
+            }
+        }
+    }
+
+    fn set_read_timeout(&self, t: Duration) {
+        let _ = self
+            .control
+            .set_read_timeout(Some(t.max(Duration::from_millis(1))));
+    }
+
+    /// After a body was left unread, reads and drops what the client still sends for a
+    /// moment before closing, so the close does not reset the connection before the
+    /// client has read its answer.
+    fn linger(&mut self) {
+        let _ = self.control.shutdown(Shutdown::Write);
+        self.set_read_timeout(Duration::from_millis(500));
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut buf = [0u8; 8192];
+        let mut total = 0usize;
+        while Instant::now() < until && total < (16 << 20) {
+            match self.next_header_source.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
         }
     }
 
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
+        // fazt patch: wait until the previous request's body is done with, then give
+        // the client `idle_timeout` to start the next request and `head_timeout` to
+        // finish its head. The body gets `body_timeout` per read.
+        if !self.next_header_source.wait_turn() {
+            return Err(ReadError::Closed);
+        }
+        if self.must_close.load(Ordering::SeqCst) {
+            self.linger();
+            return Err(ReadError::Closed);
+        }
+        self.set_read_timeout(self.limits.idle_timeout);
+        let first = match self.next_header_source.by_ref().bytes().next() {
+            Some(Ok(b)) => b,
+            _ => return Err(ReadError::Closed),
+        };
+        let deadline = Instant::now() + self.limits.head_timeout;
+        self.set_read_timeout(self.limits.head_timeout);
+        let line_error = |e: LineError, too_long: ReadError| match e {
+            LineError::TooLong => too_long,
+            LineError::TimedOut => ReadError::HeadTimeout,
+            LineError::Io(e) => ReadError::ReadIoError(e),
+        };
+
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
-
-                parse_request_line(
-                    line.as_str().trim(), // TODO: remove this conversion
-                )?
+                let mut line = vec![first];
+                if first != b'\n' {
+                    let rest = self
+                        .read_next_line(self.limits.max_request_line, deadline)
+                        .map_err(|e| line_error(e, ReadError::RequestLineTooLong))?;
+                    line.extend_from_slice(&rest);
+                }
+                if line.len() > self.limits.max_request_line {
+                    return Err(ReadError::RequestLineTooLong);
+                }
+                let line =
+                    AsciiString::from_ascii(line).map_err(|_| ReadError::WrongRequestLine)?;
+                parse_request_line(line.as_str().trim())?
             };
 
             // getting all headers
             let headers = {
                 let mut headers = Vec::new();
+                let mut budget = self.limits.max_header_bytes;
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = self
+                        .read_next_line(budget, deadline)
+                        .map_err(|e| line_error(e, ReadError::HeadersTooLarge))?;
+                    if line.len() > budget {
+                        return Err(ReadError::HeadersTooLarge);
+                    }
+                    budget -= line.len();
 
                     if line.is_empty() {
                         break;
                     };
+                    let line = AsciiString::from_ascii(line)
+                        .map_err(|_| ReadError::WrongHeader(version.clone()))?;
                     headers.push(match FromStr::from_str(line.as_str().trim()) {
                         // TODO: remove this conversion
                         Ok(h) => h,
@@ -135,24 +251,31 @@ impl ClientConnection {
 
             (method, path, version, headers)
         };
+        self.set_read_timeout(self.limits.body_timeout);
 
         // building the writer for the request
-        let writer = self.sink.next().unwrap();
+        let writer = self.sink.next_writer();
 
         // follow-up for next potential request
-        let mut data_source = self.source.next().unwrap();
+        let mut data_source = self.source.next_reader();
         std::mem::swap(&mut self.next_header_source, &mut data_source);
 
         // building the next reader
+        let remote_addr = match self.remote_addr {
+            Ok(a) => a,
+            Err(_) => return Err(ReadError::Closed),
+        };
         let request = crate::request::new_request(
             self.secure,
             method,
             path,
             version.clone(),
             headers,
-            *self.remote_addr.as_ref().unwrap(),
+            remote_addr,
             data_source,
             writer,
+            &self.limits,
+            self.must_close.clone(),
         )
         .map_err(|e| {
             use crate::request;
@@ -167,6 +290,21 @@ impl ClientConnection {
         // return the request
         Ok(request)
     }
+
+    /// fazt patch: answers a request that cannot be served and closes the connection.
+    fn refuse(&mut self, status: u16, version: HTTPVersion, message: &str) {
+        use crate::{Header, Response, StatusCode};
+        let writer = self.sink.next_writer();
+        let mut response = Response::from_string(format!("{{\"error\":\"{}\"}}", message))
+            .with_status_code(StatusCode(status));
+        if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
+            response.add_header(h);
+        }
+        if let Ok(h) = Header::from_bytes(&b"Connection"[..], &b"close"[..]) {
+            response.add_header(h);
+        }
+        response.raw_print(writer, version, &[], false, None).ok();
+    }
 }
 
 impl Iterator for ClientConnection {
@@ -175,108 +313,101 @@ impl Iterator for ClientConnection {
     /// Blocks until the next Request is available.
     /// Returns None when no new Requests will come from the client.
     fn next(&mut self) -> Option<Request> {
-        use crate::{Response, StatusCode};
-
         // the client sent a "connection: close" header in this previous request
         //  or is using HTTP 1.0, meaning that no new request will come
         if self.no_more_requests {
             return None;
         }
 
-        loop {
-            let rq = match self.read() {
-                Err(ReadError::WrongRequestLine) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
-                }
-
-                Err(ReadError::WrongHeader(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response.raw_print(writer, ver, &[], false, None).ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
-                }
-
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
-                    // request timeout
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // closing the connection
-                }
-
-                Err(ReadError::ExpectationFailed(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(417));
-                    response.raw_print(writer, ver, &[], true, None).ok();
-                    return None; // TODO: should be recoverable, but needs handling in case of body
-                }
-
-                Err(ReadError::ReadIoError(_)) => return None,
-
-                Ok(rq) => rq,
-            };
-
-            // checking HTTP version
-            if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
-                response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                    .ok();
-                continue;
+        let v11 = HTTPVersion(1, 1);
+        // Every error closes the connection: we don't know where the next request
+        // would start.
+        let rq = match self.read() {
+            Err(ReadError::WrongRequestLine) => {
+                self.refuse(400, v11, "malformed request line");
+                return None;
             }
+            Err(ReadError::WrongHeader(ver)) => {
+                self.refuse(400, ver, "malformed header line");
+                return None;
+            }
+            Err(ReadError::HeadTimeout) => {
+                self.refuse(408, v11, "the request head did not arrive in time");
+                return None;
+            }
+            Err(ReadError::ReadIoError(ref err)) if is_timeout(err) => {
+                self.refuse(408, v11, "the request did not arrive in time");
+                return None;
+            }
+            Err(ReadError::RequestLineTooLong) => {
+                self.refuse(414, v11, "the request line is too long");
+                return None;
+            }
+            Err(ReadError::HeadersTooLarge) => {
+                self.refuse(431, v11, "the request headers are too large");
+                return None;
+            }
+            Err(ReadError::UnsupportedVersion) => {
+                self.refuse(
+                    505,
+                    v11,
+                    "this server only supports HTTP versions 1.0 and 1.1",
+                );
+                return None;
+            }
+            Err(ReadError::ExpectationFailed(ver)) => {
+                self.refuse(417, ver, "unsupported Expect header");
+                return None;
+            }
+            Err(ReadError::ReadIoError(_)) | Err(ReadError::Closed) => return None,
+            Ok(rq) => rq,
+        };
 
-            // updating the status of the connection
-            let connection_header = rq
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Connection"))
-                .map(|h| h.value.as_str());
+        // updating the status of the connection
+        let connection_header = rq
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Connection"))
+            .map(|h| h.value.as_str());
 
-            let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
+        let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
 
-            match lowercase {
-                Some(ref val) if val.contains("close") => self.no_more_requests = true,
-                Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
-                Some(ref val)
-                    if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
-                {
-                    self.no_more_requests = true
-                }
-                None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
-                _ => (),
-            };
+        match lowercase {
+            Some(ref val) if val.contains("close") => self.no_more_requests = true,
+            Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
+            Some(ref val)
+                if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
+            {
+                self.no_more_requests = true
+            }
+            None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
+            _ => (),
+        };
 
-            // returning the request
-            return Some(rq);
-        }
+        // returning the request
+        Some(rq)
     }
 }
 
-/// Parses a "HTTP/1.1" string.
+/// Parses a "HTTP/1.1" string. fazt patch: a well-formed version other than 1.0 and
+/// 1.1 is answered 505 and the connection closed (HTTP/2.0 used to get a 505 and then
+/// a wait for another request that never came, stranding a thread and a socket).
 fn parse_http_version(version: &str) -> Result<HTTPVersion, ReadError> {
-    let (major, minor) = match version {
-        "HTTP/0.9" => (0, 9),
-        "HTTP/1.0" => (1, 0),
-        "HTTP/1.1" => (1, 1),
-        "HTTP/2.0" => (2, 0),
-        "HTTP/3.0" => (3, 0),
-        _ => return Err(ReadError::WrongRequestLine),
-    };
-
-    Ok(HTTPVersion(major, minor))
+    match version {
+        "HTTP/1.0" => return Ok(HTTPVersion(1, 0)),
+        "HTTP/1.1" => return Ok(HTTPVersion(1, 1)),
+        _ => {}
+    }
+    let digits = version
+        .strip_prefix("HTTP/")
+        .ok_or(ReadError::WrongRequestLine)?;
+    let (major, minor) = digits.split_once('.').unwrap_or((digits, "0"));
+    let numeric = |s: &str| !s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit());
+    if numeric(major) && numeric(minor) {
+        Err(ReadError::UnsupportedVersion)
+    } else {
+        Err(ReadError::WrongRequestLine)
+    }
 }
 
 /// Parses the request line of the request.
@@ -286,11 +417,15 @@ fn parse_request_line(line: &str) -> Result<(Method, String, HTTPVersion), ReadE
 
     let method = parts.next().and_then(|w| w.parse().ok());
     let path = parts.next().map(ToOwned::to_owned);
-    let version = parts.next().and_then(|w| parse_http_version(w).ok());
+    let version = parts.next().map(parse_http_version);
+    if parts.next().is_some() {
+        return Err(ReadError::WrongRequestLine);
+    }
 
-    method
-        .and_then(|method| Some((method, path?, version?)))
-        .ok_or(ReadError::WrongRequestLine)
+    match (method, path, version) {
+        (Some(method), Some(path), Some(version)) => Ok((method, path, version?)),
+        _ => Err(ReadError::WrongRequestLine),
+    }
 }
 
 #[cfg(test)]
@@ -305,5 +440,17 @@ mod test {
 
         assert!(super::parse_request_line("GET /hello").is_err());
         assert!(super::parse_request_line("qsd qsd qsd").is_err());
+        assert!(matches!(
+            super::parse_request_line("GET / HTTP/2.0"),
+            Err(super::ReadError::UnsupportedVersion)
+        ));
+        assert!(matches!(
+            super::parse_request_line("GET / HTTP/0.9"),
+            Err(super::ReadError::UnsupportedVersion)
+        ));
+        assert!(matches!(
+            super::parse_request_line("GET / HTTX/1.1"),
+            Err(super::ReadError::WrongRequestLine)
+        ));
     }
 }

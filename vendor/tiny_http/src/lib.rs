@@ -109,6 +109,7 @@ use std::time::Duration;
 use client::ClientConnection;
 use connection::Connection;
 use util::MessagesQueue;
+use util::RefinedTcpStream;
 
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
@@ -161,6 +162,7 @@ impl From<Request> for Message {
 
 // this trait is to make sure that Server implements Share and Send
 #[doc(hidden)]
+#[allow(dead_code)]
 trait MustBeShareDummy: Sync + Send {}
 #[doc(hidden)]
 impl MustBeShareDummy for Server {}
@@ -186,6 +188,52 @@ pub struct SslConfig {
     pub certificate: Vec<u8>,
     /// Contains the ultra-secret private key used to decode communications.
     pub private_key: Vec<u8>,
+}
+
+/// Limits that keep hostile clients from exhausting the server (fazt patch; see
+/// vendor/PATCHES.md). The defaults are safe for a server on the open internet.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Longest request line (method, target, version); longer gets 414 and a close.
+    pub max_request_line: usize,
+    /// Most bytes of header lines per request; more gets 431 and a close.
+    pub max_header_bytes: usize,
+    /// Time a request head may take to arrive once its first byte came; then 408.
+    pub head_timeout: Duration,
+    /// How long a kept-alive connection may sit idle before the next request.
+    pub idle_timeout: Duration,
+    /// Longest wait for any part of a request body; also, the body must keep coming
+    /// at `body_min_rate` on average after this much time (else the read fails with
+    /// `TimedOut`, which the application answers with 408).
+    pub body_timeout: Duration,
+    /// Bytes per second a body must average once `body_timeout` has passed.
+    pub body_min_rate: u64,
+    /// Longest a single write of a response may block.
+    pub write_timeout: Duration,
+    /// Unread body bytes drained after a response to keep the connection; a longer
+    /// rest closes the connection instead.
+    pub drain_limit: usize,
+    /// Open connections in all; past it new ones get 503 and a close.
+    pub max_connections: usize,
+    /// Open connections per client IP; past it new ones get 429 and a close.
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_line: 8 << 10,
+            max_header_bytes: 32 << 10,
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(10),
+            body_min_rate: 16 << 10,
+            write_timeout: Duration::from_secs(30),
+            drain_limit: 256 << 10,
+            max_connections: 4096,
+            max_connections_per_ip: 256,
+        }
+    }
 }
 
 impl Server {
@@ -243,6 +291,15 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with_limits(listener, ssl_config, Limits::default())
+    }
+
+    /// Like `from_listener`, with explicit limits (fazt patch).
+    pub fn from_listener_with_limits<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        limits: Limits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
@@ -285,68 +342,108 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
-        thread::spawn(move || {
-            // a tasks pool is used to dispatch the connections into threads
-            let tasks_pool = util::TaskPool::new();
+        let limits = Arc::new(limits);
+        let counts = Arc::new(util::ConnectionCounts::default());
+        let refuser = util::Refuser::start();
+        thread::Builder::new()
+            .name("tiny-http-accept".into())
+            .spawn(move || {
+                // a tasks pool is used to dispatch the connections into threads
+                let tasks_pool = util::TaskPool::new();
+                let mut backoff = util::Backoff::default();
 
-            log::debug!("Running accept thread");
-            while !inside_close_trigger.load(Relaxed) {
-                let new_client = match server.accept() {
-                    Ok((sock, _)) => {
-                        use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
-                            None => RefinedTcpStream::new(sock),
-                            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                            Some(ref ssl) => {
-                                // trying to apply SSL over the connection
-                                // if an error occurs, we just close the socket and resume listening
-                                let sock = match ssl.accept(sock) {
-                                    Ok(s) => s,
-                                    Err(_) => continue,
-                                };
-
-                                RefinedTcpStream::new(sock)
+                log::debug!("Running accept thread");
+                while !inside_close_trigger.load(Relaxed) {
+                    // fazt patch (tiny-http #283): an accept error (EMFILE, ECONNABORTED, ...)
+                    // used to end this thread, and with it the server. Back off and retry.
+                    let (sock, peer) = match server.accept() {
+                        Ok(accepted) => {
+                            backoff.reset();
+                            accepted
+                        }
+                        Err(e) => {
+                            if inside_close_trigger.load(Relaxed) {
+                                break;
                             }
-                            #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                            Some(ref _ssl) => unreachable!(),
-                        };
-
-                        Ok(ClientConnection::new(write_closable, read_closable))
-                    }
-                    Err(e) => Err(e),
-                };
-
-                match new_client {
-                    Ok(client) => {
-                        let messages = inside_messages.clone();
-                        let mut client = Some(client);
-                        tasks_pool.spawn(Box::new(move || {
-                            if let Some(client) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
-                                    }
-                                } else {
-                                    for rq in client {
-                                        messages.push(rq.into());
-                                    }
-                                }
-                            }
-                        }));
-                    }
-
-                    Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
+                            backoff.failed(&e);
+                            continue;
+                        }
+                    };
+                    if inside_close_trigger.load(Relaxed) {
                         break;
                     }
+                    // fazt patch: caps on open connections, overall and per client IP. A
+                    // refused connection gets a short answer and is closed by the refuser
+                    // thread, so it costs neither a thread nor a slot.
+                    let slot = match counts.acquire(peer.map(|a| a.ip()), &limits) {
+                        Ok(slot) => slot,
+                        Err(refusal) => {
+                            refuser.refuse(sock, refusal);
+                            continue;
+                        }
+                    };
+                    let _ = sock.set_write_timeout(Some(limits.write_timeout));
+                    let control = match sock.try_clone() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            log::warn!("dropping a new connection: {}", e);
+                            continue;
+                        }
+                    };
+                    let streams = match ssl {
+                        None => RefinedTcpStream::new(sock),
+                        #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+                        Some(ref ssl) => {
+                            // trying to apply SSL over the connection
+                            // if an error occurs, we just close the socket and resume listening
+                            let sock = match ssl.accept(sock) {
+                                Ok(s) => s,
+                                Err(_) => continue,
+                            };
+
+                            RefinedTcpStream::new(sock)
+                        }
+                        #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
+                        Some(ref _ssl) => unreachable!(),
+                    };
+                    let (read_closable, write_closable) = match streams {
+                        Ok(s) => s,
+                        Err(e) => {
+                            log::warn!("dropping a new connection: {}", e);
+                            continue;
+                        }
+                    };
+                    let client = ClientConnection::new(
+                        write_closable,
+                        read_closable,
+                        control,
+                        limits.clone(),
+                    );
+
+                    let messages = inside_messages.clone();
+                    let mut task = Some((client, slot));
+                    tasks_pool.spawn(Box::new(move || {
+                        // The slot is released when the connection's task ends.
+                        if let Some((client, _slot)) = task.take() {
+                            // Synchronization is needed for HTTPS requests to avoid a deadlock
+                            if client.secure() {
+                                let (sender, receiver) = mpsc::channel();
+                                for rq in client {
+                                    messages.push(rq.with_notify_sender(sender.clone()).into());
+                                    if receiver.recv().is_err() {
+                                        break;
+                                    }
+                                }
+                            } else {
+                                for rq in client {
+                                    messages.push(rq.into());
+                                }
+                            }
+                        }
+                    }));
                 }
-            }
-            log::debug!("Terminating accept thread");
-        });
+                log::debug!("Terminating accept thread");
+            })?;
 
         // result
         Ok(Server {

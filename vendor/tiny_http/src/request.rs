@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{EqualReader, FusedReader};
+use crate::util::{BodyReader, FusedReader};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
 use chunked_transfer::Decoder;
 
@@ -135,6 +135,8 @@ pub fn new_request<R, W>(
     remote_addr: Option<SocketAddr>,
     mut source_data: R,
     writer: W,
+    limits: &crate::Limits,
+    must_close: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
@@ -196,8 +198,17 @@ where
 
             let mut buffer = vec![0; content_length];
             let mut offset = 0;
+            // fazt patch: the whole small body within one body timeout.
+            let deadline = std::time::Instant::now() + limits.body_timeout;
 
             while offset != content_length {
+                if std::time::Instant::now() > deadline {
+                    let err = IoError::new(
+                        ErrorKind::TimedOut,
+                        "the request body did not arrive in time",
+                    );
+                    return Err(RequestCreationError::CreationIoError(err));
+                }
                 let read = source_data.read(&mut buffer[offset..])?;
                 if read == 0 {
                     // the socket returned EOF, but we were before the expected content-length
@@ -212,13 +223,18 @@ where
 
             Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
         } else {
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
-            Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
+            // fazt patch: a body reader with the body timeout and a bounded drain.
+            let body =
+                BodyReader::new(source_data, Some(content_length as u64), limits, must_close);
+            Box::new(body) as Box<dyn Read + Send + 'static>
         }
     } else if transfer_encoding.is_some() {
         // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
         // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
+        // fazt patch: under the same body reader, so an unread chunked body is drained
+        // (or the connection closed) instead of being parsed as the next request.
+        let body = BodyReader::new(Decoder::new(source_data), None, limits, must_close);
+        Box::new(FusedReader::new(body)) as Box<dyn Read + Send + 'static>
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data

@@ -1,17 +1,17 @@
 pub use self::custom_stream::CustomStream;
-pub use self::equal_reader::EqualReader;
 pub use self::fused_reader::FusedReader;
+pub use self::limits::{Backoff, BodyReader, ConnectionCounts, Refuser};
 pub use self::messages_queue::MessagesQueue;
 pub use self::refined_tcp_stream::RefinedTcpStream;
+pub use self::sequential::SequentialWriterBuilder;
 pub use self::sequential::{SequentialReader, SequentialReaderBuilder};
-pub use self::sequential::{SequentialWriter, SequentialWriterBuilder};
 pub use self::task_pool::TaskPool;
 
 use std::str::FromStr;
 
 mod custom_stream;
-mod equal_reader;
 mod fused_reader;
+mod limits;
 mod messages_queue;
 pub(crate) mod refined_tcp_stream;
 mod sequential;

@@ -67,9 +67,10 @@ impl TaskPool {
     /// Executes a function in a thread.
     /// If no thread is available, spawns a new one.
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
-        let mut queue = self.sharing.todo.lock().unwrap();
+        let mut queue = self.sharing.todo.lock().unwrap_or_else(|p| p.into_inner());
 
         if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
+            drop(queue);
             self.add_thread(Some(code));
         } else {
             queue.push_back(code);
@@ -77,53 +78,75 @@ impl TaskPool {
         }
     }
 
+    // fazt patch: a thread that cannot be spawned (thread or memory limit) drops its
+    // task (closing that connection) instead of panicking the accept thread; a task
+    // that panics is contained, so the pool thread lives on.
     fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
         let sharing = self.sharing.clone();
 
-        thread::spawn(move || {
-            let sharing = sharing;
-            let _active_guard = Registration::new(&sharing.active_tasks);
+        let spawned = thread::Builder::new()
+            .name("tiny-http-conn".into())
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let sharing = sharing;
+                let _active_guard = Registration::new(&sharing.active_tasks);
 
-            if let Some(mut f) = initial_fn {
-                f();
-            }
+                if let Some(mut f) = initial_fn {
+                    run_contained(&mut f);
+                }
 
-            loop {
-                let mut task: Box<dyn FnMut() + Send> = {
-                    let mut todo = sharing.todo.lock().unwrap();
+                loop {
+                    let mut task: Box<dyn FnMut() + Send> = {
+                        let mut todo = sharing.todo.lock().unwrap_or_else(|p| p.into_inner());
 
-                    let task;
-                    loop {
-                        if let Some(poped_task) = todo.pop_front() {
-                            task = poped_task;
-                            break;
+                        let task;
+                        loop {
+                            if let Some(poped_task) = todo.pop_front() {
+                                task = poped_task;
+                                break;
+                            }
+                            let _waiting_guard = Registration::new(&sharing.waiting_tasks);
+
+                            let received =
+                                if sharing.active_tasks.load(Ordering::Acquire) <= MIN_THREADS {
+                                    todo = sharing
+                                        .condvar
+                                        .wait(todo)
+                                        .unwrap_or_else(|p| p.into_inner());
+                                    true
+                                } else {
+                                    let (new_lock, waitres) = sharing
+                                        .condvar
+                                        .wait_timeout(todo, Duration::from_millis(5000))
+                                        .unwrap_or_else(|p| p.into_inner());
+                                    todo = new_lock;
+                                    !waitres.timed_out()
+                                };
+
+                            if !received && todo.is_empty() {
+                                return;
+                            }
                         }
-                        let _waiting_guard = Registration::new(&sharing.waiting_tasks);
 
-                        let received =
-                            if sharing.active_tasks.load(Ordering::Acquire) <= MIN_THREADS {
-                                todo = sharing.condvar.wait(todo).unwrap();
-                                true
-                            } else {
-                                let (new_lock, waitres) = sharing
-                                    .condvar
-                                    .wait_timeout(todo, Duration::from_millis(5000))
-                                    .unwrap();
-                                todo = new_lock;
-                                !waitres.timed_out()
-                            };
+                        task
+                    };
 
-                        if !received && todo.is_empty() {
-                            return;
-                        }
-                    }
+                    run_contained(&mut task);
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!(
+                "cannot start a connection thread, dropping the connection: {}",
+                e
+            );
+        }
+    }
+}
 
-                    task
-                };
-
-                task();
-            }
-        });
+fn run_contained(task: &mut Box<dyn FnMut() + Send>) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task()));
+    if outcome.is_err() {
+        log::error!("a connection task panicked; its connection is closed");
     }
 }
 

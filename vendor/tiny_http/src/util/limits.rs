@@ -1,0 +1,354 @@
+//! fazt patch: connection caps, the refuser thread that answers connections over a cap,
+//! the accept loop's back-off, and the request body reader that enforces the body
+//! timeout and drains what the application left unread (bounded).
+
+use std::collections::HashMap;
+use std::convert::TryFrom;
+use std::io::{ErrorKind, Read, Result as IoResult, Write};
+use std::net::{IpAddr, Shutdown};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::connection::Connection;
+use crate::Limits;
+
+/// Why a connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Too many connections in all: 503.
+    Busy,
+    /// Too many connections from this IP: 429.
+    PerIp,
+}
+
+/// Open connections in all and per client IP.
+#[derive(Default)]
+pub struct ConnectionCounts {
+    inner: Mutex<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// One open connection's place in the counts; released on drop.
+pub struct Slot {
+    counts: Arc<ConnectionCounts>,
+    ip: Option<IpAddr>,
+}
+
+impl ConnectionCounts {
+    pub fn acquire(self: &Arc<Self>, ip: Option<IpAddr>, limits: &Limits) -> Result<Slot, Refusal> {
+        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if c.total >= limits.max_connections {
+            return Err(Refusal::Busy);
+        }
+        if let Some(ip) = ip {
+            let n = c.per_ip.entry(ip).or_insert(0);
+            if *n >= limits.max_connections_per_ip {
+                return Err(Refusal::PerIp);
+            }
+            *n += 1;
+        }
+        c.total += 1;
+        Ok(Slot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.counts.inner.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(ip) = self.ip {
+            if let Some(n) = c.per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    c.per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// Answers refused connections and closes them gracefully: the answer is written at
+/// once, then whatever the client still sends is read and dropped for up to a second,
+/// so closing does not reset the connection before the client read the answer.
+pub struct Refuser {
+    tx: SyncSender<(Connection, Refusal)>,
+}
+
+/// Refused connections waiting to be closed; past this they are closed at once.
+const REFUSER_QUEUE: usize = 256;
+const LINGER: Duration = Duration::from_secs(1);
+
+impl Refuser {
+    pub fn start() -> Refuser {
+        let (tx, rx) = sync_channel(REFUSER_QUEUE);
+        let spawned = thread::Builder::new()
+            .name("tiny-http-refuser".into())
+            .stack_size(64 << 10)
+            .spawn(move || refuse_loop(&rx));
+        if let Err(e) = spawned {
+            // Without the thread, refused connections are simply closed (tx fails).
+            log::error!("cannot start the connection refuser thread: {}", e);
+        }
+        Refuser { tx }
+    }
+
+    pub fn refuse(&self, conn: Connection, why: Refusal) {
+        // A full queue (or no thread) closes the connection without an answer.
+        let _ = self.tx.try_send((conn, why));
+    }
+}
+
+fn refusal_response(why: Refusal) -> Vec<u8> {
+    let (status, body) = match why {
+        Refusal::Busy => (
+            "503 Service Unavailable",
+            "{\"error\":\"the server has too many open connections; retry shortly\"}",
+        ),
+        Refusal::PerIp => (
+            "429 Too Many Requests",
+            "{\"error\":\"too many open connections from your address\"}",
+        ),
+    };
+    format!(
+        "HTTP/1.1 {}\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{}",
+        status,
+        body.len(),
+        body
+    )
+    .into_bytes()
+}
+
+fn refuse_loop(rx: &Receiver<(Connection, Refusal)>) {
+    let mut lingering: Vec<(Connection, Instant)> = Vec::new();
+    let mut scratch = [0u8; 4096];
+    loop {
+        let next = if lingering.is_empty() {
+            rx.recv().map_err(|_| TryRecvError::Disconnected)
+        } else {
+            rx.try_recv()
+        };
+        match next {
+            Ok((mut conn, why)) => {
+                let _ = conn.set_nonblocking(true);
+                let _ = conn.write(&refusal_response(why));
+                let _ = conn.shutdown(Shutdown::Write);
+                lingering.push((conn, Instant::now() + LINGER));
+                continue;
+            }
+            Err(TryRecvError::Disconnected) if lingering.is_empty() => return,
+            Err(_) => {}
+        }
+        let now = Instant::now();
+        lingering.retain_mut(|(conn, until)| {
+            if now >= *until {
+                return false;
+            }
+            loop {
+                match conn.read(&mut scratch) {
+                    Ok(0) => return false,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                    Err(_) => return false,
+                }
+            }
+        });
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The accept loop's back-off after errors: 5 ms doubling to 1 s, reset by a success.
+/// Errors are logged at most once a second, with how many were not.
+pub struct Backoff {
+    delay: Duration,
+    last_log: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            delay: Duration::from_millis(5),
+            last_log: None,
+            unlogged: 0,
+        }
+    }
+}
+
+impl Backoff {
+    pub fn reset(&mut self) {
+        self.delay = Duration::from_millis(5);
+    }
+
+    pub fn failed(&mut self, e: &std::io::Error) {
+        let now = Instant::now();
+        if self
+            .last_log
+            .map_or(true, |t| now - t >= Duration::from_secs(1))
+        {
+            log::error!(
+                "accepting a connection failed: {} ({} more since the last report); retrying in {:?}",
+                e,
+                self.unlogged,
+                self.delay
+            );
+            self.last_log = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        thread::sleep(self.delay);
+        self.delay = (self.delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// A request body: at most `remaining` bytes of `inner` (or all of it, for chunked
+/// bodies, where `inner` is the decoder). Reads fail with `TimedOut` when the client
+/// stalls for `timeout`, or once `timeout` has passed and the body averages less than
+/// `min_rate`. On drop, what the application left unread is drained, at most
+/// `drain_limit` bytes and one `timeout`; if anything is left, `close` is set and the
+/// connection is closed instead of reused (its next bytes would be mid-body).
+pub struct BodyReader<R: Read> {
+    inner: R,
+    remaining: Option<u64>,
+    started: Instant,
+    received: u64,
+    timeout: Duration,
+    min_rate: u64,
+    drain_limit: usize,
+    done: bool,
+    close: Arc<AtomicBool>,
+}
+
+impl<R: Read> BodyReader<R> {
+    pub fn new(inner: R, length: Option<u64>, limits: &Limits, close: Arc<AtomicBool>) -> Self {
+        BodyReader {
+            inner,
+            remaining: length,
+            started: Instant::now(),
+            received: 0,
+            timeout: limits.body_timeout,
+            min_rate: limits.body_min_rate.max(1),
+            drain_limit: limits.drain_limit,
+            done: length == Some(0),
+            close,
+        }
+    }
+
+    fn too_slow(&self) -> bool {
+        let elapsed = self.started.elapsed();
+        elapsed > self.timeout
+            && self.received
+                < (elapsed - self.timeout)
+                    .as_secs()
+                    .saturating_mul(self.min_rate)
+    }
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(
+        ErrorKind::TimedOut,
+        "the request body did not arrive in time",
+    )
+}
+
+impl<R: Read> Read for BodyReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        if self.too_slow() {
+            return Err(timed_out());
+        }
+        let want = match self.remaining {
+            Some(r) => buf.len().min(usize::try_from(r).unwrap_or(usize::MAX)),
+            None => buf.len(),
+        };
+        match self.inner.read(&mut buf[..want]) {
+            Ok(0) => {
+                self.done = true;
+                if self.remaining.is_some_and(|r| r > 0) {
+                    return Err(std::io::Error::new(
+                        ErrorKind::UnexpectedEof,
+                        "the client closed the connection before sending the whole body",
+                    ));
+                }
+                Ok(0)
+            }
+            Ok(n) => {
+                self.received += n as u64;
+                if let Some(r) = self.remaining.as_mut() {
+                    *r -= n as u64;
+                    if *r == 0 {
+                        self.done = true;
+                    }
+                }
+                Ok(n)
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                Err(timed_out())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl<R: Read> Drop for BodyReader<R> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut drained = 0usize;
+        let mut buf = [0u8; 8192];
+        while drained <= self.drain_limit && Instant::now() < deadline {
+            match self.read(&mut buf) {
+                Ok(0) if self.remaining.map_or(true, |r| r == 0) => return,
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+        self.close.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn body_reader_stops_at_the_length_and_drains_the_rest() {
+        let close = Arc::new(AtomicBool::new(false));
+        let mut src = Cursor::new(b"hello world".to_vec());
+        {
+            let mut r = BodyReader::new(&mut src, Some(5), &Limits::default(), close.clone());
+            let mut one = [0u8; 1];
+            r.read_exact(&mut one).unwrap();
+        }
+        assert_eq!(src.position(), 5);
+        assert!(!close.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn body_reader_gives_up_on_a_huge_rest() {
+        let close = Arc::new(AtomicBool::new(false));
+        let src = Cursor::new(vec![0u8; 1 << 20]);
+        let limits = Limits {
+            drain_limit: 1000,
+            ..Limits::default()
+        };
+        drop(BodyReader::new(src, Some(1 << 40), &limits, close.clone()));
+        assert!(close.load(Ordering::SeqCst));
+    }
+}
