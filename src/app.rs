@@ -39,6 +39,7 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
     let addr = listener
         .local_addr()
         .context("reading the listen address")?;
+    widen_backlog(&listener);
     let listeners = Arc::new(Listeners::default());
     let (pool, runner) = Pool::new(config.pool.clone(), store.clone());
     let services = Arc::new(Services {
@@ -123,6 +124,20 @@ fn raise_fd_limit(max_connections: usize) {
         log::warn!(
             "the open-file limit ({soft}) is below --max-connections + 256 ({needed}): \
              raise it (ulimit -n) or lower --max-connections"
+        );
+    }
+}
+
+/// std listens with a backlog of 128: a burst of more simultaneous connections overflows
+/// it, and each dropped SYN costs its client a one-second retransmit. Listening again on
+/// a listening socket only changes the backlog (the kernel caps it at somaxconn).
+fn widen_backlog(listener: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen() on a socket we own; on failure the old backlog stays.
+    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+        log::warn!(
+            "could not widen the listen backlog: {}",
+            std::io::Error::last_os_error()
         );
     }
 }

@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use crate::util::{wait_until, Server};
 
+/// `fazt-http-*` threads of a default server: 16 handler threads and the watchdog.
+const HTTP_THREADS: usize = 17;
+
 /// Sends `bytes` on a fresh connection, half-closes it if `close_write`, and returns
 /// the status line's code if a response arrived within `ms`.
 fn raw_status(addr: SocketAddr, bytes: &[u8], close_write: bool, ms: u64) -> Option<u16> {
@@ -38,7 +41,7 @@ fn read_status(s: &mut TcpStream) -> Option<u16> {
 #[test]
 fn huge_content_length_does_not_abort() {
     let mut server = Server::start();
-    let threads = server.threads_named("fazt-http-");
+    let threads = HTTP_THREADS;
     // tiny_http used to allocate the declared remainder to skip the unread body: 1 TB
     // aborts where memory is not overcommitted, usize::MAX overflows at once.
     for len in [
@@ -247,7 +250,7 @@ fn panicking_http_thread_is_replaced() {
         &[("FAZT_TEST_KILL_HTTP_THREAD_ON_PATH", "/boom")],
         None,
     );
-    let threads = server.threads_named("fazt-http-");
+    let threads = HTTP_THREADS;
     // More panics than there are HTTP threads.
     for _ in 0..24 {
         raw_status(
@@ -329,4 +332,271 @@ fn handler_body_over_limit_gets_413_before_reading() {
         Some(&format!("\"{}\"", "b".repeat(1000))),
     );
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Opens `n` connections at once, each doing `work`; returns how many finished within
+/// `within` of the start.
+fn burst(n: usize, within: Duration, work: impl Fn() -> bool + Send + Sync + 'static) -> usize {
+    let work = std::sync::Arc::new(work);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (work, barrier) = (work.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let started = Instant::now();
+                work() && started.elapsed() <= within
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or(false))
+        .filter(|ok| *ok)
+        .count()
+}
+
+#[test]
+fn burst_of_200_connections_answered_within_1s() {
+    let server = Server::start();
+    let addr = server.addr;
+    let answered = burst(200, Duration::from_secs(1), move || {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        // Keep-alive: two requests on the connection, both answered.
+        (0..2).all(|_| {
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                .is_ok()
+                && read_full_response(&mut s) == Some(200)
+        })
+    });
+    assert_eq!(
+        answered, 200,
+        "only {answered} of 200 connections answered within 1 s"
+    );
+}
+
+#[test]
+fn ws_upgrade_burst_answered_within_1s() {
+    let server = Server::start();
+    server.deploy_ok("live", &[("index.html", "hi")]);
+    let addr = server.addr;
+    let answered = burst(200, Duration::from_secs(1), move || {
+        crate::util::Ws::try_connect(addr, "live").is_ok()
+    });
+    assert_eq!(
+        answered, 200,
+        "only {answered} of 200 WebSocket upgrades within 1 s"
+    );
+}
+
+/// Reads one response with a Content-Length body; its status.
+fn read_full_response(s: &mut TcpStream) -> Option<u16> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if raw.len() >= end + 4 + len {
+                return head.lines().next()?.split_whitespace().nth(1)?.parse().ok();
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so a failing fuzz case reproduces
+/// from its seed without a new dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Cases per fuzz test: a few seconds in the normal run; `FAZT_FUZZ_CASES` for more.
+fn fuzz_cases(default: usize) -> usize {
+    std::env::var("FAZT_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Mutates `input` 1-4 times: byte flips, inserted protocol-significant bytes,
+/// deletions, duplications, truncation, huge numbers.
+fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
+    const TOKENS: &[&[u8]] = &[
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b":",
+        b" ",
+        b"\0",
+        b"\xff",
+        b"HTTP/1.1",
+        b"HTTP/9.9",
+        b"Content-Length: ",
+        b"Transfer-Encoding: chunked\r\n",
+        b"18446744073709551616",
+        b"-1",
+        b"ffffffffffffffff\r\n",
+        b"Expect: 100-continue\r\n",
+        b"Connection: upgrade\r\n",
+        b"Upgrade: websocket\r\n",
+        b"%00",
+        b"/../..",
+        b"\r\n\r\n",
+    ];
+    let mut out = input.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let at = rng.below(out.len() + 1);
+        match rng.below(6) {
+            0 if !out.is_empty() => {
+                let i = at.min(out.len() - 1);
+                out[i] ^= 1 << rng.below(8);
+            }
+            1 => {
+                let t = TOKENS[rng.below(TOKENS.len())];
+                out.splice(at..at, t.iter().copied());
+            }
+            2 => {
+                let end = (at + rng.below(16)).min(out.len());
+                out.drain(at..end);
+            }
+            3 => {
+                let end = (at + rng.below(64)).min(out.len());
+                let piece = out[at..end].to_vec();
+                for _ in 0..rng.below(8) {
+                    out.splice(at..at, piece.iter().copied());
+                }
+            }
+            4 => out.truncate(at),
+            _ => {
+                let junk: Vec<u8> = (0..rng.below(32)).map(|_| rng.next() as u8).collect();
+                out.splice(at..at, junk);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn fuzzed_requests_never_kill_the_server() {
+    let mut server = Server::start_with(&["--body-timeout", "1s", "--head-timeout", "1s"]);
+    server.deploy_ok(
+        "fz",
+        &[
+            ("index.html", "hi"),
+            ("api/main.js", "module.exports = (r) => r.body;"),
+        ],
+    );
+    let threads = HTTP_THREADS;
+    let seeds: Vec<Vec<u8>> = vec![
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: fz.localhost\r\nConnection: keep-alive\r\n\r\nGET /x HTTP/1.1\r\nHost: fz.localhost\r\n\r\n".to_vec(),
+        b"POST /api/echo HTTP/1.1\r\nHost: fz.localhost\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"a\":[1,2,3]}".to_vec(),
+        b"POST /api/x HTTP/1.1\r\nHost: fz.localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
+        b"GET /_ws HTTP/1.1\r\nHost: fz.localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec(),
+        b"PUT /api/apps/fz2 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer x\r\nContent-Length: 4\r\n\r\nabcd".to_vec(),
+    ];
+    let cases = fuzz_cases(400);
+    let workers = 8;
+    let addr = server.addr;
+    let seeds = std::sync::Arc::new(seeds);
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let seeds = seeds.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1));
+                for _ in 0..cases / workers {
+                    let seed = &seeds[rng.below(seeds.len())];
+                    let input = mutate(&mut rng, seed);
+                    let Ok(mut s) = TcpStream::connect(addr) else {
+                        continue;
+                    };
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+                    let _ = s.write_all(&input);
+                    let _ = s.shutdown(Shutdown::Write);
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("fuzz worker");
+    }
+    assert!(server.alive(), "the server died under fuzzed requests");
+    assert_eq!(server.health_within(2000), Some(200));
+    assert!(
+        wait_until(10, || server.threads_named("fazt-http-") >= threads),
+        "HTTP threads lost under fuzzed requests"
+    );
+}
+
+#[test]
+fn fuzzed_websocket_frames_never_kill_the_server() {
+    let mut server = Server::start();
+    server.deploy_ok("fw", &[("index.html", "hi")]);
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let valid_frame = |payload: &[u8], mask: [u8; 4]| {
+        let mut f = vec![0x81, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    };
+    for _ in 0..fuzz_cases(120) {
+        let Ok(mut ws) = crate::util::Ws::try_connect(server.addr, "fw") else {
+            continue;
+        };
+        let mask = [rng.next() as u8, 1, 2, 3];
+        let base = valid_frame(br#"{"type":"subscribe","channel":"c"}"#, mask);
+        let mut bytes = match rng.below(4) {
+            0 => mutate(&mut rng, &base),
+            1 => (0..rng.below(200)).map(|_| rng.next() as u8).collect(),
+            // Huge or reserved length fields, odd opcodes, unmasked frames.
+            2 => {
+                let mut f = vec![rng.next() as u8 | 0x80, 0xff];
+                f.extend_from_slice(&(rng.next() | (1 << 62)).to_be_bytes());
+                f.extend_from_slice(&mask);
+                f
+            }
+            _ => {
+                let mut f = base.clone();
+                f[0] = rng.next() as u8;
+                f[1] &= if rng.below(2) == 0 { 0x7f } else { 0xff };
+                f
+            }
+        };
+        bytes.extend(valid_frame(br#"{"type":"ping"}"#, mask));
+        let s = ws.ws.get_mut();
+        let _ = s.set_read_timeout(Some(Duration::from_millis(300)));
+        let _ = s.write_all(&bytes);
+        let mut sink = [0u8; 1024];
+        let _ = s.read(&mut sink);
+    }
+    assert!(
+        server.alive(),
+        "the server died under fuzzed WebSocket frames"
+    );
+    assert_eq!(server.health_within(2000), Some(200));
+    let mut ws = server.ws("fw");
+    ws.subscribe("after");
 }
