@@ -600,3 +600,14 @@ fn fuzzed_websocket_frames_never_kill_the_server() {
     let mut ws = server.ws("fw");
     ws.subscribe("after");
 }
+
+#[test]
+fn websockets_do_not_count_against_http_connection_caps() {
+    let server = Server::start_with(&["--max-connections-per-ip", "4"]);
+    server.deploy_ok("caps", &[("index.html", "hi")]);
+    // More WebSockets than the HTTP cap allows connections: once upgraded, they are
+    // the hub's to cap (--ws-max-per-ip), not HTTP's.
+    let mut sockets: Vec<_> = (0..8).map(|_| server.ws("caps")).collect();
+    assert_eq!(server.health_within(2000), Some(200));
+    sockets[7].subscribe("still-here");
+}

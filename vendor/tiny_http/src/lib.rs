@@ -423,22 +423,27 @@ impl Server {
                     let messages = inside_messages.clone();
                     let mut task = Some((client, slot));
                     tasks_pool.spawn(Box::new(move || {
-                        // The slot is released when the connection's task ends.
-                        if let Some((client, _slot)) = task.take() {
+                        if let Some((mut client, slot)) = task.take() {
                             // Synchronization is needed for HTTPS requests to avoid a deadlock
                             if client.secure() {
                                 let (sender, receiver) = mpsc::channel();
-                                for rq in client {
+                                for rq in client.by_ref() {
                                     messages.push(rq.with_notify_sender(sender.clone()).into());
                                     if receiver.recv().is_err() {
                                         break;
                                     }
                                 }
                             } else {
-                                for rq in client {
+                                for rq in client.by_ref() {
                                     messages.push(rq.into());
                                 }
                             }
+                            // The slot is released once no more requests come. Dropping
+                            // the connection then waits for the last request's reader,
+                            // which an upgraded connection (a WebSocket) holds for its
+                            // whole life: it no longer counts as an HTTP connection.
+                            drop(slot);
+                            drop(client);
                         }
                     }));
                 }
