@@ -69,7 +69,12 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap_or_else(|p| p.into_inner());
 
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
+        // fazt patch: queue a task only if an idle thread is left for it. Upstream
+        // queued whenever any thread was idle; in a burst, threads woken for earlier
+        // tasks still counted as idle, so later tasks sat in the queue until some
+        // connection (possibly a kept-alive one) ended: 200 connections at once left
+        // most of them unanswered.
+        if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
             drop(queue);
             self.add_thread(Some(code));
         } else {
