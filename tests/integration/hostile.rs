@@ -633,3 +633,41 @@ fn websockets_do_not_count_against_http_connection_caps() {
     assert_eq!(server.health_within(2000), Some(200));
     sockets[7].subscribe("still-here");
 }
+
+/// Peak resident memory of the server process (VmHWM), in bytes.
+fn peak_rss(server: &Server) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+#[test]
+fn endless_chunk_size_line_is_cut_off() {
+    let mut server = Server::start();
+    let before = peak_rss(&server);
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .expect("write");
+    // 128 MB of hex digits and no line end: the old decoder collected all of it.
+    let digits = vec![b'0'; 1 << 20];
+    for _ in 0..128 {
+        if s.write_all(&digits).is_err() {
+            break; // cut off
+        }
+    }
+    let grown = peak_rss(&server).saturating_sub(before);
+    assert!(
+        grown < 32 << 20,
+        "the server buffered the size line: +{} MB",
+        grown >> 20
+    );
+    assert!(server.alive());
+    assert_eq!(server.health_within(2000), Some(200));
+}

@@ -7,9 +7,8 @@ use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{BodyReader, FusedReader};
+use crate::util::{BodyReader, ChunkedDecoder, FusedReader};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
-use chunked_transfer::Decoder;
 
 /// Represents an HTTP request made by a client.
 ///
@@ -233,7 +232,8 @@ where
         // over the message (RFC2616 #3.6)
         // fazt patch: under the same body reader, so an unread chunked body is drained
         // (or the connection closed) instead of being parsed as the next request.
-        let body = BodyReader::new(Decoder::new(source_data), None, limits, must_close);
+        // fazt patch: a decoder with bounded size and trailer lines.
+        let body = BodyReader::new(ChunkedDecoder::new(source_data), None, limits, must_close);
         Box::new(FusedReader::new(body)) as Box<dyn Read + Send + 'static>
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,

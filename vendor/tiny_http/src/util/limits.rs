@@ -322,6 +322,123 @@ impl<R: Read> Drop for BodyReader<R> {
     }
 }
 
+/// A chunked transfer decoder with bounded lines (replaces `chunked_transfer::Decoder`
+/// for request bodies): that one collects a chunk-size line without limit, so a body of
+/// endless digits grows memory until the connection ends.
+pub struct ChunkedDecoder<R: Read> {
+    source: R,
+    state: Chunked,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers(usize),
+    Done,
+}
+
+/// Longest chunk-size or trailer line, and most trailer lines.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 64;
+
+fn bad_chunk(msg: &str) -> std::io::Error {
+    std::io::Error::new(ErrorKind::InvalidData, format!("malformed chunked body: {}", msg))
+}
+
+impl<R: Read> ChunkedDecoder<R> {
+    pub fn new(source: R) -> Self {
+        ChunkedDecoder {
+            source,
+            state: Chunked::Size,
+        }
+    }
+
+    /// One CRLF- (or LF-) terminated line, at most `MAX_CHUNK_LINE` bytes.
+    fn line(&mut self) -> IoResult<Vec<u8>> {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            if self.source.read(&mut byte)? == 0 {
+                return Err(std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the client closed the connection inside a chunked body",
+                ));
+            }
+            if byte[0] == b'\n' {
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            if line.len() >= MAX_CHUNK_LINE {
+                return Err(bad_chunk("line too long"));
+            }
+            line.push(byte[0]);
+        }
+    }
+}
+
+impl<R: Read> Read for ChunkedDecoder<R> {
+    fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
+        loop {
+            match self.state {
+                Chunked::Done => return Ok(0),
+                Chunked::Size => {
+                    let line = self.line()?;
+                    let text = std::str::from_utf8(&line).map_err(|_| bad_chunk("size"))?;
+                    let hex = text.split(';').next().unwrap_or("").trim();
+                    if hex.is_empty() || hex.len() > 16 {
+                        return Err(bad_chunk("size"));
+                    }
+                    let size = u64::from_str_radix(hex, 16).map_err(|_| bad_chunk("size"))?;
+                    self.state = if size == 0 {
+                        Chunked::Trailers(0)
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(0);
+                    }
+                    let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let n = self.source.read(&mut buf[..want])?;
+                    if n == 0 {
+                        return Err(std::io::Error::new(
+                            ErrorKind::UnexpectedEof,
+                            "the client closed the connection inside a chunk",
+                        ));
+                    }
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        Chunked::DataEnd
+                    } else {
+                        Chunked::Data(left)
+                    };
+                    return Ok(n);
+                }
+                Chunked::DataEnd => {
+                    if !self.line()?.is_empty() {
+                        return Err(bad_chunk("no CRLF after a chunk"));
+                    }
+                    self.state = Chunked::Size;
+                }
+                Chunked::Trailers(seen) => {
+                    if self.line()?.is_empty() {
+                        self.state = Chunked::Done;
+                    } else if seen + 1 >= MAX_TRAILERS {
+                        return Err(bad_chunk("too many trailer lines"));
+                    } else {
+                        self.state = Chunked::Trailers(seen + 1);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,6 +455,27 @@ mod tests {
         }
         assert_eq!(src.position(), 5);
         assert!(!close.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn chunked_decoder_reads_chunks_and_trailers() {
+        let src = Cursor::new(b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nNEXT".to_vec());
+        let mut d = ChunkedDecoder::new(src);
+        let mut out = String::new();
+        d.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "hello world");
+        let mut rest = String::new();
+        d.source.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "NEXT");
+    }
+
+    #[test]
+    fn chunked_decoder_refuses_an_endless_size_line() {
+        let src = Cursor::new(vec![b'0'; 1 << 20]);
+        let mut d = ChunkedDecoder::new(src);
+        let err = d.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidData);
+        assert!(d.source.position() <= 4097);
     }
 
     #[test]
