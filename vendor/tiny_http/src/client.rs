@@ -6,7 +6,7 @@ use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
 use std::net::{Shutdown, SocketAddr};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,11 +41,12 @@ pub struct ClientConnection {
     secure: bool,
 
     // fazt patch: a handle on the socket to set each phase's read timeout, the limits,
-    // and the flag a body reader sets when it left part of its body unread (the
-    // connection must then close: its next bytes are not a request head).
+    // and how many body bytes the last request left unread (u64::MAX: unknown). They
+    // are drained here, in the connection's thread, or the connection is closed: its
+    // next bytes are not a request head.
     control: Connection,
     limits: Arc<Limits>,
-    must_close: Arc<AtomicBool>,
+    leftover: Arc<AtomicU64>,
 }
 
 /// Error that can happen when reading a request.
@@ -103,7 +104,7 @@ impl ClientConnection {
             secure,
             control,
             limits,
-            must_close: Arc::new(AtomicBool::new(false)),
+            leftover: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -160,6 +161,29 @@ impl ClientConnection {
             .set_read_timeout(Some(t.max(Duration::from_millis(1))));
     }
 
+    /// Skips `n` unread body bytes so the connection can serve its next request: at
+    /// most `drain_limit` of them, within one body timeout. False if that fails.
+    fn drain(&mut self, n: u64) -> bool {
+        if n > self.limits.drain_limit as u64 {
+            return false;
+        }
+        self.set_read_timeout(self.limits.body_timeout);
+        let deadline = Instant::now() + self.limits.body_timeout;
+        let mut left = n as usize;
+        let mut buf = [0u8; 8192];
+        while left > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            let want = left.min(buf.len());
+            match self.next_header_source.read(&mut buf[..want]) {
+                Ok(0) | Err(_) => return false,
+                Ok(k) => left -= k,
+            }
+        }
+        true
+    }
+
     /// After a body was left unread, reads and drops what the client still sends for a
     /// moment before closing, so the close does not reset the connection before the
     /// client has read its answer.
@@ -186,7 +210,8 @@ impl ClientConnection {
         if !self.next_header_source.wait_turn() {
             return Err(ReadError::Closed);
         }
-        if self.must_close.load(Ordering::SeqCst) {
+        let leftover = self.leftover.swap(0, Ordering::SeqCst);
+        if leftover > 0 && !self.drain(leftover) {
             self.linger();
             return Err(ReadError::Closed);
         }
@@ -275,7 +300,7 @@ impl ClientConnection {
             data_source,
             writer,
             &self.limits,
-            self.must_close.clone(),
+            self.leftover.clone(),
         )
         .map_err(|e| {
             use crate::request;

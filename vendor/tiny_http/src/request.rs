@@ -135,7 +135,7 @@ pub fn new_request<R, W>(
     mut source_data: R,
     writer: W,
     limits: &crate::Limits,
-    must_close: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    leftover: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
@@ -222,18 +222,19 @@ where
 
             Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
         } else {
-            // fazt patch: a body reader with the body timeout and a bounded drain.
+            // fazt patch: a body reader with the body timeout; the connection thread
+            // drains what the application leaves unread.
             let body =
-                BodyReader::new(source_data, Some(content_length as u64), limits, must_close);
+                BodyReader::new(source_data, Some(content_length as u64), limits, leftover);
             Box::new(body) as Box<dyn Read + Send + 'static>
         }
     } else if transfer_encoding.is_some() {
         // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
         // over the message (RFC2616 #3.6)
-        // fazt patch: under the same body reader, so an unread chunked body is drained
-        // (or the connection closed) instead of being parsed as the next request.
+        // fazt patch: under the same body reader, so an unread chunked body closes the
+        // connection instead of being parsed as the next request.
         // fazt patch: a decoder with bounded size and trailer lines.
-        let body = BodyReader::new(ChunkedDecoder::new(source_data), None, limits, must_close);
+        let body = BodyReader::new(ChunkedDecoder::new(source_data), None, limits, leftover);
         Box::new(FusedReader::new(body)) as Box<dyn Read + Send + 'static>
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,

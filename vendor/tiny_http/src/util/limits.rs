@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::convert::TryFrom;
 use std::io::{ErrorKind, Read, Result as IoResult, Write};
 use std::net::{IpAddr, Shutdown};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -215,9 +215,10 @@ impl Backoff {
 /// A request body: at most `remaining` bytes of `inner` (or all of it, for chunked
 /// bodies, where `inner` is the decoder). Reads fail with `TimedOut` when the client
 /// stalls for `timeout`, or once `timeout` has passed and the body averages less than
-/// `min_rate`. On drop, what the application left unread is drained, at most
-/// `drain_limit` bytes and one `timeout`; if anything is left, `close` is set and the
-/// connection is closed instead of reused (its next bytes would be mid-body).
+/// `min_rate`. Dropping it never reads: what the application left unread is recorded
+/// in `leftover` (`u64::MAX`: unknown, for chunked bodies), and the connection's own
+/// thread drains it (bounded) or closes the connection, so a handler thread is never
+/// held by a client that stopped sending.
 pub struct BodyReader<R: Read> {
     inner: R,
     remaining: Option<u64>,
@@ -225,13 +226,12 @@ pub struct BodyReader<R: Read> {
     received: u64,
     timeout: Duration,
     min_rate: u64,
-    drain_limit: usize,
     done: bool,
-    close: Arc<AtomicBool>,
+    leftover: Arc<AtomicU64>,
 }
 
 impl<R: Read> BodyReader<R> {
-    pub fn new(inner: R, length: Option<u64>, limits: &Limits, close: Arc<AtomicBool>) -> Self {
+    pub fn new(inner: R, length: Option<u64>, limits: &Limits, leftover: Arc<AtomicU64>) -> Self {
         BodyReader {
             inner,
             remaining: length,
@@ -239,9 +239,8 @@ impl<R: Read> BodyReader<R> {
             received: 0,
             timeout: limits.body_timeout,
             min_rate: limits.body_min_rate.max(1),
-            drain_limit: limits.drain_limit,
             done: length == Some(0),
-            close,
+            leftover,
         }
     }
 
@@ -305,20 +304,10 @@ impl<R: Read> Read for BodyReader<R> {
 
 impl<R: Read> Drop for BodyReader<R> {
     fn drop(&mut self) {
-        if self.done {
-            return;
+        if !self.done {
+            let rest = self.remaining.unwrap_or(u64::MAX);
+            self.leftover.store(rest, Ordering::SeqCst);
         }
-        let deadline = Instant::now() + self.timeout;
-        let mut drained = 0usize;
-        let mut buf = [0u8; 8192];
-        while drained <= self.drain_limit && Instant::now() < deadline {
-            match self.read(&mut buf) {
-                Ok(0) if self.remaining.map_or(true, |r| r == 0) => return,
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
-            }
-        }
-        self.close.store(true, Ordering::SeqCst);
     }
 }
 
@@ -445,16 +434,25 @@ mod tests {
     use std::io::Cursor;
 
     #[test]
-    fn body_reader_stops_at_the_length_and_drains_the_rest() {
-        let close = Arc::new(AtomicBool::new(false));
+    fn body_reader_stops_at_the_length_and_records_the_rest() {
+        let leftover = Arc::new(AtomicU64::new(0));
         let mut src = Cursor::new(b"hello world".to_vec());
         {
-            let mut r = BodyReader::new(&mut src, Some(5), &Limits::default(), close.clone());
+            let mut r = BodyReader::new(&mut src, Some(5), &Limits::default(), leftover.clone());
             let mut one = [0u8; 1];
             r.read_exact(&mut one).unwrap();
+            let mut rest = Vec::new();
+            r.read_to_end(&mut rest).unwrap();
+            assert_eq!(rest, b"ello");
         }
         assert_eq!(src.position(), 5);
-        assert!(!close.load(Ordering::SeqCst));
+        assert_eq!(leftover.load(Ordering::SeqCst), 0);
+        {
+            let mut r = BodyReader::new(&mut src, Some(6), &Limits::default(), leftover.clone());
+            r.read_exact(&mut [0u8; 2]).unwrap();
+        }
+        assert_eq!(leftover.load(Ordering::SeqCst), 4, "unread bytes are recorded, not read");
+        assert_eq!(src.position(), 7);
     }
 
     #[test]
@@ -479,14 +477,10 @@ mod tests {
     }
 
     #[test]
-    fn body_reader_gives_up_on_a_huge_rest() {
-        let close = Arc::new(AtomicBool::new(false));
-        let src = Cursor::new(vec![0u8; 1 << 20]);
-        let limits = Limits {
-            drain_limit: 1000,
-            ..Limits::default()
-        };
-        drop(BodyReader::new(src, Some(1 << 40), &limits, close.clone()));
-        assert!(close.load(Ordering::SeqCst));
+    fn an_unread_chunked_body_is_unknown_leftover() {
+        let leftover = Arc::new(AtomicU64::new(0));
+        let src = ChunkedDecoder::new(Cursor::new(b"5\r\nhello\r\n0\r\n\r\n".to_vec()));
+        drop(BodyReader::new(src, None, &Limits::default(), leftover.clone()));
+        assert_eq!(leftover.load(Ordering::SeqCst), u64::MAX);
     }
 }
