@@ -78,6 +78,10 @@ impl HttpLimits {
             idle_timeout: self.idle_timeout,
             body_timeout: self.body_timeout,
             write_timeout: self.write_timeout,
+            // Handler bodies are read ahead in tiny_http's connection threads, so a
+            // slow sender never holds a handler thread; deploys (larger) stream.
+            prebuffer_body: self.max_handler_body,
+            prebuffer_total: (64 << 20).max(self.max_handler_body),
             ..tiny_http::Limits::default()
         }
     }

@@ -671,3 +671,37 @@ fn endless_chunk_size_line_is_cut_off() {
     assert!(server.alive());
     assert_eq!(server.health_within(2000), Some(200));
 }
+
+#[test]
+fn silent_handler_bodies_do_not_hold_handler_threads() {
+    // Default timeouts: a handler body that never arrives must not hold a handler
+    // thread for the 10 s body timeout, or 16 of them make the server deaf.
+    let server = Server::start();
+    server.deploy_ok(
+        "slow",
+        &[(
+            "api/echo.js",
+            "module.exports = (r) => ({ n: (r.body || '').length });",
+        )],
+    );
+    let host = format!("slow.localhost:{}", server.port());
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(server.addr).expect("connect");
+        let head = format!(
+            "POST /api/echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100000\r\n\r\npartial"
+        );
+        s.write_all(head.as_bytes()).expect("write");
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(server.health_within(3000), Some(200));
+    let r = server.app("slow", "POST", "/api/echo", Some("\"hi\""));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answers waited {:?} behind silent bodies",
+        started.elapsed()
+    );
+}

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{HTTPVersion, Method};
 use crate::connection::Connection;
+use crate::util::BodyBudget;
 use crate::util::RefinedTcpStream;
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::Limits;
@@ -47,6 +48,7 @@ pub struct ClientConnection {
     control: Connection,
     limits: Arc<Limits>,
     leftover: Arc<AtomicU64>,
+    budget: Arc<BodyBudget>,
 }
 
 /// Error that can happen when reading a request.
@@ -88,6 +90,7 @@ impl ClientConnection {
         mut read_socket: RefinedTcpStream,
         control: Connection,
         limits: Arc<Limits>,
+        budget: Arc<BodyBudget>,
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
@@ -105,6 +108,7 @@ impl ClientConnection {
             control,
             limits,
             leftover: Arc::new(AtomicU64::new(0)),
+            budget,
         }
     }
 
@@ -301,6 +305,7 @@ impl ClientConnection {
             writer,
             &self.limits,
             self.leftover.clone(),
+            &self.budget,
         )
         .map_err(|e| {
             use crate::request;

@@ -213,6 +213,12 @@ pub struct Limits {
     /// Unread body bytes drained after a response to keep the connection; a longer
     /// rest closes the connection instead.
     pub drain_limit: usize,
+    /// Bodies up to this size are read in the connection's thread before the request
+    /// is handed out, so a slow sender never holds an application thread.
+    pub prebuffer_body: usize,
+    /// Memory for such read-ahead bodies in all; when it is used up, a body waits for
+    /// room up to one body timeout, then is read as it comes.
+    pub prebuffer_total: usize,
     /// Open connections in all; past it new ones get 503 and a close.
     pub max_connections: usize,
     /// Open connections per client IP; past it new ones get 429 and a close.
@@ -230,6 +236,8 @@ impl Default for Limits {
             body_min_rate: 16 << 10,
             write_timeout: Duration::from_secs(30),
             drain_limit: 256 << 10,
+            prebuffer_body: 1 << 20,
+            prebuffer_total: 64 << 20,
             max_connections: 4096,
             max_connections_per_ip: 256,
         }
@@ -344,6 +352,7 @@ impl Server {
         let inside_messages = messages.clone();
         let limits = Arc::new(limits);
         let counts = Arc::new(util::ConnectionCounts::default());
+        let budget = util::BodyBudget::new(limits.prebuffer_total);
         let refuser = util::Refuser::start();
         thread::Builder::new()
             .name("tiny-http-accept".into())
@@ -418,6 +427,7 @@ impl Server {
                         read_closable,
                         control,
                         limits.clone(),
+                        budget.clone(),
                     );
 
                     let messages = inside_messages.clone();

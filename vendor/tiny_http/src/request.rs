@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{BodyReader, ChunkedDecoder, FusedReader};
+use crate::util::{BodyBudget, BodyReader, ChunkedDecoder, FusedReader, Prebuffered};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
 
 /// Represents an HTTP request made by a client.
@@ -133,9 +133,10 @@ pub fn new_request<R, W>(
     headers: Vec<Header>,
     remote_addr: Option<SocketAddr>,
     mut source_data: R,
-    writer: W,
+    mut writer: W,
     limits: &crate::Limits,
     leftover: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    budget: &std::sync::Arc<BodyBudget>,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
@@ -160,7 +161,7 @@ where
     };
 
     // true if the client sent a `Expect: 100-continue` header
-    let expects_continue = {
+    let mut expects_continue = {
         match headers
             .iter()
             .find(|h: &&Header| h.field.equiv("Expect"))
@@ -224,18 +225,44 @@ where
         } else {
             // fazt patch: a body reader with the body timeout; the connection thread
             // drains what the application leaves unread.
-            let body =
-                BodyReader::new(source_data, Some(content_length as u64), limits, leftover);
-            Box::new(body) as Box<dyn Read + Send + 'static>
+            let body = BodyReader::new(source_data, Some(content_length as u64), limits, leftover);
+            // fazt patch: a body up to `prebuffer_body` arrives here, in the
+            // connection's thread, before the request is handed out: an application
+            // thread never waits on a client that is slow to send it.
+            match prebuffer(
+                body,
+                content_length,
+                limits,
+                budget,
+                &mut writer,
+                &mut expects_continue,
+            )? {
+                Prebuffer::Whole(buffered) => Box::new(buffered) as Box<dyn Read + Send + 'static>,
+                Prebuffer::Streamed(body) => Box::new(body) as Box<dyn Read + Send + 'static>,
+            }
         }
     } else if transfer_encoding.is_some() {
         // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
         // over the message (RFC2616 #3.6)
         // fazt patch: under the same body reader, so an unread chunked body closes the
-        // connection instead of being parsed as the next request.
-        // fazt patch: a decoder with bounded size and trailer lines.
+        // connection instead of being parsed as the next request; a decoder with
+        // bounded size and trailer lines; prebuffered like a Content-Length body, and
+        // past `prebuffer_body` the buffered part is followed by the rest.
         let body = BodyReader::new(ChunkedDecoder::new(source_data), None, limits, leftover);
-        Box::new(FusedReader::new(body)) as Box<dyn Read + Send + 'static>
+        let cap = limits.prebuffer_body;
+        match prebuffer(
+            body,
+            cap.saturating_add(1),
+            limits,
+            budget,
+            &mut writer,
+            &mut expects_continue,
+        )? {
+            Prebuffer::Whole(buffered) => Box::new(buffered) as Box<dyn Read + Send + 'static>,
+            Prebuffer::Streamed(body) => {
+                Box::new(FusedReader::new(body)) as Box<dyn Read + Send + 'static>
+            }
+        }
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data
@@ -256,6 +283,43 @@ where
         must_send_continue: expects_continue,
         notify_when_responded: None,
     })
+}
+
+/// fazt patch: the outcome of `prebuffer`.
+enum Prebuffer<B> {
+    /// The body as a whole (or, when it was longer than the prebuffer, the buffered
+    /// part followed by the rest).
+    Whole(Prebuffered<B>),
+    /// Not buffered (too long, or no memory budget left): read as it comes.
+    Streamed(B),
+}
+
+/// fazt patch: reads up to `want` bytes of `body` into memory, within the global
+/// prebuffer budget (waiting at most one body timeout for it). Sends the
+/// `100 Continue` a client asked for first, as the body is now wanted.
+fn prebuffer<B: Read + Send + 'static, W: Write>(
+    mut body: B,
+    want: usize,
+    limits: &crate::Limits,
+    budget: &std::sync::Arc<BodyBudget>,
+    writer: &mut W,
+    expects_continue: &mut bool,
+) -> Result<Prebuffer<B>, RequestCreationError> {
+    if want > limits.prebuffer_body.saturating_add(1) {
+        return Ok(Prebuffer::Streamed(body));
+    }
+    let guard = match budget.acquire(want, limits.body_timeout) {
+        Some(g) => g,
+        None => return Ok(Prebuffer::Streamed(body)),
+    };
+    if *expects_continue {
+        writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        writer.flush()?;
+        *expects_continue = false;
+    }
+    let mut buffer = Vec::with_capacity(want.min(64 << 10));
+    body.by_ref().take(want as u64).read_to_end(&mut buffer)?;
+    Ok(Prebuffer::Whole(Prebuffered::new(buffer, guard, body)))
 }
 
 impl Request {

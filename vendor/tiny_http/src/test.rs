@@ -75,6 +75,7 @@ impl From<TestRequest> for Request {
             std::io::sink(),
             &crate::Limits::default(),
             std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            &crate::util::BodyBudget::new(1 << 20),
         )
         .unwrap()
     }

@@ -311,6 +311,91 @@ impl<R: Read> Drop for BodyReader<R> {
     }
 }
 
+/// Memory for request bodies read ahead by connection threads, shared by all of them,
+/// so read-ahead cannot exhaust memory however many bodies arrive at once.
+pub struct BodyBudget {
+    used: Mutex<usize>,
+    freed: std::sync::Condvar,
+    total: usize,
+}
+
+/// Bytes of the budget held by one read-ahead body; returned on drop.
+pub struct BudgetGuard {
+    budget: Arc<BodyBudget>,
+    bytes: usize,
+}
+
+impl BodyBudget {
+    pub fn new(total: usize) -> Arc<BodyBudget> {
+        Arc::new(BodyBudget {
+            used: Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            total,
+        })
+    }
+
+    /// Takes `bytes` of the budget, waiting at most `wait` for them to be free.
+    pub fn acquire(self: &Arc<Self>, bytes: usize, wait: Duration) -> Option<BudgetGuard> {
+        if bytes > self.total {
+            return None;
+        }
+        let deadline = Instant::now() + wait;
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used + bytes > self.total {
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            used = self
+                .freed
+                .wait_timeout(used, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *used += bytes;
+        Some(BudgetGuard {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used = used.saturating_sub(self.bytes);
+        self.budget.freed.notify_all();
+    }
+}
+
+/// A body read ahead into memory, then whatever of it is still unread (nothing, unless
+/// the body was longer than the read-ahead).
+pub struct Prebuffered<B> {
+    data: std::io::Cursor<Vec<u8>>,
+    rest: B,
+    _guard: BudgetGuard,
+}
+
+impl<B> Prebuffered<B> {
+    pub fn new(data: Vec<u8>, guard: BudgetGuard, rest: B) -> Self {
+        Prebuffered {
+            data: std::io::Cursor::new(data),
+            rest,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: Read> Read for Prebuffered<B> {
+    fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
+        let n = self.data.read(buf)?;
+        if n > 0 || buf.is_empty() {
+            return Ok(n);
+        }
+        self.rest.read(buf)
+    }
+}
+
 /// A chunked transfer decoder with bounded lines (replaces `chunked_transfer::Decoder`
 /// for request bodies): that one collects a chunk-size line without limit, so a body of
 /// endless digits grows memory until the connection ends.
@@ -333,7 +418,10 @@ const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 64;
 
 fn bad_chunk(msg: &str) -> std::io::Error {
-    std::io::Error::new(ErrorKind::InvalidData, format!("malformed chunked body: {}", msg))
+    std::io::Error::new(
+        ErrorKind::InvalidData,
+        format!("malformed chunked body: {}", msg),
+    )
 }
 
 impl<R: Read> ChunkedDecoder<R> {
@@ -451,13 +539,18 @@ mod tests {
             let mut r = BodyReader::new(&mut src, Some(6), &Limits::default(), leftover.clone());
             r.read_exact(&mut [0u8; 2]).unwrap();
         }
-        assert_eq!(leftover.load(Ordering::SeqCst), 4, "unread bytes are recorded, not read");
+        assert_eq!(
+            leftover.load(Ordering::SeqCst),
+            4,
+            "unread bytes are recorded, not read"
+        );
         assert_eq!(src.position(), 7);
     }
 
     #[test]
     fn chunked_decoder_reads_chunks_and_trailers() {
-        let src = Cursor::new(b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nNEXT".to_vec());
+        let src =
+            Cursor::new(b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nNEXT".to_vec());
         let mut d = ChunkedDecoder::new(src);
         let mut out = String::new();
         d.read_to_string(&mut out).unwrap();
@@ -480,7 +573,12 @@ mod tests {
     fn an_unread_chunked_body_is_unknown_leftover() {
         let leftover = Arc::new(AtomicU64::new(0));
         let src = ChunkedDecoder::new(Cursor::new(b"5\r\nhello\r\n0\r\n\r\n".to_vec()));
-        drop(BodyReader::new(src, None, &Limits::default(), leftover.clone()));
+        drop(BodyReader::new(
+            src,
+            None,
+            &Limits::default(),
+            leftover.clone(),
+        ));
         assert_eq!(leftover.load(Ordering::SeqCst), u64::MAX);
     }
 }

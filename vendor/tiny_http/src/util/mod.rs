@@ -1,6 +1,8 @@
 pub use self::custom_stream::CustomStream;
 pub use self::fused_reader::FusedReader;
-pub use self::limits::{Backoff, BodyReader, ChunkedDecoder, ConnectionCounts, Refuser};
+pub use self::limits::{
+    Backoff, BodyBudget, BodyReader, ChunkedDecoder, ConnectionCounts, Prebuffered, Refuser,
+};
 pub use self::messages_queue::MessagesQueue;
 pub use self::refined_tcp_stream::RefinedTcpStream;
 pub use self::sequential::SequentialWriterBuilder;
