@@ -274,10 +274,10 @@ fn connection_caps_per_ip() {
     let held: Vec<TcpStream> = (0..5)
         .map(|_| TcpStream::connect(server.addr).expect("connect"))
         .collect();
-    // Let the server account for them before the next one.
-    std::thread::sleep(Duration::from_millis(200));
+    // Once the server has counted them, the next one is refused (probes that come
+    // earlier are served and closed, so they do not add up).
     let req = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    assert_eq!(raw_status(server.addr, req, false, 5000), Some(429));
+    assert!(wait_until(5, || raw_status(server.addr, req, false, 5000) == Some(429)));
     drop(held);
     assert!(wait_until(5, || raw_status(server.addr, req, false, 2000) == Some(200)));
 
@@ -285,8 +285,7 @@ fn connection_caps_per_ip() {
     let held: Vec<TcpStream> = (0..5)
         .map(|_| TcpStream::connect(server.addr).expect("connect"))
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(raw_status(server.addr, req, false, 5000), Some(503));
+    assert!(wait_until(5, || raw_status(server.addr, req, false, 5000) == Some(503)));
     drop(held);
     assert!(wait_until(5, || raw_status(server.addr, req, false, 2000) == Some(200)));
 }
@@ -694,7 +693,8 @@ fn silent_handler_bodies_do_not_hold_handler_threads() {
         s.write_all(head.as_bytes()).expect("write");
         held.push(s);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // All of them reached a connection thread before the clock starts.
+    assert!(wait_until(10, || server.threads_named("tiny-http-conn") >= 40));
     let started = Instant::now();
     assert_eq!(server.health_within(3000), Some(200));
     let r = server.app("slow", "POST", "/api/echo", Some("\"hi\""));
