@@ -25,7 +25,7 @@ pub struct Handle {
 }
 
 pub fn start(config: Config) -> anyhow::Result<Handle> {
-    raise_fd_limit();
+    raise_fd_limit(config.http.max_connections);
     prepare_data_dir(&config.data_dir)?;
     let (admin_token, created) = admin_token(&config.data_dir)?;
     let store = Store::open(&config.data_dir).with_context(|| {
@@ -39,6 +39,7 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
     let addr = listener
         .local_addr()
         .context("reading the listen address")?;
+    widen_backlog(&listener);
     let listeners = Arc::new(Listeners::default());
     let (pool, runner) = Pool::new(config.pool.clone(), store.clone());
     let services = Arc::new(Services {
@@ -53,7 +54,12 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
         app_generation: Default::default(),
     });
     runner.start(services.clone())?;
-    let http = HttpServer::start(listener, config.http_threads, services.clone())?;
+    let http = HttpServer::start(
+        listener,
+        config.http_threads,
+        config.http.clone(),
+        services.clone(),
+    )?;
     if created {
         println!(
             "created admin token (stored in {}): {admin_token}",
@@ -85,21 +91,54 @@ impl Handle {
     }
 }
 
-/// Each WebSocket holds a few descriptors; the common soft limit of 1,024 would cap a
-/// server at a couple of hundred clients. Raise the soft limit to the hard one.
-fn raise_fd_limit() {
+/// Each connection holds a descriptor (a WebSocket two); the common soft limit of 1,024
+/// would cap a server at a few hundred clients. Raise the soft limit to the hard one,
+/// and say so when the connection cap cannot be reached within it (past the limit the
+/// accept loop backs off and retries instead of failing).
+fn raise_fd_limit(max_connections: usize) {
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
+    let soft = unsafe {
         let mut lim = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            } else {
                 log::warn!("could not raise the open-file limit");
             }
         }
+        lim.rlim_cur
+    };
+    // Room for the database, the worker pool and WebSockets beside the connections.
+    let needed = max_connections as u64 + 256;
+    if (soft as u64) < needed {
+        log::warn!(
+            "the open-file limit ({soft}) is below --max-connections + 256 ({needed}): \
+             raise it (ulimit -n) or lower --max-connections"
+        );
+    }
+}
+
+/// std listens with a backlog of 128: a burst of more simultaneous connections overflows
+/// it, and each dropped SYN costs its client a one-second retransmit. Listening again on
+/// a listening socket only changes the backlog (the kernel caps it at somaxconn).
+fn widen_backlog(listener: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen() on a socket we own; on failure the old backlog stays.
+    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+        log::warn!(
+            "could not widen the listen backlog: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

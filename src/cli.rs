@@ -39,20 +39,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the server.
-    Server {
-        /// Address to listen on (port 0 picks a free one).
-        #[arg(long, env = "FAZT_LISTEN", default_value = "127.0.0.1:8080")]
-        listen: String,
-        /// Threads serving HTTP requests.
-        #[arg(long, default_value_t = 16)]
-        http_threads: usize,
-        /// Most WebSocket connections one app may have open.
-        #[arg(long, default_value_t = 5000)]
-        ws_max_per_app: usize,
-        /// Most WebSocket connections one client IP may have open.
-        #[arg(long, default_value_t = 1000)]
-        ws_max_per_ip: usize,
-    },
+    Server(ServerArgs),
     /// Deploy, list and remove apps.
     App {
         #[command(subcommand)]
@@ -63,6 +50,94 @@ pub enum Command {
         #[command(subcommand)]
         command: JobCommand,
     },
+}
+
+/// `fazt server` flags. Sizes take KB/MB/GB, times ms/s/m/h.
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, env = "FAZT_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Threads serving HTTP requests.
+    #[arg(long, default_value_t = 16)]
+    pub http_threads: usize,
+    /// Most WebSocket connections one app may have open.
+    #[arg(long, default_value_t = 5000)]
+    pub ws_max_per_app: usize,
+    /// Most WebSocket connections one client IP may have open.
+    #[arg(long, default_value_t = 1000)]
+    pub ws_max_per_ip: usize,
+    /// Most open HTTP connections in all; more are answered 503 and closed.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Most open HTTP connections from one client IP; more are answered 429 and closed.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections_per_ip: usize,
+    /// Longest request line (method, path, version); longer gets 414.
+    #[arg(long, default_value = "8KB", value_parser = parse_size)]
+    pub max_request_line: usize,
+    /// Most bytes of request headers; more gets 431.
+    #[arg(long, default_value = "32KB", value_parser = parse_size)]
+    pub max_header_bytes: usize,
+    /// Largest request body a handler (api/*.js) receives; larger gets 413 unread.
+    #[arg(long, default_value = "1MB", value_parser = parse_size)]
+    pub max_body: usize,
+    /// Time a request head may take once it started; then 408.
+    #[arg(long, default_value = "10s", value_parser = parse_time)]
+    pub head_timeout: Duration,
+    /// Longest wait for request body bytes (408); bodies must also average 16 KB/s after it.
+    #[arg(long, default_value = "10s", value_parser = parse_time)]
+    pub body_timeout: Duration,
+    /// How long a kept-alive connection may sit idle between requests.
+    #[arg(long, default_value = "30s", value_parser = parse_time)]
+    pub idle_timeout: Duration,
+    /// Longest a response write may block on a client that does not read.
+    #[arg(long, default_value = "30s", value_parser = parse_time)]
+    pub write_timeout: Duration,
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    crate::worker::parse_memory(s).and_then(|b| usize::try_from(b).map_err(|e| e.to_string()))
+}
+
+fn parse_time(s: &str) -> Result<Duration, String> {
+    crate::worker::parse_duration(s).map(Duration::from_millis)
+}
+
+impl ServerArgs {
+    /// The server configuration these flags describe.
+    pub fn to_config(&self, data_dir: &std::path::Path) -> anyhow::Result<crate::config::Config> {
+        let counts = [
+            ("--http-threads", self.http_threads),
+            ("--ws-max-per-app", self.ws_max_per_app),
+            ("--ws-max-per-ip", self.ws_max_per_ip),
+            ("--max-connections", self.max_connections),
+            ("--max-connections-per-ip", self.max_connections_per_ip),
+        ];
+        if let Some((flag, _)) = counts.iter().find(|(_, n)| *n == 0) {
+            bail!("{flag} must be at least 1");
+        }
+        let mut config = crate::config::Config {
+            listen: self.listen.clone(),
+            data_dir: data_dir.to_path_buf(),
+            http_threads: self.http_threads,
+            http: crate::http::HttpLimits {
+                max_connections: self.max_connections,
+                max_connections_per_ip: self.max_connections_per_ip,
+                max_request_line: self.max_request_line,
+                max_header_bytes: self.max_header_bytes,
+                head_timeout: self.head_timeout,
+                idle_timeout: self.idle_timeout,
+                body_timeout: self.body_timeout,
+                write_timeout: self.write_timeout,
+                max_handler_body: self.max_body,
+            },
+            ..Default::default()
+        };
+        config.realtime.per_app = self.ws_max_per_app;
+        config.realtime.per_ip = self.ws_max_per_ip;
+        Ok(config)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,7 +269,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.server, &cli.data_dir)?;
     let mut out = std::io::stdout().lock();
     match &cli.command {
-        Command::Server { .. } => {
+        Command::Server(_) => {
             bail!("`fazt server` runs the server; it is not a client command")
         }
         Command::App { command } => match command {

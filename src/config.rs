@@ -9,6 +9,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Threads serving HTTP requests (each may run a handler for up to 5 s).
     pub http_threads: usize,
+    /// What clients may send and hold open (sizes, timeouts, connection caps).
+    pub http: crate::http::HttpLimits,
     pub pool: crate::worker::Limits,
     pub realtime: crate::realtime::HubLimits,
 }
@@ -19,6 +21,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".into(),
             data_dir: PathBuf::from("./fazt-data"),
             http_threads: 16,
+            http: crate::http::HttpLimits::default(),
             pool: crate::worker::Limits::default(),
             realtime: crate::realtime::HubLimits::default(),
         }

@@ -9,12 +9,7 @@ fn main() {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let result = match &cli.command {
-        Command::Server {
-            listen,
-            http_threads,
-            ws_max_per_app,
-            ws_max_per_ip,
-        } => run_server(&cli, listen, *http_threads, *ws_max_per_app, *ws_max_per_ip),
+        Command::Server(args) => args.to_config(&cli.data_dir).and_then(run_server),
         _ => fazt::cli::run_client(&cli),
     };
     if let Err(e) = result {
@@ -23,24 +18,7 @@ fn main() {
     }
 }
 
-fn run_server(
-    cli: &Cli,
-    listen: &str,
-    http_threads: usize,
-    ws_max_per_app: usize,
-    ws_max_per_ip: usize,
-) -> anyhow::Result<()> {
-    if http_threads == 0 || ws_max_per_app == 0 || ws_max_per_ip == 0 {
-        anyhow::bail!("--http-threads, --ws-max-per-app and --ws-max-per-ip must be at least 1");
-    }
-    let mut config = fazt::config::Config {
-        listen: listen.to_string(),
-        data_dir: cli.data_dir.clone(),
-        http_threads,
-        ..Default::default()
-    };
-    config.realtime.per_app = ws_max_per_app;
-    config.realtime.per_ip = ws_max_per_ip;
+fn run_server(config: fazt::config::Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     let signals = std::sync::atomic::AtomicUsize::new(0);
     ctrlc::set_handler(move || {

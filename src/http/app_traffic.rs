@@ -9,13 +9,11 @@ use super::handlers::{HandlerCache, HandlerRequest};
 use super::util::{self, HttpError, Reply, Route};
 use crate::services::Services;
 
-/// Largest request body a handler may receive.
-const MAX_HANDLER_BODY: usize = 10 << 20;
-
 pub fn handle(
     req: &mut Request,
     app: &str,
     services: &Arc<Services>,
+    limits: &super::HttpLimits,
     cache: &mut HandlerCache,
 ) -> Result<Reply, HttpError> {
     let (path, query) = util::split_url(req.url());
@@ -28,7 +26,16 @@ pub fn handle(
         return Ok(Reply::Upgrade);
     }
     if path == "/api" || path.starts_with("/api/") {
-        return run_handler(req, app, info.version, &path, query, services, cache);
+        return run_handler(
+            req,
+            app,
+            info.version,
+            &path,
+            query,
+            services,
+            limits,
+            cache,
+        );
     }
     serve_static(app, &path, services)
 }
@@ -71,6 +78,7 @@ fn serve_static(app: &str, path: &str, services: &Services) -> Result<Reply, Htt
     Ok(Reply::bytes(200, content_type(&rel), content))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_handler(
     req: &mut Request,
     app: &str,
@@ -78,8 +86,17 @@ fn run_handler(
     path: &str,
     query: Vec<(String, String)>,
     services: &Arc<Services>,
+    limits: &super::HttpLimits,
     cache: &mut HandlerCache,
 ) -> Result<Reply, HttpError> {
+    // A declared body over the limit is refused before anything is read or loaded.
+    // (`read_body` refuses a declared length over the limit without reading.)
+    if req
+        .body_length()
+        .is_some_and(|len| len > limits.max_handler_body)
+    {
+        util::read_body(req, limits.max_handler_body)?;
+    }
     let name = path
         .trim_start_matches("/api")
         .trim_start_matches('/')
@@ -124,7 +141,7 @@ fn run_handler(
             )
         })
         .collect();
-    let raw = util::read_body(req, MAX_HANDLER_BODY)?;
+    let raw = util::read_body(req, limits.max_handler_body)?;
     let is_json = headers
         .get("content-type")
         .and_then(|v| v.as_str())

@@ -1,6 +1,8 @@
-//! The HTTP front: a tiny_http server drained by a fixed pool of named threads. Each
-//! request is routed by its Host header to the system API (bare host) or to an app, and
-//! runs under `catch_unwind` so a panic is a 500, never a dead thread.
+//! The HTTP front: a tiny_http server (patched, see vendor/PATCHES.md) drained by a
+//! fixed pool of named threads, and the limits that keep hostile clients from
+//! exhausting it. Each request is routed by its Host header to the system API (bare
+//! host) or to an app, and runs under `catch_unwind` so a panic is a 500, never a dead
+//! thread; a thread lost anyway is replaced by the watchdog.
 
 mod app_traffic;
 mod handlers;
@@ -14,6 +16,7 @@ use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::services::Services;
 
@@ -25,6 +28,69 @@ pub fn error_reply(status: u16, msg: &str) -> tiny_http::Response<std::io::Curso
 /// Stack for threads that run user JS: boa recurses on the native stack for calls made
 /// from native code, so the 2 MB default is too tight for deep but legal programs.
 pub const JS_STACK_BYTES: usize = 16 << 20;
+
+/// Limits on what clients may send and hold (flags in `cli.rs`, defaults in the README).
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Open connections in all (503 past it) and per client IP (429 past it).
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Request line (414 past it) and all header lines of a request (431 past it).
+    pub max_request_line: usize,
+    pub max_header_bytes: usize,
+    /// A request head must arrive within this once started (408).
+    pub head_timeout: Duration,
+    /// A kept-alive connection may sit idle this long between requests.
+    pub idle_timeout: Duration,
+    /// Longest wait for body bytes (408); bodies must also average 16 KB/s after it.
+    pub body_timeout: Duration,
+    /// Longest a response write may block.
+    pub write_timeout: Duration,
+    /// Largest body a handler receives (413, answered before reading).
+    pub max_handler_body: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        let t = tiny_http::Limits::default();
+        HttpLimits {
+            max_connections: t.max_connections,
+            max_connections_per_ip: t.max_connections_per_ip,
+            max_request_line: t.max_request_line,
+            max_header_bytes: t.max_header_bytes,
+            head_timeout: t.head_timeout,
+            idle_timeout: t.idle_timeout,
+            body_timeout: t.body_timeout,
+            write_timeout: t.write_timeout,
+            max_handler_body: 1 << 20,
+        }
+    }
+}
+
+impl HttpLimits {
+    fn to_tiny_http(&self) -> tiny_http::Limits {
+        tiny_http::Limits {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_request_line: self.max_request_line,
+            max_header_bytes: self.max_header_bytes,
+            head_timeout: self.head_timeout,
+            idle_timeout: self.idle_timeout,
+            body_timeout: self.body_timeout,
+            write_timeout: self.write_timeout,
+            // Handler bodies are read ahead in tiny_http's connection threads, so a
+            // slow sender never holds a handler thread; deploys (larger) stream.
+            prebuffer_body: self.max_handler_body,
+            prebuffer_total: (64 << 20).max(self.max_handler_body),
+            ..tiny_http::Limits::default()
+        }
+    }
+}
+
+/// Test hook, off unless this variable is set: a request for exactly this path panics
+/// outside every `catch_unwind`, as a panic inside tiny_http would, killing its HTTP
+/// thread, so the hostile suite can check that lost threads are replaced.
+const KILL_THREAD_ENV: &str = "FAZT_TEST_KILL_HTTP_THREAD_ON_PATH";
 
 /// A handler thread as the watchdog sees it.
 struct Worker {
@@ -41,10 +107,19 @@ struct Worker {
 const STUCK_AFTER_MS: i64 = handlers::HANDLER_TIMEOUT.as_millis() as i64 + 2000;
 
 pub struct HttpServer {
-    server: Arc<tiny_http::Server>,
-    stopping: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     workers: Arc<Mutex<Vec<Worker>>>,
     watchdog: Option<JoinHandle<()>>,
+}
+
+/// What every HTTP thread and the watchdog share.
+struct Shared {
+    server: tiny_http::Server,
+    stopping: AtomicBool,
+    services: Arc<Services>,
+    limits: HttpLimits,
+    /// See `KILL_THREAD_ENV`; None unless the test variable is set.
+    kill_path: Option<String>,
 }
 
 /// Abandoned handler threads still alive. Each may spin on a core until boa's loop
@@ -56,28 +131,34 @@ impl HttpServer {
     pub fn start(
         listener: TcpListener,
         threads: usize,
+        limits: HttpLimits,
         services: Arc<Services>,
     ) -> anyhow::Result<HttpServer> {
         use anyhow::Context as _;
-        let server = tiny_http::Server::from_listener(listener, None)
-            .map_err(|e| anyhow::anyhow!("starting the HTTP server: {e}"))?;
-        let server = Arc::new(server);
-        let stopping = Arc::new(AtomicBool::new(false));
+        let server =
+            tiny_http::Server::from_listener_with_limits(listener, None, limits.to_tiny_http())
+                .map_err(|e| anyhow::anyhow!("starting the HTTP server: {e}"))?;
+        let shared = Arc::new(Shared {
+            server,
+            stopping: AtomicBool::new(false),
+            services,
+            limits,
+            kill_path: std::env::var(KILL_THREAD_ENV).ok(),
+        });
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
-            workers.push(spawn_worker(i, &server, &stopping, &services)?);
+            workers.push(spawn_worker(i, &shared)?);
         }
         let workers = Arc::new(Mutex::new(workers));
         let watchdog = {
-            let (server, stopping, workers) = (server.clone(), stopping.clone(), workers.clone());
+            let (shared, workers) = (shared.clone(), workers.clone());
             std::thread::Builder::new()
                 .name("fazt-http-watchdog".into())
-                .spawn(move || watch(&server, &stopping, &workers, &services, threads))
+                .spawn(move || watch(&shared, &workers, threads))
                 .context("spawning the HTTP watchdog")?
         };
         Ok(HttpServer {
-            server,
-            stopping,
+            shared,
             workers,
             watchdog: Some(watchdog),
         })
@@ -86,14 +167,14 @@ impl HttpServer {
     /// Stops taking new requests, lets in-flight ones finish, and joins the threads
     /// (not the abandoned ones: they may never finish).
     pub fn shutdown(mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
+        self.shared.stopping.store(true, Ordering::SeqCst);
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
         // Extra wake-ups are harmless; too few would leave a thread in recv().
         for _ in 0..workers.len() + ABANDONED_LIVE.load(Ordering::SeqCst) + 1 {
-            self.server.unblock();
+            self.shared.server.unblock();
         }
         // In-flight requests may finish; a thread stuck in user JS is not waited for.
         let deadline = std::time::Instant::now() + handlers::HANDLER_TIMEOUT * 2;
@@ -110,21 +191,16 @@ impl HttpServer {
     }
 }
 
-fn spawn_worker(
-    i: usize,
-    server: &Arc<tiny_http::Server>,
-    stopping: &Arc<AtomicBool>,
-    services: &Arc<Services>,
-) -> anyhow::Result<Worker> {
+fn spawn_worker(i: usize, shared: &Arc<Shared>) -> anyhow::Result<Worker> {
     use anyhow::Context as _;
     let js_since = Arc::new(AtomicI64::new(0));
     let abandoned = Arc::new(AtomicBool::new(false));
-    let (server, stopping, services) = (server.clone(), stopping.clone(), services.clone());
+    let shared = shared.clone();
     let (js, gone) = (js_since.clone(), abandoned.clone());
     let handle = std::thread::Builder::new()
         .name(format!("fazt-http-{i}"))
         .stack_size(JS_STACK_BYTES)
-        .spawn(move || serve(&server, &stopping, &services, js, &gone))
+        .spawn(move || serve(&shared, js, &gone))
         .context("spawning an HTTP thread")?;
     Ok(Worker {
         handle,
@@ -133,19 +209,30 @@ fn spawn_worker(
     })
 }
 
-fn watch(
-    server: &Arc<tiny_http::Server>,
-    stopping: &Arc<AtomicBool>,
-    workers: &Mutex<Vec<Worker>>,
-    services: &Arc<Services>,
-    max_abandoned: usize,
-) {
+fn watch(shared: &Arc<Shared>, workers: &Mutex<Vec<Worker>>, max_abandoned: usize) {
     let mut next_name = workers.lock().map(|w| w.len()).unwrap_or(0);
-    while !stopping.load(Ordering::SeqCst) {
-        std::thread::sleep(std::time::Duration::from_millis(250));
+    while !shared.stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
         let now = handlers::mono_ms();
         let mut workers = workers.lock().unwrap_or_else(|p| p.into_inner());
         let mut replacements = Vec::new();
+        // A thread that ended while the server runs was lost to a panic outside the
+        // per-request catch_unwind: replace it, or the pool shrinks for good.
+        let before = workers.len();
+        workers.retain(|w| !w.handle.is_finished());
+        for _ in workers.len()..before {
+            if shared.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            match spawn_worker(next_name, shared) {
+                Ok(new) => {
+                    log::error!("an HTTP thread was lost to a panic; replaced it");
+                    replacements.push(new);
+                    next_name += 1;
+                }
+                Err(e) => log::error!("could not replace a lost HTTP thread: {e}"),
+            }
+        }
         for w in workers.iter() {
             let since = w.js_since.load(Ordering::SeqCst);
             if since == 0 || now - since <= STUCK_AFTER_MS || w.abandoned.load(Ordering::SeqCst) {
@@ -155,7 +242,7 @@ fn watch(
                 continue; // Capped: see ABANDONED_LIVE.
             }
             // Replace first, so a failed spawn never shrinks the pool.
-            match spawn_worker(next_name, server, stopping, services) {
+            match spawn_worker(next_name, shared) {
                 Ok(new) => {
                     log::error!(
                         "an HTTP thread is stuck in user JS {} ms past its deadline; replaced it",
@@ -163,7 +250,8 @@ fn watch(
                     );
                     ABANDONED_LIVE.fetch_add(1, Ordering::SeqCst);
                     w.abandoned.store(true, Ordering::SeqCst);
-                    services
+                    shared
+                        .services
                         .metrics
                         .http_threads_abandoned
                         .fetch_add(1, Ordering::Relaxed);
@@ -179,16 +267,12 @@ fn watch(
     }
 }
 
-fn serve(
-    server: &tiny_http::Server,
-    stopping: &AtomicBool,
-    services: &Arc<Services>,
-    js_since: Arc<AtomicI64>,
-    abandoned: &AtomicBool,
-) {
+fn serve(shared: &Shared, js_since: Arc<AtomicI64>, abandoned: &AtomicBool) {
+    let services = &shared.services;
+    let stopping = &shared.stopping;
     let mut cache = HandlerCache::new(js_since);
     while !stopping.load(Ordering::SeqCst) && !abandoned.load(Ordering::SeqCst) {
-        let req = match server.recv() {
+        let req = match shared.server.recv() {
             Ok(r) => r,
             Err(e) => {
                 if !stopping.load(Ordering::SeqCst) {
@@ -197,6 +281,9 @@ fn serve(
                 continue;
             }
         };
+        if shared.kill_path.as_deref() == Some(req.url()) {
+            panic!("{KILL_THREAD_ENV}: killing this HTTP thread on purpose");
+        }
         if stopping.load(Ordering::SeqCst) {
             let _ = req.respond(util::error_response(503, "the server is shutting down"));
             break;
@@ -205,19 +292,32 @@ fn serve(
             .metrics
             .http_requests
             .fetch_add(1, Ordering::Relaxed);
-        handle(req, services, &mut cache);
+        // Everything a request does, the upgrade and the response write included, runs
+        // under catch_unwind: a panic there costs that request, not the thread.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handle(req, services, &shared.limits, &mut cache)
+        }));
+        if outcome.is_err() {
+            cache.clear();
+            log::error!("an HTTP request panicked outside its handler; the thread goes on");
+        }
     }
     if abandoned.load(Ordering::SeqCst) {
         ABANDONED_LIVE.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-fn handle(mut req: tiny_http::Request, services: &Arc<Services>, cache: &mut HandlerCache) {
+fn handle(
+    mut req: tiny_http::Request,
+    services: &Arc<Services>,
+    limits: &HttpLimits,
+    cache: &mut HandlerCache,
+) {
     let host = util::header(&req, "host").unwrap_or_default();
     let route = util::route_host(&host);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &route {
         util::Route::System => system::handle(&mut req, services),
-        util::Route::App(app) => app_traffic::handle(&mut req, app, services, cache),
+        util::Route::App(app) => app_traffic::handle(&mut req, app, services, limits, cache),
     }));
     let reply = match outcome {
         Ok(Ok(Reply::Upgrade)) => return app_traffic::upgrade(req, route, services),

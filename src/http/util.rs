@@ -165,7 +165,10 @@ pub fn read_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, HttpError> 
     req.as_reader()
         .take(limit as u64 + 1)
         .read_to_end(&mut buf)
-        .map_err(|e| HttpError::bad_request(format!("reading the request body failed: {e}")))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut => HttpError::new(408, e.to_string()),
+            _ => HttpError::bad_request(format!("reading the request body failed: {e}")),
+        })?;
     if buf.len() > limit {
         return Err(too_large(limit));
     }

@@ -68,6 +68,9 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
         }
     };
     let _ = sock.set_write_timeout(Some(Duration::from_secs(10)));
+    // The socket still has the HTTP body timeout for reads (the duplicate shares it);
+    // a WebSocket may be quiet for long, and dead peers are found by pings instead.
+    let _ = sock.set_read_timeout(None);
     let _ = sock.set_nodelay(true);
     if let Ok(kill) = sock.try_clone() {
         hub.attach_socket(app, session, kill);

@@ -4,6 +4,7 @@
 mod util;
 
 mod browser;
+mod hostile;
 mod platform;
 mod realtime;
 mod workers;

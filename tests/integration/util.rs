@@ -36,7 +36,44 @@ impl Server {
 
     /// Starts a server on `dir` (which may hold data from an earlier run).
     pub fn start_in(dir: &Path, flags: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fazt"))
+        Server::start_custom(dir, flags, &[], None)
+    }
+
+    /// Starts a server with extra flags and environment variables, and (if `nofile` is
+    /// given) with both open-file limits of the child lowered to it.
+    pub fn start_with_env(flags: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("data");
+        let mut s = Server::start_custom(&dir, flags, env, nofile);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    fn start_custom(
+        dir: &Path,
+        flags: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fazt"));
+        cmd.envs(env.iter().copied());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and only touches the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .args([
                 "--data-dir",
                 dir.to_str().expect("utf-8 path"),
@@ -129,6 +166,57 @@ impl Server {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// The server's process id (for /proc/<pid>/task and /proc/<pid>/fd).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    /// True while the server process has not exited.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Threads of the server process whose name starts with `prefix`.
+    pub fn threads_named(&self, prefix: &str) -> usize {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0;
+        };
+        tasks
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .filter(|name| name.starts_with(prefix))
+            .count()
+    }
+
+    /// All threads of the server process.
+    pub fn thread_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Open file descriptors of the server process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// GET /health on a fresh connection with a short timeout: Some(status) if the
+    /// server answered within `ms`.
+    pub fn health_within(&self, ms: u64) -> Option<u16> {
+        let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_millis(ms)).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(ms))).ok()?;
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let line = String::from_utf8_lossy(&raw).lines().next()?.to_string();
+        line.split_whitespace().nth(1)?.parse().ok()
     }
 
     /// A request to the system host with the admin token.
@@ -313,7 +401,7 @@ pub fn request(
     parse_response(&raw)
 }
 
-fn parse_response(raw: &[u8]) -> Resp {
+pub fn parse_response(raw: &[u8]) -> Resp {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
