@@ -11,6 +11,8 @@ pub struct Config {
     pub http_threads: usize,
     pub pool: crate::worker::Limits,
     pub realtime: crate::realtime::HubLimits,
+    /// kv quota and finished-job retention.
+    pub store: crate::store::Limits,
 }
 
 impl Default for Config {
@@ -21,6 +23,7 @@ impl Default for Config {
             http_threads: 16,
             pool: crate::worker::Limits::default(),
             realtime: crate::realtime::HubLimits::default(),
+            store: crate::store::Limits::default(),
         }
     }
 }

@@ -14,7 +14,17 @@ fn main() {
             http_threads,
             ws_max_per_app,
             ws_max_per_ip,
-        } => run_server(&cli, listen, *http_threads, *ws_max_per_app, *ws_max_per_ip),
+            store,
+        } => store.limits().and_then(|limits| {
+            run_server(
+                &cli,
+                listen,
+                *http_threads,
+                *ws_max_per_app,
+                *ws_max_per_ip,
+                limits,
+            )
+        }),
         _ => fazt::cli::run_client(&cli),
     };
     if let Err(e) = result {
@@ -29,6 +39,7 @@ fn run_server(
     http_threads: usize,
     ws_max_per_app: usize,
     ws_max_per_ip: usize,
+    store: fazt::store::Limits,
 ) -> anyhow::Result<()> {
     if http_threads == 0 || ws_max_per_app == 0 || ws_max_per_ip == 0 {
         anyhow::bail!("--http-threads, --ws-max-per-app and --ws-max-per-ip must be at least 1");
@@ -37,6 +48,7 @@ fn run_server(
         listen: listen.to_string(),
         data_dir: cli.data_dir.clone(),
         http_threads,
+        store,
         ..Default::default()
     };
     config.realtime.per_app = ws_max_per_app;

@@ -178,6 +178,18 @@ impl Store {
         })
     }
 
+    /// A job's `data` (None: no such job), read when the job starts: waiting jobs do
+    /// not keep it in memory.
+    pub fn job_data(&self, id: &str) -> Result<Option<Option<String>>> {
+        self.read(|c| {
+            c.prepare_cached("SELECT data FROM worker_jobs WHERE id = ?1")
+                .ctx("reading job data")?
+                .query_row([id], |r| r.get::<_, Option<String>>(0))
+                .optional()
+                .ctx("reading job data")
+        })
+    }
+
     pub fn get_job(&self, id: &str) -> Result<Option<JobRow>> {
         self.read(|c| get_job(c, id))
     }
