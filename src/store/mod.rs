@@ -140,7 +140,7 @@ impl Default for Limits {
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TestHooks {
-    /// Every write batch fails as if the disk returned an I/O error.
+    /// Every write batch fails as on a full disk.
     pub fail_writes: Option<bool>,
     /// Writer connection's `PRAGMA max_page_count` (0 lifts it): past it the database
     /// cannot grow, as on a full disk. A value below the current size means "full now".
@@ -463,7 +463,10 @@ mod tests {
         assert!(store.degraded());
         let st = store.status();
         assert_eq!(st.pending_transitions, 1, "{st:?}");
-        assert!(st.reason.as_deref().unwrap_or("").contains("I/O"), "{st:?}");
+        assert!(
+            st.reason.as_deref().unwrap_or("").contains("full"),
+            "{st:?}"
+        );
         assert_eq!(status_of(&store, &id), Status::Running, "not written yet");
         let kv = store.kv_set("a", "k", "1".into(), None);
         assert!(matches!(kv, Err(Error::Unavailable(_))), "{kv:?}");

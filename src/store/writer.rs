@@ -95,7 +95,8 @@ pub(super) struct Shared {
 /// sets them answers only when the server was started with `FAZT_TEST_HOOKS=1`.
 #[derive(Default)]
 pub(super) struct TestHooks {
-    /// Every batch fails as if the disk returned an I/O error.
+    /// Every batch fails as on a full disk (in WAL mode every write appends to the WAL,
+    /// so a full disk fails them all).
     pub fail_writes: AtomicBool,
     /// `PRAGMA max_page_count` for the writer (0: no limit): growing the database past
     /// it fails with SQLITE_FULL, like a full disk.
@@ -614,7 +615,7 @@ fn commit_batch(
     let sql = |c: &Connection, s: &str| c.execute_batch(s).map_err(|e| e.to_string());
     let outcome = (|| -> std::result::Result<(), String> {
         if hooks.fail_writes.load(Ordering::SeqCst) {
-            return Err("disk I/O error (simulated by FAZT_TEST_HOOKS)".into());
+            return Err("database or disk is full (simulated by FAZT_TEST_HOOKS)".into());
         }
         if durable {
             sql(conn, "PRAGMA synchronous=FULL")?;

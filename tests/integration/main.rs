@@ -4,6 +4,7 @@
 mod util;
 
 mod browser;
+mod disk;
 mod platform;
 mod realtime;
 mod workers;
