@@ -273,7 +273,7 @@ pub(super) struct Writer {
 }
 
 /// Time between janitor steps when the last one found nothing left to do.
-const JANITOR_PERIOD: Duration = Duration::from_secs(5);
+const JANITOR_PERIOD: Duration = Duration::from_secs(2);
 
 impl Writer {
     pub fn new(

@@ -6,5 +6,6 @@ mod util;
 mod browser;
 mod disk;
 mod platform;
+mod quotas;
 mod realtime;
 mod workers;
