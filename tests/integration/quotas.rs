@@ -41,7 +41,7 @@ const APP: &[(&str, &str)] = &[
     ("workers/quick.js", "module.exports = (job) => job.data;"),
     (
         "workers/hold.js",
-        "module.exports = (job) => { while (!fazt.storage.kv.get('go')) job.sleep(20); return 1; };",
+        "module.exports = (job) => { while (!fazt.storage.kv.get('go')) job.sleep(20); return job.data ? job.data.length : 0; };",
     ),
 ];
 
@@ -146,4 +146,57 @@ fn handler_log_line_is_truncated() {
     std::thread::sleep(Duration::from_millis(200));
     let grew = s.stderr_bytes.load(Ordering::Relaxed) - before;
     assert!(grew < 64 * 1024, "the server log grew by {grew} bytes");
+}
+
+#[test]
+fn queued_job_data_stays_in_the_store() {
+    // One malloc arena, and big blocks always mmap'd: freed memory goes back to the
+    // system at once, so RSS shows what is held rather than what was once touched.
+    let s = Server::start_with_env(
+        &[],
+        &[
+            ("MALLOC_ARENA_MAX", "1"),
+            ("MALLOC_MMAP_THRESHOLD_", "131072"),
+        ],
+    );
+    let mut files = APP.to_vec();
+    // A worker spawns the jobs: its context (and the garbage of 100 job objects) is
+    // dropped when it ends, so what stays is what the server keeps.
+    files.push((
+        "workers/spawner.js",
+        r#"module.exports = () => {
+  const big = "d".repeat(1000 * 1000 - 10);
+  const ids = [];
+  for (let i = 0; i < 100; i++) ids.push(fazt.worker.spawn("workers/hold.js", { data: big }).id);
+  return ids;
+};"#,
+    ));
+    s.deploy_ok("a", &files);
+    // Four held jobs and the spawner fill the app's five running places; the spawned
+    // jobs wait (one starts when the spawner ends).
+    for _ in 0..4 {
+        let id = spawn(&s, "a", "workers/hold.js", json!({}));
+        s.wait_status(&id, "running", 10);
+    }
+    let rss = |s: &Server| {
+        s.health()["workers"]["memory"]["rss_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = rss(&s);
+    let spawner = spawn(&s, "a", "workers/spawner.js", json!({}));
+    let ids = s.wait_status(&spawner, "done", 60)["result"].clone();
+    let ok = wait_until(10, || s.health()["workers"]["queued"] == 99);
+    assert!(ok, "{}", s.health());
+    // ~100 MB of data waits in the queue: it must be in the store, not in memory.
+    let grew = rss(&s).saturating_sub(before);
+    assert!(grew < 40 << 20, "RSS grew by {} MB", grew >> 20);
+    // The jobs still get their data when they run.
+    let r = s.app("a", "GET", "/api/kv?key=go&size=1", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    for i in [0, 50, 99] {
+        let id = ids[i].as_str().expect("job id");
+        let j = s.wait_status(id, "done", 60);
+        assert_eq!(j["result"], 1000 * 1000 - 10, "job {i} saw its data");
+    }
 }

@@ -45,9 +45,14 @@ impl Server {
 
     /// Starts a server with the test-only fault hooks (`FAZT_TEST_HOOKS=1`) enabled.
     pub fn start_hooked(flags: &[&str]) -> Server {
+        Server::start_with_env(flags, &[("FAZT_TEST_HOOKS", "1")])
+    }
+
+    /// Starts a server in a fresh data dir with extra environment variables.
+    pub fn start_with_env(flags: &[&str], env: &[(&str, &str)]) -> Server {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().join("data");
-        let mut s = Server::start_in_env(&dir, flags, &[("FAZT_TEST_HOOKS", "1")]);
+        let mut s = Server::start_in_env(&dir, flags, env);
         s._tmp = Some(tmp);
         s
     }
