@@ -1,5 +1,6 @@
 //! The only module that touches rusqlite: opening the database, migrations, the single
-//! batching writer thread, and the typed queries for apps, kv and jobs.
+//! batching writer thread (which keeps and retries writes the disk refused, see
+//! `writer.rs`), retention, and the typed queries for apps, kv and jobs.
 
 mod apps;
 mod jobs;
@@ -449,7 +450,7 @@ mod tests {
     }
 
     #[test]
-    fn status_writes_failing_with_io_errors_are_retried_not_dropped() {
+    fn status_writes_failing_for_lack_of_space_are_retried_not_dropped() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let id = new_job(&store, "a");
@@ -479,6 +480,47 @@ mod tests {
         );
         assert!(!store.degraded());
         assert_eq!(store.status().pending_writes, 0);
+        store.close();
+    }
+
+    #[test]
+    fn a_log_flood_is_shed_while_the_store_cannot_write_but_transitions_are_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let id = new_job(&store, "a");
+        store.flush().expect("flush");
+        store
+            .inner
+            .shared
+            .hooks
+            .fail_writes
+            .store(true, Ordering::SeqCst);
+        store.job_started(&id, 1, 0);
+        for i in 0..(writer::LOSSY_CAP + 5000) {
+            store.job_log(&id, "info", format!("line {i}"), 1000);
+        }
+        store.job_finished(&id, Status::Done, None, None, 1, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.status().pending_transitions < 2 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", store.status());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let st = store.status();
+        assert_eq!(st.shed_writes, 5000, "{st:?}");
+        assert_eq!(st.pending_writes, writer::LOSSY_CAP + 2, "{st:?}");
+        store
+            .inner
+            .shared
+            .hooks
+            .fail_writes
+            .store(false, Ordering::SeqCst);
+        flush_until_ok(&store);
+        assert_eq!(status_of(&store, &id), Status::Done);
+        assert_eq!(
+            store.job_logs(&id, 0).expect("logs").len(),
+            1000,
+            "newest kept"
+        );
         store.close();
     }
 

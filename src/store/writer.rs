@@ -20,7 +20,7 @@ use super::{now_ms, Error, Result};
 const MAX_BATCH: usize = 512;
 /// Background writes that may be shed (log lines, progress) kept at most while the store
 /// cannot write; state transitions are never shed.
-const LOSSY_CAP: usize = 20_000;
+pub(super) const LOSSY_CAP: usize = 20_000;
 /// First retry delay after a failed batch; it doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -258,8 +258,11 @@ pub(super) struct Writer {
     /// Writes received and not yet committed, in arrival order. Normally at most one
     /// batch; while the store cannot write, every background write waits here.
     queue: VecDeque<WriteReq>,
+    /// How many queued writes are of each kind, kept on push and pop so the loop
+    /// never scans a long queue.
     lossy: usize,
     transitions: usize,
+    waited: usize,
     backoff: Backoff,
     wal_path: PathBuf,
     data_dir: PathBuf,
@@ -293,6 +296,7 @@ impl Writer {
             queue: VecDeque::new(),
             lossy: 0,
             transitions: 0,
+            waited: 0,
             backoff: Backoff::default(),
             wal_path: PathBuf::from(wal),
             data_dir: db_path.parent().unwrap_or(Path::new(".")).to_path_buf(),
@@ -312,7 +316,7 @@ impl Writer {
             }
             Kind::Lossy => self.lossy += 1,
             Kind::Transition => self.transitions += 1,
-            Kind::Waited => {}
+            Kind::Waited => self.waited += 1,
         }
         self.queue.push_back(req);
     }
@@ -322,7 +326,7 @@ impl Writer {
         match req.kind {
             Kind::Lossy => self.lossy -= 1,
             Kind::Transition => self.transitions -= 1,
-            Kind::Waited => {}
+            Kind::Waited => self.waited -= 1,
         }
         Some(req)
     }
@@ -369,7 +373,9 @@ impl Writer {
             }
             let now = Instant::now();
             if !self.backoff.due(now, self.has_waited()) {
-                self.fail_waited();
+                if self.has_waited() {
+                    self.fail_waited();
+                }
                 self.publish();
                 continue;
             }
@@ -384,7 +390,7 @@ impl Writer {
     }
 
     fn has_waited(&self) -> bool {
-        self.queue.iter().any(|r| r.kind == Kind::Waited)
+        self.waited > 0
     }
 
     /// Answers every waiting caller with "cannot write now"; background writes stay.
@@ -400,6 +406,7 @@ impl Writer {
             }
         }
         self.queue = kept;
+        self.waited = 0;
         self.publish();
         for done in waiting {
             let _ = done.send(Err(Error::Unavailable(reason.clone())));
