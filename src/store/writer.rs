@@ -23,7 +23,9 @@ const MAX_BATCH: usize = 512;
 pub(super) const LOSSY_CAP: usize = 20_000;
 /// First retry delay after a failed batch; it doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(20);
-const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Low, so recovery is noticed soon; a failing attempt costs little (it fails at the
+/// first write that needs space).
+const RETRY_MAX: Duration = Duration::from_millis(250);
 /// A caller waiting on a write may trigger a retry this soon after the last attempt, so
 /// the first spawn after the disk frees up succeeds instead of waiting out the backoff.
 const PROBE_GAP: Duration = Duration::from_millis(50);
@@ -438,6 +440,8 @@ impl Writer {
         let retried = self.backoff.failing();
         match commit_batch(&self.conn, &mut batch, &self.shared.hooks) {
             Ok(()) => {
+                // Counts first: /health must not say "ok" beside stale pending figures.
+                self.publish();
                 if retried {
                     let since = self.shared.failing_since_ms.swap(0, Ordering::SeqCst);
                     log::info!(
@@ -664,7 +668,7 @@ mod tests {
     #[test]
     fn retry_delay_doubles_and_caps() {
         let ms: Vec<u128> = (1..=8).map(|n| retry_delay(n).as_millis()).collect();
-        assert_eq!(ms, vec![20, 40, 80, 160, 320, 640, 1000, 1000]);
+        assert_eq!(ms, vec![20, 40, 80, 160, 250, 250, 250, 250]);
         assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
     }
 
