@@ -616,6 +616,24 @@ mod tests {
         let b = new_job(&store, "b");
         store.job_finished(&b, Status::Done, None, None, 1, 0);
         store.flush().expect("flush");
+        // Distinct end times, so "newest" is well defined (many end in the same ms).
+        let ends: Vec<(String, i64)> = finished
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), now_ms() - 1000 + i as i64))
+            .collect();
+        store
+            .write(false, move |c| {
+                for (id, at) in &ends {
+                    c.execute(
+                        "UPDATE worker_jobs SET done_at = ?2 WHERE id = ?1",
+                        rusqlite::params![id, at],
+                    )
+                    .ctx("setting end times")?;
+                }
+                Ok(())
+            })
+            .expect("end times");
         let limits = Limits {
             kv_bytes_per_app: 1 << 20,
             jobs_keep_per_app: 10,
