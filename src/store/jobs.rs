@@ -138,13 +138,16 @@ impl Store {
                 }
             }
             if let Some(limit) = queue_limit {
+                // The trigger-kept counter: O(1), not a count over the app's queue.
                 let queued: i64 = c
                     .prepare_cached(
-                        "SELECT COUNT(*) FROM worker_jobs WHERE app = ?1 AND status = 'queued'",
+                        "SELECT n FROM job_counts WHERE app = ?1 AND status = 'queued'",
                     )
                     .ctx("counting the queue")?
                     .query_row([&app], |r| r.get(0))
-                    .ctx("counting the queue")?;
+                    .optional()
+                    .ctx("counting the queue")?
+                    .unwrap_or(0);
                 if queued >= limit {
                     return Err(Error::Invalid(format!(
                         "the job queue of app '{app}' is full ({limit} jobs waiting): try again later"
