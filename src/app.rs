@@ -28,7 +28,7 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
     raise_fd_limit(config.http.max_connections);
     prepare_data_dir(&config.data_dir)?;
     let (admin_token, created) = admin_token(&config.data_dir)?;
-    let store = Store::open(&config.data_dir).with_context(|| {
+    let store = Store::open_with(&config.data_dir, config.store.clone()).with_context(|| {
         format!(
             "opening the database in {} (is it a fazt data dir, and not corrupt?)",
             config.data_dir.display()

@@ -94,6 +94,36 @@ pub struct ServerArgs {
     /// Longest a response write may block on a client that does not read.
     #[arg(long, default_value = "30s", value_parser = parse_time)]
     pub write_timeout: Duration,
+    #[command(flatten)]
+    pub store: StoreFlags,
+}
+
+/// Quotas and retention of `fazt server` (the store's limits).
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreFlags {
+    /// Bytes of kv keys and values one app may keep; past it kv.set throws.
+    #[arg(long, default_value = "64MB")]
+    pub kv_quota: String,
+    /// Finished jobs kept per app (the newest); older ones are pruned.
+    #[arg(long, default_value_t = 1000)]
+    pub jobs_keep: u64,
+    /// Finished jobs older than this are pruned ('30m', '12h', '7d').
+    #[arg(long, default_value = "7d")]
+    pub jobs_max_age: String,
+}
+
+impl StoreFlags {
+    pub fn limits(&self) -> anyhow::Result<crate::store::Limits> {
+        let kv = crate::worker::parse_memory(&self.kv_quota)
+            .map_err(|e| anyhow::anyhow!("--kv-quota: {e}"))?;
+        let age = crate::worker::parse_duration(&self.jobs_max_age)
+            .map_err(|e| anyhow::anyhow!("--jobs-max-age: {e}"))?;
+        Ok(crate::store::Limits {
+            kv_bytes_per_app: kv,
+            jobs_keep_per_app: self.jobs_keep,
+            jobs_max_age_ms: age,
+        })
+    }
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -132,6 +162,7 @@ impl ServerArgs {
                 write_timeout: self.write_timeout,
                 max_handler_body: self.max_body,
             },
+            store: self.store.limits()?,
             ..Default::default()
         };
         config.realtime.per_app = self.ws_max_per_app;

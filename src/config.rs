@@ -13,6 +13,8 @@ pub struct Config {
     pub http: crate::http::HttpLimits,
     pub pool: crate::worker::Limits,
     pub realtime: crate::realtime::HubLimits,
+    /// kv quota and finished-job retention.
+    pub store: crate::store::Limits,
 }
 
 impl Default for Config {
@@ -24,6 +26,7 @@ impl Default for Config {
             http: crate::http::HttpLimits::default(),
             pool: crate::worker::Limits::default(),
             realtime: crate::realtime::HubLimits::default(),
+            store: crate::store::Limits::default(),
         }
     }
 }

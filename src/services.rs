@@ -44,8 +44,22 @@ impl Services {
     pub fn health(&self) -> serde_json::Value {
         let s = &self.pool.stats;
         let b = &self.pool.budget;
+        let store = self.store.status();
+        // Degraded: writes fail (disk full, I/O errors). Reads still answer; status
+        // changes wait in memory and are written, in order, once writes succeed again.
+        let reason = (!store.writable).then(|| {
+            format!(
+                "the store cannot write since {} ({}); {} job state transition(s) and {} other write(s) pending",
+                store.failing_since_ms.map(format_utc_ms).unwrap_or_default(),
+                store.reason.as_deref().unwrap_or("unknown error"),
+                store.pending_transitions,
+                store.pending_writes.saturating_sub(store.pending_transitions)
+            )
+        });
         serde_json::json!({
-            "status": "ok",
+            "status": if store.writable { "ok" } else { "degraded" },
+            "reason": reason,
+            "store": store,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),
             "workers": {
@@ -194,6 +208,95 @@ impl Services {
             head(&mut out, name, help, kind);
             let _ = writeln!(out, "{name} {value}");
         }
+        let st = self.store.status();
+        let store: [(&str, &str, &str, u64); 8] = [
+            (
+                "fazt_store_writable",
+                "1 while the store can write; 0 while degraded (disk full, I/O errors).",
+                "gauge",
+                st.writable as u64,
+            ),
+            (
+                "fazt_store_pending_writes",
+                "Writes kept in memory for retry because the store could not write.",
+                "gauge",
+                st.pending_writes as u64,
+            ),
+            (
+                "fazt_store_pending_transitions",
+                "Job state transitions waiting to be written.",
+                "gauge",
+                st.pending_transitions as u64,
+            ),
+            (
+                "fazt_store_failed_batches_total",
+                "Write batches that failed for a transient reason and were retried.",
+                "counter",
+                st.failed_batches,
+            ),
+            (
+                "fazt_store_shed_writes_total",
+                "Log lines and progress updates shed while the store could not write.",
+                "counter",
+                st.shed_writes,
+            ),
+            (
+                "fazt_store_wal_truncations_total",
+                "WAL checkpoints that truncated the WAL file.",
+                "counter",
+                st.wal_truncations,
+            ),
+            (
+                "fazt_store_wal_bytes",
+                "Size of the WAL file.",
+                "gauge",
+                st.wal_bytes,
+            ),
+            (
+                "fazt_disk_free_bytes",
+                "Free bytes on the data dir's file system.",
+                "gauge",
+                st.free_bytes.unwrap_or(0),
+            ),
+        ];
+        for (name, help, kind, value) in store {
+            head(&mut out, name, help, kind);
+            let _ = writeln!(out, "{name} {value}");
+        }
         out
+    }
+}
+
+/// `2026-11-23T10:42:50Z` for a time in ms since the epoch (UTC, no dependencies).
+pub fn format_utc_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_utc_ms;
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(format_utc_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc_ms(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc_ms(1_795_430_399_869), "2026-11-23T10:39:59Z");
     }
 }

@@ -59,6 +59,16 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
                 Err(HttpError::not_found(format!("no app named '{name}'")))
             }
         }
+        // Test-only fault injection (see `store::TestHooks`): answers 404 unless the
+        // server was started with FAZT_TEST_HOOKS=1.
+        (Method::Post, ["api", "_test", "store"]) if services.store.test_hooks_enabled() => {
+            let body = util::read_body(req, 4096)?;
+            let hooks: crate::store::TestHooks = serde_json::from_slice(&body)
+                .map_err(|e| HttpError::bad_request(format!("test hooks: {e}")))?;
+            services.store.set_test_hooks(&hooks)?;
+            log::warn!("test hooks set: {hooks:?}");
+            Ok(Reply::json(200, &services.store.status()))
+        }
         (Method::Get, ["api", "jobs"]) => {
             let filter = crate::worker::ListFilter::from_query(
                 util::query_get(&query, "app"),

@@ -64,6 +64,7 @@ impl From<crate::store::Error> for HttpError {
             }
             crate::store::Error::Invalid(m) => HttpError::bad_request(m),
             crate::store::Error::Closed => HttpError::new(503, "the server is shutting down"),
+            e @ crate::store::Error::Unavailable(_) => HttpError::new(503, e.to_string()),
             other => {
                 log::error!("store error: {other}");
                 HttpError::internal(format!("storage error: {other}"))

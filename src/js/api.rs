@@ -98,11 +98,12 @@ fn log(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
         (LogSink::Job, Some(job)) => {
             crate::worker::append_log(&host.services, &job.id, &level, &msg);
         }
-        _ => match level.as_str() {
-            "error" => log::error!(target: "app", "[{}] {msg}", host.app),
-            "warn" => log::warn!(target: "app", "[{}] {msg}", host.app),
-            "debug" => log::debug!(target: "app", "[{}] {msg}", host.app),
-            _ => log::info!(target: "app", "[{}] {msg}", host.app),
+        // Cut like job log lines: one call must not put megabytes into the server log.
+        _ => match (level.as_str(), crate::worker::truncate_log_line(&msg)) {
+            ("error", msg) => log::error!(target: "app", "[{}] {msg}", host.app),
+            ("warn", msg) => log::warn!(target: "app", "[{}] {msg}", host.app),
+            ("debug", msg) => log::debug!(target: "app", "[{}] {msg}", host.app),
+            (_, msg) => log::info!(target: "app", "[{}] {msg}", host.app),
         },
     }
     Ok(JsValue::undefined())

@@ -4,6 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
+use super::writer::Kind;
 use super::{now_ms, query_all, Error, Result, SqlContext, Store};
 use crate::worker::{JobConfig, ListFilter, Status};
 
@@ -67,6 +68,10 @@ pub enum Inserted {
     /// A live job with the same uniqueKey already existed; it is returned instead.
     Existing(JobRow),
 }
+
+/// Jobs by status for /metrics, from trigger-kept counters: the cost does not grow
+/// with the jobs table.
+pub(super) const JOB_COUNTS_SQL: &str = "SELECT status, SUM(n) FROM job_counts GROUP BY status";
 
 const JOB_COLUMNS: &str = "SELECT id, app, path, status, config, data, progress, result, error,
     attempt, restarts, created_at, started_at, done_at FROM worker_jobs";
@@ -133,13 +138,16 @@ impl Store {
                 }
             }
             if let Some(limit) = queue_limit {
+                // The trigger-kept counter: O(1), not a count over the app's queue.
                 let queued: i64 = c
                     .prepare_cached(
-                        "SELECT COUNT(*) FROM worker_jobs WHERE app = ?1 AND status = 'queued'",
+                        "SELECT n FROM job_counts WHERE app = ?1 AND status = 'queued'",
                     )
                     .ctx("counting the queue")?
                     .query_row([&app], |r| r.get(0))
-                    .ctx("counting the queue")?;
+                    .optional()
+                    .ctx("counting the queue")?
+                    .unwrap_or(0);
                 if queued >= limit {
                     return Err(Error::Invalid(format!(
                         "the job queue of app '{app}' is full ({limit} jobs waiting): try again later"
@@ -170,6 +178,18 @@ impl Store {
                 "listing live jobs",
                 |r| r.get(0),
             )
+        })
+    }
+
+    /// A job's `data` (None: no such job), read when the job starts: waiting jobs do
+    /// not keep it in memory.
+    pub fn job_data(&self, id: &str) -> Result<Option<Option<String>>> {
+        self.read(|c| {
+            c.prepare_cached("SELECT data FROM worker_jobs WHERE id = ?1")
+                .ctx("reading job data")?
+                .query_row([id], |r| r.get::<_, Option<String>>(0))
+                .optional()
+                .ctx("reading job data")
         })
     }
 
@@ -250,13 +270,14 @@ impl Store {
     /// Marks a job running (queued by the scheduler, not waited for).
     pub fn job_started(&self, id: &str, attempt: i64, restarts: i64) {
         let id = id.to_string();
-        self.write_later(move |c| {
+        let now = now_ms();
+        self.write_later(Kind::Transition, move |c| {
             c.prepare_cached(
                 "UPDATE worker_jobs SET status = 'running', started_at = ?2, attempt = ?3,
                  restarts = ?4, done_at = NULL WHERE id = ?1",
             )
             .ctx("marking a job running")?
-            .execute(params![id, now_ms(), attempt, restarts])
+            .execute(params![id, now, attempt, restarts])
             .ctx("marking a job running")?;
             Ok(())
         });
@@ -273,12 +294,8 @@ impl Store {
         restarts: i64,
     ) {
         let id = id.to_string();
-        self.write_later(move |c| {
-            let done_at = if status.is_final() {
-                Some(now_ms())
-            } else {
-                None
-            };
+        let done_at = status.is_final().then(now_ms);
+        self.write_later(Kind::Transition, move |c| {
             let progress_done = status == Status::Done;
             c.prepare_cached(
                 "UPDATE worker_jobs SET status = ?2, result = ?3, error = ?4, done_at = ?5,
@@ -303,7 +320,7 @@ impl Store {
 
     pub fn job_progress(&self, id: &str, progress: i64) {
         let id = id.to_string();
-        self.write_later(move |c| {
+        self.write_later(Kind::Lossy, move |c| {
             c.prepare_cached("UPDATE worker_jobs SET progress = ?2 WHERE id = ?1")
                 .ctx("recording progress")?
                 .execute(params![id, progress])
@@ -315,12 +332,13 @@ impl Store {
     /// Appends a log line and trims the job's log to the newest `keep` lines.
     pub fn job_log(&self, id: &str, level: &str, msg: String, keep: i64) {
         let (id, level) = (id.to_string(), level.to_string());
-        self.write_later(move |c| {
+        let ts = now_ms();
+        self.write_later(Kind::Lossy, move |c| {
             c.prepare_cached(
                 "INSERT INTO job_logs(job_id, ts, level, msg) VALUES (?1, ?2, ?3, ?4)",
             )
             .ctx("appending a log line")?
-            .execute(params![id, now_ms(), level, msg])
+            .execute(params![id, ts, level, msg])
             .ctx("appending a log line")?;
             c.prepare_cached(
                 "DELETE FROM job_logs WHERE job_id = ?1 AND id <= (
@@ -380,13 +398,9 @@ impl Store {
     /// Counts of jobs by status, for /metrics.
     pub fn job_counts(&self) -> Result<Vec<(String, i64)>> {
         self.read(|c| {
-            query_all(
-                c,
-                "SELECT status, COUNT(*) FROM worker_jobs GROUP BY status",
-                [],
-                "counting jobs",
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            query_all(c, JOB_COUNTS_SQL, [], "counting jobs", |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
         })
     }
 }

@@ -34,8 +34,27 @@ impl Store {
             )));
         }
         let (app, key) = (app.to_string(), key.to_string());
-        let expires = ttl_ms.map(|t| now_ms() + t);
+        let now = now_ms();
+        let expires = ttl_ms.map(|t| now + t);
+        let quota = self.limits().kv_bytes_per_app;
         self.write(false, move |c| {
+            let need = (key.len() + value.len()) as u64;
+            if usage_after(c, &app, &key, need)? > quota {
+                // Expired keys still count until deleted: drop them before refusing.
+                c.prepare_cached(
+                    "DELETE FROM kv WHERE app = ?1 AND expires_at IS NOT NULL AND expires_at <= ?2",
+                )
+                .ctx("deleting expired keys")?
+                .execute(params![app, now])
+                .ctx("deleting expired keys")?;
+                let after = usage_after(c, &app, &key, need)?;
+                if after > quota {
+                    return Err(Error::Invalid(format!(
+                        "fazt.storage.kv.set: the kv storage of app '{app}' is full: writing '{key}' \
+                         would use {after} bytes of its {quota}-byte quota; delete keys first"
+                    )));
+                }
+            }
             c.prepare_cached(
                 "INSERT INTO kv(app, key, value, expires_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(app, key) DO UPDATE SET value = ?3, expires_at = ?4",
@@ -74,6 +93,29 @@ impl Store {
             )
         })
     }
+}
+
+/// Bytes app's kv would use once `key` holds `need` bytes (key + value), from the
+/// trigger-kept `kv_usage` counter, so the check does not scan the app's keys.
+fn usage_after(c: &rusqlite::Connection, app: &str, key: &str, need: u64) -> Result<u64> {
+    let used: i64 = c
+        .prepare_cached("SELECT bytes FROM kv_usage WHERE app = ?1")
+        .ctx("reading kv usage")?
+        .query_row([app], |r| r.get(0))
+        .optional()
+        .ctx("reading kv usage")?
+        .unwrap_or(0);
+    let old: i64 = c
+        .prepare_cached(
+            "SELECT length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) FROM kv
+             WHERE app = ?1 AND key = ?2",
+        )
+        .ctx("reading kv usage")?
+        .query_row(params![app, key], |r| r.get(0))
+        .optional()
+        .ctx("reading kv usage")?
+        .unwrap_or(0);
+    Ok((used - old).max(0) as u64 + need)
 }
 
 fn check_key(key: &str) -> Result<()> {

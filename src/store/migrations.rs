@@ -13,6 +13,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "workers",
         include_str!("../../migrations/0002_workers.sql"),
     ),
+    (
+        3,
+        "counters",
+        include_str!("../../migrations/0003_counters.sql"),
+    ),
 ];
 
 pub(super) fn apply(conn: &Connection) -> Result<()> {

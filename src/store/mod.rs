@@ -1,24 +1,31 @@
 //! The only module that touches rusqlite: opening the database, migrations, the single
-//! batching writer thread, and the typed queries for apps, kv and jobs.
+//! batching writer thread (which keeps and retries writes the disk refused, see
+//! `writer.rs`), retention, and the typed queries for apps, kv and jobs.
 
 mod apps;
 mod jobs;
 mod kv;
 mod migrations;
+mod retention;
+mod writer;
 
 pub use apps::{AppFile, AppInfo};
 pub use jobs::{Inserted, JobRow, LogLine};
+pub use writer::{retry_delay, should_truncate_wal, Backoff, StoreStatus};
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use rusqlite::{Connection, OpenFlags};
 
-/// Errors the store reports. Callers branch on `NotFound` and `Invalid` (HTTP 404/400);
-/// everything else is an internal failure.
+use writer::{Kind, OpResult, WriteFn, WriteReq};
+
+/// Errors the store reports. Callers branch on `NotFound` and `Invalid` (HTTP 404/400)
+/// and `Unavailable` (503); everything else is an internal failure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The row the caller asked for does not exist.
@@ -37,6 +44,22 @@ pub enum Error {
     /// The writer thread is gone (the server is shutting down).
     #[error("the store is shut down")]
     Closed,
+    /// The store cannot write now (disk full, I/O error, database locked); the write was
+    /// not made. Transient: HTTP 503, try again later.
+    #[error("the server cannot store data right now ({0}); try again later")]
+    Unavailable(String),
+}
+
+impl Error {
+    /// Whether the failure says "cannot write now" (retry later) rather than "this
+    /// write is wrong".
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Unavailable(_) => true,
+            Error::Sqlite { source, .. } => writer::transient_sqlite(source),
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -72,20 +95,6 @@ pub(crate) fn query_all<T, P: rusqlite::Params>(
     rows
 }
 
-/// A write op; returns whether it succeeded, so a failed op's partial changes are
-/// rolled back to its savepoint instead of being committed with the batch.
-type WriteFn = Box<dyn FnOnce(&Connection) -> bool + Send>;
-
-/// One unit of work for the writer thread.
-struct WriteReq {
-    op: WriteFn,
-    /// Commit this batch with `synchronous=FULL` (checkpoints, deploys): the caller is
-    /// told "done" only once the data would survive a power cut, not just a crash.
-    durable: bool,
-    /// Told the commit outcome after the batch holding `op` commits (or fails).
-    done: Option<Sender<Result<()>>>,
-}
-
 /// Handle to the database. Cheap to clone; reads use a small pool of connections, and
 /// all writes go through one writer thread that batches them into transactions.
 #[derive(Clone)]
@@ -96,35 +105,123 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     readers: Mutex<Vec<Connection>>,
+    /// The writer's condition (degraded, pending, free space) and the test hooks.
+    shared: Arc<writer::Shared>,
+    limits: Limits,
+    /// Whether `FAZT_TEST_HOOKS=1` was set at start (see [`Store::set_test_hooks`]).
+    test_hooks: bool,
     // Dropping the last sender ends the writer thread after it drained the queue.
     writer: Mutex<Option<Sender<WriteReq>>>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Most writes one transaction takes: enough to amortise fsync, small enough that a
-/// durable caller never waits long behind a flood of log lines.
-const MAX_BATCH: usize = 512;
+/// Quotas and retention the store enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Bytes of keys and values one app may keep in kv.
+    pub kv_bytes_per_app: u64,
+    /// Finished jobs kept per app (the newest); older ones are pruned.
+    pub jobs_keep_per_app: u64,
+    /// Finished jobs older than this (ms since they ended) are pruned.
+    pub jobs_max_age_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            kv_bytes_per_app: 64 << 20,
+            jobs_keep_per_app: 1000,
+            jobs_max_age_ms: 7 * 86_400_000,
+        }
+    }
+}
+
+/// Fault injection for tests, set over a hidden admin endpoint that exists only when
+/// the server was started with `FAZT_TEST_HOOKS=1`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestHooks {
+    /// Every write batch fails as on a full disk.
+    pub fail_writes: Option<bool>,
+    /// Writer connection's `PRAGMA max_page_count` (0 lifts it): past it the database
+    /// cannot grow, as on a full disk. A value below the current size means "full now".
+    pub max_page_count: Option<i64>,
+}
 
 impl Store {
+    /// Opens (creating if needed) `fazt.db` in `data_dir` with the default limits.
+    pub fn open(data_dir: &Path) -> Result<Store> {
+        Store::open_with(data_dir, Limits::default())
+    }
+
     /// Opens (creating if needed) `fazt.db` in `data_dir`, applies migrations and starts
     /// the writer thread.
-    pub fn open(data_dir: &Path) -> Result<Store> {
+    pub fn open_with(data_dir: &Path, limits: Limits) -> Result<Store> {
         let path = data_dir.join("fazt.db");
         let conn = open_conn(&path, true)?;
         migrations::apply(&conn)?;
         let (tx, rx) = crossbeam_channel::bounded::<WriteReq>(4096);
+        let shared = Arc::new(writer::Shared::new());
+        let janitor = retention::janitor(limits.clone());
+        let w = writer::Writer::new(conn, rx, shared.clone(), &path, janitor);
         let writer_thread = std::thread::Builder::new()
             .name("fazt-store-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || w.run())
             .map_err(|e| Error::Invalid(format!("cannot start the store writer thread: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path,
                 readers: Mutex::new(Vec::new()),
+                shared,
+                limits,
+                test_hooks: std::env::var("FAZT_TEST_HOOKS").is_ok_and(|v| v == "1"),
                 writer: Mutex::new(Some(tx)),
                 writer_thread: Mutex::new(Some(writer_thread)),
             }),
         })
+    }
+
+    /// The writer's condition, for /health and /metrics.
+    pub fn status(&self) -> StoreStatus {
+        self.inner.shared.status()
+    }
+
+    /// True while writes fail (disk full, I/O errors): waited writes are refused with
+    /// [`Error::Unavailable`] and background writes wait for a retry.
+    pub fn degraded(&self) -> bool {
+        self.inner.shared.degraded()
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Whether the test hooks may be used (`FAZT_TEST_HOOKS=1` at start).
+    pub fn test_hooks_enabled(&self) -> bool {
+        self.inner.test_hooks
+    }
+
+    /// Sets test faults. Test-only: refused unless `FAZT_TEST_HOOKS=1` was set at start.
+    pub fn set_test_hooks(&self, h: &TestHooks) -> Result<()> {
+        if !self.inner.test_hooks {
+            return Err(Error::NotFound("test hooks".into()));
+        }
+        let hooks = &self.inner.shared.hooks;
+        if let Some(f) = h.fail_writes {
+            hooks.fail_writes.store(f, Ordering::SeqCst);
+        }
+        if let Some(n) = h.max_page_count {
+            hooks.max_page_count.store(n, Ordering::SeqCst);
+            hooks.version.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn set_full_for_test(&self, max_page_count: i64) {
+        let hooks = &self.inner.shared.hooks;
+        hooks.max_page_count.store(max_page_count, Ordering::SeqCst);
+        hooks.version.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Runs `f` on a read connection from the pool.
@@ -151,7 +248,9 @@ impl Store {
     }
 
     /// Runs `f` on the writer thread inside a batch transaction and waits until that
-    /// batch committed. `durable` asks for an fsync'd commit.
+    /// batch committed. `durable` asks for an fsync'd commit. While the store cannot
+    /// write this fails fast with [`Error::Unavailable`]; nothing is retried for the
+    /// caller, who was told it failed.
     pub(crate) fn write<T: Send + 'static>(
         &self,
         durable: bool,
@@ -159,32 +258,54 @@ impl Store {
     ) -> Result<T> {
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let (val_tx, val_rx) = crossbeam_channel::bounded(1);
+        let mut f = Some(f);
         let op: WriteFn = Box::new(move |c| {
-            let result = f(c);
-            let ok = result.is_ok();
-            let _ = val_tx.send(result);
-            ok
+            // A waited write runs at most once: a failed batch fails it, never retries it.
+            let Some(f) = f.take() else {
+                return OpResult::Failed;
+            };
+            match f(c) {
+                Ok(v) => {
+                    let _ = val_tx.send(Ok(v));
+                    OpResult::Ok
+                }
+                Err(e) if e.is_transient() => OpResult::Transient(e.to_string()),
+                Err(e) => {
+                    let _ = val_tx.send(Err(e));
+                    OpResult::Failed
+                }
+            }
         });
         self.sender()?
             .send(WriteReq {
                 op,
+                kind: Kind::Waited,
                 durable,
                 done: Some(done_tx),
             })
             .map_err(|_| Error::Closed)?;
-        let value = val_rx.recv().map_err(|_| Error::Closed)??;
+        // The batch outcome comes after the op's value; a batch that did not commit
+        // (or an op that never ran) says why.
         done_rx.recv().map_err(|_| Error::Closed)??;
-        Ok(value)
+        val_rx.try_recv().map_err(|_| Error::Closed)?
     }
 
-    /// Queues `f` for the writer thread without waiting (progress, logs). A failure is
-    /// logged by the writer; the queue is bounded, so a flood slows the producer down.
-    pub(crate) fn write_later(&self, f: impl FnOnce(&Connection) -> Result<()> + Send + 'static) {
+    /// Queues `f` for the writer thread without waiting. `kind` says whether it is a
+    /// state transition (kept until it commits) or a log/progress line (shed past a
+    /// bound while the store cannot write). `f` may run more than once (a batch that
+    /// failed for lack of space is retried), so it must not compute values that should
+    /// stay fixed, such as timestamps.
+    fn write_later(
+        &self,
+        kind: Kind,
+        mut f: impl FnMut(&Connection) -> Result<()> + Send + 'static,
+    ) {
         let op: WriteFn = Box::new(move |c| match f(c) {
-            Ok(()) => true,
+            Ok(()) => OpResult::Ok,
+            Err(e) if e.is_transient() => OpResult::Transient(e.to_string()),
             Err(e) => {
                 log::error!("background write failed: {e}");
-                false
+                OpResult::Failed
             }
         });
         let Ok(tx) = self.sender() else {
@@ -194,6 +315,7 @@ impl Store {
         if tx
             .send(WriteReq {
                 op,
+                kind,
                 durable: false,
                 done: None,
             })
@@ -254,72 +376,6 @@ fn open_conn(path: &Path, create: bool) -> Result<Connection> {
     Ok(conn)
 }
 
-fn writer_loop(conn: Connection, rx: Receiver<WriteReq>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(req) => batch.push(req),
-                Err(_) => break,
-            }
-        }
-        commit_batch(&conn, batch);
-    }
-    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
-        log::warn!("final WAL checkpoint failed: {e}");
-    }
-}
-
-fn commit_batch(conn: &Connection, batch: Vec<WriteReq>) {
-    let durable = batch.iter().any(|r| r.durable);
-    let mut dones = Vec::with_capacity(batch.len());
-    let outcome = (|| -> Result<()> {
-        if durable {
-            conn.execute_batch("PRAGMA synchronous=FULL")
-                .ctx("raising durability")?;
-        }
-        conn.execute_batch("BEGIN IMMEDIATE")
-            .ctx("starting a write batch")?;
-        for (i, req) in batch.into_iter().enumerate() {
-            // A savepoint per op: one op's failure rolls back only that op.
-            let sp = format!("op{i}");
-            conn.execute_batch(&format!("SAVEPOINT {sp}"))
-                .ctx("opening a savepoint")?;
-            let op = req.op;
-            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(conn)))
-                .unwrap_or_else(|_| {
-                    log::error!("a store write panicked; rolled back that write only");
-                    false
-                });
-            if !ok {
-                conn.execute_batch(&format!("ROLLBACK TO {sp}"))
-                    .ctx("rolling back a failed write")?;
-            }
-            conn.execute_batch(&format!("RELEASE {sp}"))
-                .ctx("releasing a savepoint")?;
-            dones.extend(req.done);
-        }
-        conn.execute_batch("COMMIT").ctx("committing a write batch")
-    })();
-    if outcome.is_err() {
-        let _ = conn.execute_batch("ROLLBACK");
-    }
-    if durable {
-        if let Err(e) = conn.execute_batch("PRAGMA synchronous=NORMAL") {
-            log::warn!("could not restore synchronous=NORMAL: {e}");
-        }
-    }
-    for done in dones {
-        let _ = done.send(match &outcome {
-            Ok(()) => Ok(()),
-            Err(e) => Err(Error::Invalid(format!("write batch failed: {e}"))),
-        });
-    }
-    if let Err(e) = outcome {
-        log::error!("{e}");
-    }
-}
-
 /// Milliseconds since the Unix epoch; the store's unit for every timestamp.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -357,6 +413,254 @@ mod tests {
             store.kv_get("a", "whole").expect("read").as_deref(),
             Some("2")
         );
+        store.close();
+    }
+
+    use crate::worker::{JobConfig, Status};
+
+    fn new_job(store: &Store, app: &str) -> String {
+        let id = crate::worker::new_job_id();
+        store
+            .insert_job(
+                id.clone(),
+                app,
+                "workers/w.js",
+                &JobConfig::default(),
+                None,
+                None,
+            )
+            .expect("insert a job");
+        id
+    }
+
+    fn status_of(store: &Store, id: &str) -> Status {
+        store.get_job(id).expect("read").expect("job exists").status
+    }
+
+    /// Flushes until a flush succeeds (the writer retries with backoff) or 5 s pass.
+    fn flush_until_ok(store: &Store) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.flush().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "writes never recovered"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn status_writes_failing_for_lack_of_space_are_retried_not_dropped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let id = new_job(&store, "a");
+        store.job_started(&id, 1, 0);
+        store.flush().expect("healthy flush");
+        let hooks = &store.inner.shared.hooks;
+        hooks.fail_writes.store(true, Ordering::SeqCst);
+        store.job_finished(&id, Status::Done, Some("1".into()), None, 1, 0);
+        let err = store.flush().expect_err("a waited write fails fast");
+        assert!(matches!(err, Error::Unavailable(_)), "{err}");
+        assert!(store.degraded());
+        let st = store.status();
+        assert_eq!(st.pending_transitions, 1, "{st:?}");
+        assert!(
+            st.reason.as_deref().unwrap_or("").contains("full"),
+            "{st:?}"
+        );
+        assert_eq!(status_of(&store, &id), Status::Running, "not written yet");
+        let kv = store.kv_set("a", "k", "1".into(), None);
+        assert!(matches!(kv, Err(Error::Unavailable(_))), "{kv:?}");
+        hooks.fail_writes.store(false, Ordering::SeqCst);
+        flush_until_ok(&store);
+        assert_eq!(
+            status_of(&store, &id),
+            Status::Done,
+            "the kept write committed"
+        );
+        assert!(!store.degraded());
+        assert_eq!(store.status().pending_writes, 0);
+        store.close();
+    }
+
+    #[test]
+    fn a_log_flood_is_shed_while_the_store_cannot_write_but_transitions_are_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let id = new_job(&store, "a");
+        store.flush().expect("flush");
+        store
+            .inner
+            .shared
+            .hooks
+            .fail_writes
+            .store(true, Ordering::SeqCst);
+        store.job_started(&id, 1, 0);
+        for i in 0..(writer::LOSSY_CAP + 5000) {
+            store.job_log(&id, "info", format!("line {i}"), 1000);
+        }
+        store.job_finished(&id, Status::Done, None, None, 1, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.status().pending_transitions < 2 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", store.status());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let st = store.status();
+        assert_eq!(st.shed_writes, 5000, "{st:?}");
+        assert_eq!(st.pending_writes, writer::LOSSY_CAP + 2, "{st:?}");
+        store
+            .inner
+            .shared
+            .hooks
+            .fail_writes
+            .store(false, Ordering::SeqCst);
+        flush_until_ok(&store);
+        assert_eq!(status_of(&store, &id), Status::Done);
+        assert_eq!(
+            store.job_logs(&id, 0).expect("logs").len(),
+            1000,
+            "newest kept"
+        );
+        store.close();
+    }
+
+    #[test]
+    fn a_full_database_keeps_transitions_in_order_and_converges() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let ids: Vec<String> = (0..5).map(|_| new_job(&store, "a")).collect();
+        store.flush().expect("flush");
+        // Full: the database may not grow by one page.
+        store.set_full_for_test(1);
+        for id in &ids {
+            store.job_started(id, 1, 0);
+            // Log lines need new pages: these fail with SQLITE_FULL.
+            store.job_log(id, "info", "x".repeat(8000), 1000);
+            store.job_finished(id, Status::Failed, None, Some("boom".into()), 1, 0);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !store.degraded() {
+            assert!(std::time::Instant::now() < deadline, "never degraded");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(store.status().reason.unwrap_or_default().contains("full"));
+        assert!(matches!(
+            store.insert_job(
+                "x".into(),
+                "a",
+                "workers/w.js",
+                &JobConfig::default(),
+                None,
+                None
+            ),
+            Err(Error::Unavailable(_))
+        ));
+        store.set_full_for_test(0);
+        flush_until_ok(&store);
+        for id in &ids {
+            assert_eq!(
+                status_of(&store, id),
+                Status::Failed,
+                "started, then failed: in order"
+            );
+            assert_eq!(store.job_logs(id, 0).expect("logs").len(), 1);
+        }
+        store.close();
+    }
+
+    #[test]
+    fn metrics_job_counts_do_not_scan_the_jobs_table() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let steps = |store: &Store| -> i32 {
+            store
+                .read(|c| {
+                    let mut st = c.prepare(jobs::JOB_COUNTS_SQL).ctx("prepare")?;
+                    let n = st.query_map([], |_| Ok(())).ctx("run")?.count();
+                    assert_eq!(n, 1, "one status so far");
+                    Ok(st.get_status(rusqlite::StatementStatus::VmStep))
+                })
+                .expect("count")
+        };
+        for _ in 0..10 {
+            new_job(&store, "a");
+        }
+        let small = steps(&store);
+        store
+            .write(false, |c| {
+                c.execute_batch(
+                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)
+                     INSERT INTO worker_jobs(id, app, path, status, config, created_at)
+                     SELECT 'bulk' || i, 'a', 'workers/w.js', 'queued', '{}', i FROM n",
+                )
+                .ctx("bulk insert")
+            })
+            .expect("bulk");
+        assert_eq!(steps(&store), small, "same work for 10 and 5,010 jobs");
+        let counts = store.job_counts().expect("counts");
+        assert_eq!(counts, vec![("queued".to_string(), 5010)]);
+        store.close();
+    }
+
+    #[test]
+    fn finished_jobs_are_pruned_by_count_and_age_in_small_steps() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut finished = Vec::new();
+        for _ in 0..300 {
+            let id = new_job(&store, "a");
+            store.job_finished(&id, Status::Done, None, None, 1, 0);
+            finished.push(id);
+        }
+        let live = new_job(&store, "a");
+        let b = new_job(&store, "b");
+        store.job_finished(&b, Status::Done, None, None, 1, 0);
+        store.flush().expect("flush");
+        // Distinct end times, so "newest" is well defined (many end in the same ms).
+        let ends: Vec<(String, i64)> = finished
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), now_ms() - 1000 + i as i64))
+            .collect();
+        store
+            .write(false, move |c| {
+                for (id, at) in &ends {
+                    c.execute(
+                        "UPDATE worker_jobs SET done_at = ?2 WHERE id = ?1",
+                        rusqlite::params![id, at],
+                    )
+                    .ctx("setting end times")?;
+                }
+                Ok(())
+            })
+            .expect("end times");
+        let limits = Limits {
+            kv_bytes_per_app: 1 << 20,
+            jobs_keep_per_app: 10,
+            jobs_max_age_ms: 3_600_000,
+        };
+        // The writer runs steps on its own connection; a second one does the same here.
+        let conn = open_conn(&dir.path().join("fazt.db"), false).expect("second connection");
+        let run = |now: i64| retention::prune_step(&conn, &limits, now).expect("prune");
+        assert_eq!(run(now_ms()), retention::PRUNE_BATCH, "a step is bounded");
+        assert_eq!(run(now_ms()), 90);
+        assert_eq!(run(now_ms()), 0);
+        assert!(
+            store.get_job(&finished[0]).expect("read").is_none(),
+            "oldest gone"
+        );
+        assert!(
+            store.get_job(&finished[299]).expect("read").is_some(),
+            "newest kept"
+        );
+        assert!(store.get_job(&live).expect("read").is_some(), "queued kept");
+        assert!(
+            store.get_job(&b).expect("read").is_some(),
+            "other app under its limit"
+        );
+        // Two hours later everything finished is past the age limit.
+        assert_eq!(run(now_ms() + 7_200_000), 11);
+        assert!(store.get_job(&live).expect("read").is_some());
         store.close();
     }
 }

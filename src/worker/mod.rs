@@ -179,17 +179,26 @@ pub fn new_job_id() -> String {
     format!("{:012x}{hex}", crate::store::now_ms())
 }
 
+/// `msg` cut to [`MAX_LOG_LINE`] bytes (on a character boundary) with a marker, so one
+/// call cannot flood a job's log or the server log.
+pub fn truncate_log_line(msg: &str) -> std::borrow::Cow<'_, str> {
+    if msg.len() <= MAX_LOG_LINE {
+        return std::borrow::Cow::Borrowed(msg);
+    }
+    let mut cut = MAX_LOG_LINE;
+    while !msg.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{} …(truncated from {} bytes)",
+        &msg[..cut],
+        msg.len()
+    ))
+}
+
 /// Appends a line to a job's log (kept: the newest 1,000).
 pub fn append_log(services: &Services, job_id: &str, level: &str, msg: &str) {
-    let mut msg = msg.to_string();
-    if msg.len() > MAX_LOG_LINE {
-        let mut cut = MAX_LOG_LINE;
-        while !msg.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        msg.truncate(cut);
-        msg.push_str(" …(truncated)");
-    }
+    let msg = truncate_log_line(msg).into_owned();
     services.store.job_log(job_id, level, msg, LOG_KEEP);
 }
 
@@ -415,6 +424,15 @@ mod tests {
         let f = ListFilter::from_query(Some("a"), Some("done"), Some("5")).expect("valid");
         assert_eq!(f.limit, 5);
         assert_eq!(f.status, Some(Status::Done));
+    }
+
+    #[test]
+    fn long_log_lines_are_cut_on_a_char_boundary() {
+        assert_eq!(truncate_log_line("short"), "short");
+        let long = "é".repeat(MAX_LOG_LINE);
+        let cut = truncate_log_line(&long);
+        assert!(cut.len() < MAX_LOG_LINE + 64, "{}", cut.len());
+        assert!(cut.ends_with(&format!("(truncated from {} bytes)", long.len())));
     }
 
     #[test]

@@ -106,7 +106,8 @@ impl Queued {
             app: r.app.clone(),
             path: r.path.clone(),
             config: r.config.clone(),
-            data: r.data.clone(),
+            // The data stays in the store while the job waits; dispatch reads it.
+            data: None,
             attempt: r.attempt,
             restarts: r.restarts,
         }
@@ -405,6 +406,9 @@ struct Scheduler {
     seq: u64,
     /// Jobs waiting out a retry delay or a daemon backoff.
     delayed: Vec<(Instant, Queued)>,
+    /// Daemons that failed while the store could not write: most likely the store's
+    /// doing (a checkpoint threw), so they wait for it instead of burning backoff.
+    held: Vec<Queued>,
     apps: HashMap<String, AppCounts>,
     /// Consecutive failures of each daemon, for the backoff.
     streaks: HashMap<String, u32>,
@@ -427,6 +431,7 @@ impl Scheduler {
             queue: BTreeMap::new(),
             seq: 0,
             delayed: Vec::new(),
+            held: Vec::new(),
             apps: HashMap::new(),
             streaks: HashMap::new(),
             idle_seen: HashMap::new(),
@@ -434,7 +439,10 @@ impl Scheduler {
         }
     }
 
-    fn push_queue(&mut self, job: Queued) {
+    fn push_queue(&mut self, mut job: Queued) {
+        // Up to 1 MB per job and 1,000 jobs per app: waiting jobs keep their data in
+        // the store, not here; dispatch reads it back.
+        job.data = None;
         self.seq += 1;
         self.queue.insert(self.seq, job);
     }
@@ -504,6 +512,12 @@ impl Scheduler {
             reply.map(|r| r.send(()));
             return;
         }
+        if let Some(pos) = self.held.iter().position(|j| j.id == id) {
+            let job = self.held.remove(pos);
+            self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
+            reply.map(|r| r.send(()));
+            return;
+        }
         if let Some(pos) = self.delayed.iter().position(|(_, j)| j.id == id) {
             let (_, job) = self.delayed.remove(pos);
             self.streaks.remove(&job.id);
@@ -542,6 +556,11 @@ impl Scheduler {
         });
         for job in due {
             self.push_queue(job);
+        }
+        if !self.held.is_empty() && !self.services.store.degraded() {
+            for job in std::mem::take(&mut self.held) {
+                self.push_queue(job);
+            }
         }
         for i in 0..self.slots.len() {
             if self.slots[i].broken {
@@ -745,6 +764,25 @@ impl Scheduler {
             self.push_queue(job);
             return;
         };
+        let mut job = job;
+        match self.services.store.job_data(&job.id) {
+            Ok(Some(data)) => job.data = data,
+            Ok(None) => {
+                // Its row is gone (the app was removed while the job waited).
+                log::info!("job {} no longer exists; not starting it", job.id);
+                return;
+            }
+            Err(e) => {
+                log::error!(
+                    "cannot read the data of job {} ({e}); trying again in 1 s",
+                    job.id
+                );
+                job.data = None;
+                self.delayed
+                    .push((Instant::now() + Duration::from_secs(1), job));
+                return;
+            }
+        }
         let timeout = job.config.timeout_ms.map(Duration::from_millis);
         let interrupt = Interrupt::new(timeout);
         let counts = self.apps.entry(job.app.clone()).or_default();
@@ -756,20 +794,22 @@ impl Scheduler {
             .reserved_bytes
             .fetch_add(job.config.memory_bytes, Ordering::SeqCst);
         self.stats.started_total.fetch_add(1, Ordering::Relaxed);
-        self.services
-            .store
-            .job_started(&job.id, job.attempt, job.restarts);
         let slot = &mut self.slots[i];
         let run = RunJob {
             job: job.clone(),
             interrupt: interrupt.clone(),
         };
         if slot.tx.send(SlotMsg::Run(Box::new(run))).is_err() {
+            // Nothing was recorded yet, so the store still says "queued", as it is.
             log::error!("worker slot {i} is gone; re-queueing job {}", job.id);
             self.release(&job);
             self.push_queue(job);
             return;
         }
+        // Recorded once the slot has it; the store writes it in order with the outcome.
+        self.services
+            .store
+            .job_started(&job.id, job.attempt, job.restarts);
         let idle_listeners = job
             .config
             .idle_channel
@@ -892,10 +932,23 @@ impl Scheduler {
     }
 
     fn failed(&mut self, mut job: Queued, error: String, ran_for: Duration, shutting_down: bool) {
+        // A job that waits again keeps its data in the store only.
+        job.data = None;
         if job.config.daemon && shutting_down {
             // Still a daemon: it stays queued in the store and restarts after the restart.
             job.restarts += 1;
             self.record(&job, Status::Queued, None, Some(error));
+            return;
+        }
+        if job.config.daemon && self.services.store.degraded() {
+            log::warn!(
+                "daemon {} failed while the store cannot write ({error}); restarting once writes succeed, without backoff",
+                job.id
+            );
+            job.restarts += 1;
+            self.record(&job, Status::Queued, None, Some(error));
+            job.data = None;
+            self.held.push(job);
             return;
         }
         if job.config.daemon {
@@ -943,9 +996,10 @@ impl Scheduler {
             .filter(|r| r.job.config.daemon)
             .count();
         self.stats.running.store(running, Ordering::Relaxed);
-        self.stats
-            .queued
-            .store(self.queue.len() + self.delayed.len(), Ordering::Relaxed);
+        self.stats.queued.store(
+            self.queue.len() + self.delayed.len() + self.held.len(),
+            Ordering::Relaxed,
+        );
         self.stats.daemons.store(daemons, Ordering::Relaxed);
     }
 }

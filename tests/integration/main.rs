@@ -4,7 +4,9 @@
 mod util;
 
 mod browser;
+mod disk;
 mod hostile;
 mod platform;
+mod quotas;
 mod realtime;
 mod workers;

@@ -7,6 +7,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -16,6 +18,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub token: String,
     pub dir: PathBuf,
+    /// Bytes the server wrote to stderr (its log) so far.
+    pub stderr_bytes: Arc<AtomicU64>,
     // Kept last so the temp dir outlives the process that uses it.
     _tmp: Option<tempfile::TempDir>,
 }
@@ -39,6 +43,11 @@ impl Server {
         Server::start_custom(dir, flags, &[], None)
     }
 
+    /// Starts a server with the test-only fault hooks (`FAZT_TEST_HOOKS=1`) enabled.
+    pub fn start_hooked(flags: &[&str]) -> Server {
+        Server::start_with_env(flags, &[("FAZT_TEST_HOOKS", "1")], None)
+    }
+
     /// Starts a server with extra flags and environment variables, and (if `nofile` is
     /// given) with both open-file limits of the child lowered to it.
     pub fn start_with_env(flags: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
@@ -47,6 +56,17 @@ impl Server {
         let mut s = Server::start_custom(&dir, flags, env, nofile);
         s._tmp = Some(tmp);
         s
+    }
+
+    /// Sets the store's test faults (`{"fail_writes": true}`, `{"max_page_count": 1}`).
+    pub fn hooks(&self, v: Value) {
+        let r = self.api("POST", "/api/_test/store", Some(v.to_string().as_bytes()));
+        assert_eq!(r.status, 200, "test hooks: {}", r.text());
+    }
+
+    /// Starts a server on `dir` with extra environment variables.
+    pub fn start_in_env(dir: &Path, flags: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_custom(dir, flags, env, None)
     }
 
     fn start_custom(
@@ -82,6 +102,7 @@ impl Server {
                 "127.0.0.1:0",
             ])
             .args(flags)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -90,8 +111,11 @@ impl Server {
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         // Keep draining stderr so the server never blocks on a full pipe.
+        let stderr_bytes = Arc::new(AtomicU64::new(0));
+        let counted = stderr_bytes.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                counted.fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
                 if std::env::var("FAZT_TEST_LOG").is_ok() {
                     eprintln!("server: {line}");
                 }
@@ -123,6 +147,7 @@ impl Server {
             addr,
             token,
             dir: dir.to_path_buf(),
+            stderr_bytes,
             _tmp: None,
         }
     }
