@@ -254,6 +254,8 @@ fn to_reply(out: &JsValue, ctx: &mut Context) -> Result<Reply, RunError> {
                     serde_json::Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
+                // A bad header is the handler's bug: a 500 naming it, never a split response.
+                super::headers::check(k, &v).map_err(|e| RunError::Thrown(e.to_string()))?;
                 headers.push((k.clone(), v));
             }
         }

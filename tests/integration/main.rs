@@ -4,6 +4,7 @@
 mod util;
 
 mod browser;
+mod isolation;
 mod platform;
 mod realtime;
 mod workers;
