@@ -50,7 +50,7 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
         metrics: Default::default(),
         started: Instant::now(),
         listen_port: addr.port(),
-        app_generation: Default::default(),
+        apps: Default::default(),
     });
     runner.start(services.clone())?;
     let http = HttpServer::start(listener, config.http_threads, services.clone())?;

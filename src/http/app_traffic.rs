@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use tiny_http::Request;
 
-use super::handlers::{HandlerCache, HandlerRequest};
+use super::handlers::{HandlerCache, HandlerRequest, HANDLER_TIMEOUT};
 use super::util::{self, HttpError, Reply, Route};
+use crate::js::Interrupt;
 use crate::services::Services;
 
 /// Largest request body a handler may receive.
@@ -19,15 +20,29 @@ pub fn handle(
     cache: &mut HandlerCache,
 ) -> Result<Reply, HttpError> {
     let (path, query) = util::split_url(req.url());
-    let Some(info) = services.store.get_app(app)? else {
+    let route = app_route(&path);
+    // The request is a run of the app's live deployment until it is answered: removing
+    // the app stops a handler (its deadline counts from here) and waits for the rest.
+    let interrupt =
+        matches!(route, AppRoute::Handler { .. }).then(|| Interrupt::new(Some(HANDLER_TIMEOUT)));
+    let Some(run) = services.enter_app(app, interrupt.clone())? else {
         return Err(HttpError::not_found(format!(
             "no app named '{app}' is deployed"
         )));
     };
-    match app_route(&path) {
+    let deploy = run.deployment.deploy_id;
+    match route {
         AppRoute::WebSocket => Ok(Reply::Upgrade),
         AppRoute::Handler { name, path } => {
-            run_handler(req, app, info.version, &name, &path, query, services, cache)
+            let interrupt = interrupt.unwrap_or_else(|| Interrupt::new(Some(HANDLER_TIMEOUT)));
+            let call = HandlerCall {
+                app,
+                deploy,
+                name: &name,
+                path: &path,
+                interrupt,
+            };
+            run_handler(req, call, query, services, cache)
         }
         AppRoute::Static { candidates } => serve_static(app, &path, &candidates, services),
         AppRoute::NotFound => Err(HttpError::not_found(format!("no file at {path}"))),
@@ -124,19 +139,32 @@ fn serve_static(
     Err(HttpError::not_found(format!("no file at {path}")))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Which handler a request runs, of which deployment, and what stops it.
+struct HandlerCall<'a> {
+    app: &'a str,
+    /// Keys the thread's warm context and loaded modules.
+    deploy: i64,
+    name: &'a str,
+    path: &'a str,
+    interrupt: Interrupt,
+}
+
 fn run_handler(
     req: &mut Request,
-    app: &str,
-    version: i64,
-    name: &str,
-    path: &str,
+    call: HandlerCall<'_>,
     query: Vec<(String, String)>,
     services: &Arc<Services>,
     cache: &mut HandlerCache,
 ) -> Result<Reply, HttpError> {
+    let HandlerCall {
+        app,
+        deploy,
+        name,
+        path,
+        interrupt,
+    } = call;
     // `api/<name>.js`, else `api/main.js`; a module this thread already loaded for
-    // this version needs no store read.
+    // this deployment needs no store read.
     let mut file = None;
     let named = format!("api/{name}.js");
     let candidates: Vec<&str> = if !name.is_empty() && crate::apps::check_path(&named).is_ok() {
@@ -145,7 +173,7 @@ fn run_handler(
         vec!["api/main.js"]
     };
     for candidate in candidates {
-        if cache.is_loaded(app, version, candidate) {
+        if cache.is_loaded(app, deploy, candidate) {
             file = Some((candidate.to_string(), Vec::new()));
             break;
         }
@@ -197,7 +225,7 @@ fn run_handler(
         headers,
         body,
     };
-    cache.run(services, app, version, &file, &source, request)
+    cache.run_with(services, app, deploy, &file, &source, request, interrupt)
 }
 
 /// The content type for a file name, by extension.

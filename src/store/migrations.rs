@@ -13,6 +13,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "workers",
         include_str!("../../migrations/0002_workers.sql"),
     ),
+    (
+        10,
+        "deploys",
+        include_str!("../../migrations/0010_deploys.sql"),
+    ),
 ];
 
 pub(super) fn apply(conn: &Connection) -> Result<()> {

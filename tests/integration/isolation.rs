@@ -2,7 +2,9 @@
 //! files, contexts), remove + redeploy under the same name, path forms that must not
 //! reach server-side files, header injection, and the data dir at rest.
 
-use crate::util::Server;
+use serde_json::{json, Value};
+
+use crate::util::{request, wait_until, Server};
 
 #[test]
 fn server_side_files_never_served() {
@@ -87,4 +89,285 @@ module.exports = function (req) {
     assert_eq!(ok.status, 200);
     assert_eq!(ok.header("x-a"), Some("fine"));
     assert_eq!(ok.text(), "body");
+}
+
+/// One handler for both apps of the suite, driven by `?op=`.
+const PROBE: &str = r#"
+module.exports = function (req) {
+  const q = req.query;
+  const attempt = (f) => { try { return { v: f() }; } catch (e) { return { error: String(e) }; } };
+  switch (q.op) {
+    case "kvset": fazt.storage.kv.set(q.k, q.v); return { ok: true };
+    case "kvget": return { v: fazt.storage.kv.get(q.k) };
+    case "kvlist": return { keys: fazt.storage.kv.list(q.prefix || "") };
+    case "spawn": return fazt.worker.spawn("workers/w.js", { daemon: true });
+    case "get": return { job: fazt.worker.get(q.id) };
+    case "cancel": return attempt(() => fazt.worker.cancel(q.id));
+    case "list": return { ids: fazt.worker.list({}).map((j) => j.id) };
+    case "setglobal": globalThis.secret = q.v; return { ok: true };
+    case "getglobal": return { v: typeof secret === "undefined" ? null : secret };
+    case "require": return attempt(() => require(q.p));
+    case "spawnpath": return attempt(() => fazt.worker.spawn(q.p, {}));
+    case "broadcast": return { sent: fazt.realtime.broadcast(q.ch, { from: fazt.app.name }) };
+    case "count": return { n: fazt.realtime.count(q.ch), subs: fazt.realtime.subscribers(q.ch) };
+    case "version": return { v: VERSION };
+  }
+  return { status: 400, body: "op?" };
+};
+"#;
+
+const DAEMON: &str = r#"
+module.exports = function (job) {
+  while (!job.cancelled) job.sleep(20);
+  return "stopped";
+};
+"#;
+
+fn probe_app(s: &Server, app: &str, version: u32) {
+    let api = format!("const VERSION = {version};\n{PROBE}");
+    s.deploy_ok(
+        app,
+        &[
+            ("api/p.js", &api),
+            ("lib/secret.js", "module.exports = 'SECRET of the victim';"),
+            ("secret.txt", "SECRET file of the victim"),
+            ("workers/w.js", DAEMON),
+            (
+                "workers/v.js",
+                &format!("module.exports = () => ({{ v: {version} }});"),
+            ),
+        ],
+    );
+}
+
+fn op(s: &Server, app: &str, query: &str) -> Value {
+    s.call(app, &format!("/api/p?{query}"))
+}
+
+#[test]
+fn attacker_cannot_reach_victim_jobs() {
+    let s = Server::start();
+    probe_app(&s, "victim", 1);
+    probe_app(&s, "attacker", 1);
+    let job = op(&s, "victim", "op=spawn");
+    let id = job["id"].as_str().expect("job id").to_string();
+    s.wait_status(&id, "running", 10);
+    assert_eq!(
+        op(&s, "attacker", &format!("op=get&id={id}"))["job"],
+        Value::Null
+    );
+    let cancel = op(&s, "attacker", &format!("op=cancel&id={id}"));
+    assert!(
+        cancel["v"].is_null() || cancel["v"] == false,
+        "attacker's cancel of a victim job: {cancel}"
+    );
+    let listed = op(&s, "attacker", "op=list");
+    assert!(!listed["ids"].to_string().contains(&id), "{listed}");
+    assert_eq!(s.job(&id)["status"], "running", "the victim's job runs on");
+    assert!(op(&s, "victim", "op=list")["ids"].to_string().contains(&id));
+}
+
+#[test]
+fn attacker_cannot_reach_victim_kv_files_or_context() {
+    let s = Server::start();
+    probe_app(&s, "victim", 1);
+    probe_app(&s, "attacker", 1);
+    op(&s, "victim", "op=kvset&k=token&v=SECRET");
+    op(&s, "victim", "op=setglobal&v=SECRET");
+    assert_eq!(op(&s, "attacker", "op=kvget&k=token")["v"], Value::Null);
+    assert_eq!(op(&s, "attacker", "op=kvlist")["keys"], json!([]));
+    // Warm every HTTP thread of the attacker: none may see the victim's global.
+    for _ in 0..40 {
+        assert_eq!(op(&s, "attacker", "op=getglobal")["v"], Value::Null);
+    }
+    for p in [
+        "../victim/lib/secret",
+        "/victim/lib/secret",
+        "../../lib/secret",
+    ] {
+        let r = op(&s, "attacker", &format!("op=require&p={p}"));
+        assert!(!r.to_string().contains("SECRET of the victim"), "{p}: {r}");
+    }
+    for p in [
+        "workers/../../victim/workers/w.js",
+        "../victim/workers/w.js",
+    ] {
+        let r = op(&s, "attacker", &format!("op=spawnpath&p={p}"));
+        assert!(r["error"].is_string(), "{p}: {r}");
+    }
+    let r = s.app("attacker", "GET", "/../victim/secret.txt", None);
+    assert!(!r.text().contains("SECRET"), "{}", r.text());
+    // The victim still has all of it.
+    assert_eq!(op(&s, "victim", "op=kvget&k=token")["v"], "SECRET");
+}
+
+#[test]
+fn attacker_cannot_reach_victim_channels() {
+    let s = Server::start();
+    probe_app(&s, "victim", 1);
+    probe_app(&s, "attacker", 1);
+    let mut victim_ws = s.ws("victim");
+    victim_ws.subscribe("room");
+    let sent = op(&s, "attacker", "op=broadcast&ch=room");
+    assert_eq!(sent["sent"], 0);
+    assert!(
+        victim_ws.recv_within(300).is_none(),
+        "the attacker's broadcast arrived"
+    );
+    let seen = op(&s, "attacker", "op=count&ch=room");
+    assert_eq!(seen["n"], 0);
+    assert_eq!(seen["subs"], json!([]));
+    assert_eq!(op(&s, "victim", "op=count&ch=room")["n"], 1);
+}
+
+#[test]
+fn stale_code_after_remove_and_redeploy() {
+    let s = Server::start();
+    probe_app(&s, "app", 1);
+    // Warm many HTTP threads and a worker slot with version 1.
+    for _ in 0..40 {
+        assert_eq!(op(&s, "app", "op=version")["v"], 1);
+    }
+    let job = s.call("app", "/api/p?op=spawnpath&p=workers/v.js")["v"]["id"]
+        .as_str()
+        .expect("job id")
+        .to_string();
+    assert_eq!(s.wait_status(&job, "done", 10)["result"]["v"], 1);
+    let first = s.api_json("GET", "/api/apps/app");
+    assert_eq!(s.api("DELETE", "/api/apps/app", None).status, 200);
+    probe_app(&s, "app", 2);
+    let stale = (0..40)
+        .filter(|_| op(&s, "app", "op=version")["v"] != 2)
+        .count();
+    assert_eq!(stale, 0, "{stale} of 40 calls ran the removed app's code");
+    for _ in 0..5 {
+        let job = s.call("app", "/api/p?op=spawnpath&p=workers/v.js")["v"]["id"]
+            .as_str()
+            .expect("job id")
+            .to_string();
+        assert_eq!(s.wait_status(&job, "done", 10)["result"]["v"], 2);
+    }
+    // Deploy ids never repeat, also for a new app under an old name.
+    let second = s.api_json("GET", "/api/apps/app");
+    assert_eq!(
+        second["version"], first["version"],
+        "versions restart: {second}"
+    );
+    assert_ne!(second["deploy_id"], first["deploy_id"], "{first} {second}");
+    assert_ne!(second["app_id"], first["app_id"], "{first} {second}");
+}
+
+#[test]
+fn removed_app_kv_not_inherited() {
+    let s = Server::start();
+    let writer = r#"
+module.exports = function () {
+  let i = 0;
+  for (;;) fazt.storage.kv.set("old:" + i++, i);
+};
+"#;
+    let files = [("api/w.js", writer), ("api/p.js", PROBE)];
+    s.deploy_ok("kvw", &files);
+    let (addr, port) = (s.addr, s.port());
+    let running = std::thread::spawn(move || {
+        let host = format!("kvw.localhost:{port}");
+        request(addr, "GET", &host, "/api/w", &[], None).status
+    });
+    assert!(
+        wait_until(10, || op(&s, "kvw", "op=kvlist&prefix=old:")["keys"]
+            .as_array()
+            .is_some_and(|k| k.len() >= 50)),
+        "the handler did not start writing"
+    );
+    let t0 = std::time::Instant::now();
+    assert_eq!(s.api("DELETE", "/api/apps/kvw", None).status, 200);
+    let removal = t0.elapsed();
+    s.deploy_ok("kvw", &[("api/p.js", PROBE)]);
+    // Whatever the old handler still does must not land in the new app.
+    for _ in 0..10 {
+        let keys = op(&s, "kvw", "op=kvlist");
+        assert_eq!(keys["keys"], json!([]), "the new app inherited kv keys");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = running.join().expect("writer request");
+    assert!(status >= 500, "the old handler was stopped: {status}");
+    assert!(
+        removal < std::time::Duration::from_secs(3),
+        "removal stops the handler instead of waiting out its deadline: {removal:?}"
+    );
+}
+
+#[test]
+fn removed_app_websocket_is_closed() {
+    let s = Server::start();
+    probe_app(&s, "chat", 1);
+    let mut old = s.ws("chat");
+    old.subscribe("room");
+    assert_eq!(s.api("DELETE", "/api/apps/chat", None).status, 200);
+    // The server ends the session: a close frame or the connection dropping.
+    let closed = wait_until(5, || {
+        let _ = old
+            .ws
+            .get_mut()
+            .set_read_timeout(Some(std::time::Duration::from_millis(100)));
+        match old.ws.read() {
+            Ok(tungstenite::Message::Close(_)) => true,
+            Ok(_) => false,
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                false
+            }
+            Err(_) => true,
+        }
+    });
+    assert!(closed, "the removed app's WebSocket stayed open");
+    probe_app(&s, "chat", 2);
+    let mut fresh = s.ws("chat");
+    fresh.subscribe("room");
+    assert_eq!(op(&s, "chat", "op=broadcast&ch=room")["sent"], 1);
+    assert_eq!(fresh.recv()["data"]["from"], "chat");
+    assert!(
+        matches!(old.ws.read(), Err(_) | Ok(tungstenite::Message::Close(_))),
+        "the old client still hears the new app"
+    );
+}
+
+#[test]
+fn client_ids_do_not_reveal_other_apps_traffic() {
+    let s = Server::start();
+    probe_app(&s, "spy", 1);
+    probe_app(&s, "busy", 1);
+    let mut first = s.ws("spy");
+    first.subscribe("ch");
+    let before = op(&s, "spy", "op=count&ch=ch")["subs"][0]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let mut others: Vec<_> = (0..5).map(|_| s.ws("busy")).collect();
+    for o in &mut others {
+        o.subscribe("ch");
+    }
+    let mut second = s.ws("spy");
+    second.subscribe("ch");
+    let subs = op(&s, "spy", "op=count&ch=ch")["subs"].clone();
+    let after = subs
+        .as_array()
+        .expect("subs")
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|id| *id != before)
+        .expect("second id")
+        .to_string();
+    let num = |id: &str| id.trim_start_matches('c').parse::<i64>().ok();
+    let gap = num(&after).zip(num(&before)).map(|(a, b)| a - b);
+    assert_ne!(
+        gap,
+        Some(6),
+        "ids {before} and {after} count the other app's 5 connections"
+    );
+    assert_ne!(before, after);
 }
