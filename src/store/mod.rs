@@ -2,6 +2,7 @@
 //! batching writer thread, and the typed queries for apps, kv and jobs.
 
 mod apps;
+pub mod check;
 mod jobs;
 mod kv;
 mod migrations;

@@ -371,3 +371,156 @@ fn client_ids_do_not_reveal_other_apps_traffic() {
     );
     assert_ne!(before, after);
 }
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn data_files_are_private() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    // The loosest umask: every file would be world-readable (and writable) by default.
+    let mut s = Server::start_in_umask(&dir, &[], Some(0));
+    probe_app(&s, "app", 1);
+    op(&s, "app", "op=kvset&k=a&v=1");
+    let check = |dir: &std::path::Path| {
+        assert_eq!(mode(dir), 0o700, "data dir");
+        for f in ["fazt.db", "fazt.db-wal", "fazt.db-shm", "admin.token"] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+    };
+    check(&dir);
+    // A data dir made loose by an older version (or by hand) is tightened at start.
+    s.stop();
+    use std::os::unix::fs::PermissionsExt;
+    let loosen = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    loosen(&dir, 0o755);
+    loosen(&dir.join("fazt.db"), 0o644);
+    let s = Server::start_in_umask(&dir, &[], Some(0));
+    op(&s, "app", "op=kvset&k=b&v=2");
+    check(&dir);
+}
+
+/// A server on `dir` with an app and some data, stopped cleanly (so fazt.db holds it all).
+fn server_with_data(dir: &std::path::Path) {
+    let mut s = Server::start_in(dir, &[]);
+    probe_app(&s, "app", 1);
+    let files: Vec<(String, String)> = (0..300)
+        .map(|i| (format!("f/{i}.txt"), format!("{i:0>900}")))
+        .collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(p, c)| (p.as_str(), c.as_str()))
+        .collect();
+    s.deploy_ok("bulk", &refs);
+    assert_eq!(s.stop(), 0);
+}
+
+#[test]
+fn corrupt_database_refused_at_start() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    server_with_data(&dir);
+    let db = dir.join("fazt.db");
+    let mut bytes = std::fs::read(&db).expect("read db");
+    assert!(bytes.len() > 200 * 1024, "db is {} bytes", bytes.len());
+    // Garbage over 16 whole pages in the middle, as a bad disk or a stray write would.
+    let page = 4096;
+    let start = bytes.len() / 2 / page * page;
+    for b in &mut bytes[start..start + 16 * page] {
+        *b = 0xAB;
+    }
+    std::fs::write(&db, &bytes).expect("write garbage");
+    let (code, err) = crate::util::start_refused(&dir);
+    assert_ne!(code, 0);
+    assert!(err.contains("damaged"), "{err}");
+    assert!(err.contains("fazt.db"), "{err}");
+    // `fazt check` reports it too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fazt"))
+        .args(["--data-dir", dir.to_str().expect("utf-8"), "check"])
+        .output()
+        .expect("fazt check");
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn emptied_database_beside_token_refused() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    server_with_data(&dir);
+    std::fs::write(dir.join("fazt.db"), b"").expect("empty the db");
+    let (code, err) = crate::util::start_refused(&dir);
+    assert_ne!(code, 0);
+    assert!(err.contains("empty or missing"), "{err}");
+    assert!(err.contains("admin.token"), "{err}");
+    std::fs::remove_file(dir.join("fazt.db")).expect("remove the db");
+    let (code, err) = crate::util::start_refused(&dir);
+    assert_ne!(code, 0, "{err}");
+    // Deleting the token too is the documented way to start over.
+    std::fs::remove_file(dir.join("admin.token")).expect("remove token");
+    let s = Server::start_in(&dir, &[]);
+    assert_eq!(s.api_json("GET", "/api/apps"), json!([]));
+}
+
+#[test]
+fn backup_while_running_restores() {
+    let s = Server::start();
+    probe_app(&s, "app", 1);
+    for i in 0..20 {
+        op(&s, "app", &format!("op=kvset&k=before{i}&v={i}"));
+    }
+    // Writes keep coming while the backup runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (addr, port, stop) = (s.addr, s.port(), stop.clone());
+        std::thread::spawn(move || {
+            let host = format!("app.localhost:{port}");
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let path = format!("/api/p?op=kvset&k=during{n}&v={n}");
+                assert_eq!(request(addr, "GET", &host, &path, &[], None).status, 200);
+                n += 1;
+            }
+            n
+        })
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let backup = tmp.path().join("backup.db");
+    let out = s.cli(&["backup", backup.to_str().expect("utf-8")]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer.join().expect("writer");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(written > 0);
+    assert_eq!(mode(&backup), 0o600);
+    let check = s.cli(&["check", "--file", backup.to_str().expect("utf-8")]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    // Restore into a fresh data dir: the app and its data are there.
+    let dir = tmp.path().join("restored");
+    std::fs::create_dir(&dir).expect("dir");
+    std::fs::copy(&backup, dir.join("fazt.db")).expect("restore");
+    let r = Server::start_in(&dir, &[]);
+    let keys = op(&r, "app", "op=kvlist&prefix=before");
+    assert_eq!(keys["keys"].as_array().map(Vec::len), Some(20), "{keys}");
+    assert_eq!(op(&r, "app", "op=version")["v"], 1);
+}
