@@ -61,7 +61,11 @@ impl Services {
                 "app {app}: {left} run(s) still going after the removal wait; removing anyway"
             );
         }
-        let removed = cancelled.and_then(|()| self.store.remove_app(app));
+        // Once no run is left (and none can start), a second cancel catches jobs that
+        // the stopping runs spawned after the first one listed the app's jobs.
+        let removed = cancelled
+            .and_then(|()| self.pool.cancel_app(app))
+            .and_then(|()| self.store.remove_app(app));
         self.apps.end_removal(removal, removed.is_ok());
         // A WebSocket that joined after the close above sees the app gone in its own
         // check (see `realtime::accept`).

@@ -524,3 +524,48 @@ fn backup_while_running_restores() {
     assert_eq!(keys["keys"].as_array().map(Vec::len), Some(20), "{keys}");
     assert_eq!(op(&r, "app", "op=version")["v"], 1);
 }
+
+#[test]
+fn jobs_spawned_during_removal_do_not_outlive_it() {
+    let s = Server::start();
+    let spawner = r#"
+module.exports = function () {
+  for (;;) { try { fazt.worker.spawn("workers/w.js", { data: { old: true } }); } catch (e) { if (String(e).includes("stopped")) throw e; } }
+};
+"#;
+    let old_worker = "module.exports = (job) => { job.sleep(50); return 'old'; };";
+    s.deploy_ok(
+        "jobs",
+        &[
+            ("api/s.js", spawner),
+            ("api/p.js", PROBE),
+            ("workers/w.js", old_worker),
+        ],
+    );
+    let (addr, port) = (s.addr, s.port());
+    let running = std::thread::spawn(move || {
+        let host = format!("jobs.localhost:{port}");
+        request(addr, "GET", &host, "/api/s", &[], None).status
+    });
+    assert!(
+        wait_until(10, || s
+            .api_json("GET", "/api/jobs?app=jobs&limit=1000")
+            .as_array()
+            .is_some_and(|j| j.len() >= 20)),
+        "the handler did not start spawning"
+    );
+    assert_eq!(s.api("DELETE", "/api/apps/jobs", None).status, 200);
+    // The new app's worker records any job that reaches it.
+    let ghost = "module.exports = (job) => { fazt.storage.kv.set('ghost:' + job.id, job.data); };";
+    s.deploy_ok("jobs", &[("api/p.js", PROBE), ("workers/w.js", ghost)]);
+    let _ = running.join();
+    for _ in 0..20 {
+        let ghosts = op(&s, "jobs", "op=kvlist&prefix=ghost:")["keys"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(ghosts, 0, "jobs of the removed app ran the new app's code");
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert_eq!(s.api_json("GET", "/api/jobs?app=jobs"), json!([]));
+    assert_eq!(s.health()["workers"]["queued"], 0);
+}
