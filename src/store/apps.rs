@@ -169,3 +169,57 @@ fn get_app(c: &rusqlite::Connection, app: &str) -> Result<Option<AppInfo>> {
         .optional()
         .ctx("reading an app")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> Vec<AppFile> {
+        vec![AppFile {
+            path: "index.html".into(),
+            content: b"hi".to_vec(),
+        }]
+    }
+
+    #[test]
+    fn deploy_ids_never_repeat_and_a_new_app_starts_empty() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let first = store.deploy_app("a", files()).expect("deploy");
+        let second = store.deploy_app("a", files()).expect("redeploy");
+        assert!(second.deploy_id > first.deploy_id);
+        assert_eq!(second.app_id, first.app_id, "a redeploy is the same app");
+        assert_eq!(second.version, 2);
+        assert!(store.remove_app("a").expect("remove"));
+        // A write that arrives after the removal (a run that outlived it) ...
+        store
+            .kv_set("a", "late", "1".into(), None)
+            .expect("late write");
+        let third = store.deploy_app("a", files()).expect("new app");
+        assert!(third.deploy_id > second.deploy_id, "ids are not reused");
+        assert_ne!(third.app_id, first.app_id, "a new app under the old name");
+        assert_eq!(third.version, 1);
+        // ... is not inherited by the new app.
+        assert_eq!(store.kv_get("a", "late").expect("read"), None);
+        store.close();
+    }
+
+    #[test]
+    fn migration_gives_existing_apps_deploy_ids() {
+        let c = rusqlite::Connection::open_in_memory().expect("db");
+        c.execute_batch(include_str!("../../migrations/0001_init.sql"))
+            .expect("0001");
+        c.execute_batch(include_str!("../../migrations/0002_workers.sql"))
+            .expect("0002");
+        c.execute_batch("INSERT INTO apps VALUES ('a', 3, 0, 0, 1, 2), ('b', 1, 0, 0, 1, 2);")
+            .expect("old apps");
+        c.execute_batch(include_str!("../../migrations/0010_deploys.sql"))
+            .expect("0010");
+        let a = get_app(&c, "a").expect("read").expect("a");
+        let b = get_app(&c, "b").expect("read").expect("b");
+        assert!(a.deploy_id > 0 && b.deploy_id > 0);
+        assert_ne!(a.deploy_id, b.deploy_id);
+        assert_eq!(a.app_id, a.deploy_id);
+        assert_eq!(a.version, 3);
+    }
+}
