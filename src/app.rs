@@ -27,7 +27,8 @@ pub struct Handle {
 pub fn start(config: Config) -> anyhow::Result<Handle> {
     raise_fd_limit();
     prepare_data_dir(&config.data_dir)?;
-    check_database(&config.data_dir)?;
+    check_database(&config.data_dir)
+        .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
     create_private(&config.data_dir.join("fazt.db"))?;
     let store = Store::open(&config.data_dir).with_context(|| {
         format!(

@@ -21,11 +21,10 @@ pub fn handle(
 ) -> Result<Reply, HttpError> {
     let (path, query) = util::split_url(req.url());
     let route = app_route(&path);
-    // The request is a run of the app's live deployment until it is answered: removing
-    // the app stops a handler (its deadline counts from here) and waits for the rest.
-    let interrupt =
-        matches!(route, AppRoute::Handler { .. }).then(|| Interrupt::new(Some(HANDLER_TIMEOUT)));
-    let Some(run) = services.enter_app(app, interrupt.clone())? else {
+    // The request is a run of the app's live deployment until `run` drops: removing the
+    // app stops a handler (its deadline counts from here) and waits for the rest.
+    let interrupt = Interrupt::new(Some(HANDLER_TIMEOUT));
+    let Some(run) = services.enter_app(app, Some(interrupt.clone()))? else {
         return Err(HttpError::not_found(format!(
             "no app named '{app}' is deployed"
         )));
@@ -34,7 +33,6 @@ pub fn handle(
     match route {
         AppRoute::WebSocket => Ok(Reply::Upgrade),
         AppRoute::Handler { name, path } => {
-            let interrupt = interrupt.unwrap_or_else(|| Interrupt::new(Some(HANDLER_TIMEOUT)));
             let call = HandlerCall {
                 app,
                 deploy,
