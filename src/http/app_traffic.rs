@@ -340,6 +340,9 @@ mod tests {
         assert_eq!(route("/_ws"), AppRoute::WebSocket);
         assert_eq!(route("//_ws"), AppRoute::WebSocket);
         assert_eq!(route("/a\\b"), AppRoute::NotFound);
+        assert_eq!(route("/a%00b"), AppRoute::NotFound);
+        assert_eq!(route("/%2e%2e"), AppRoute::NotFound);
+        assert_eq!(route("/x/.%2e/y"), AppRoute::NotFound);
     }
 
     #[test]

@@ -101,7 +101,11 @@ pub fn is_initialised(path: &Path) -> Result<bool> {
 pub fn backup(src: &Path, dest: &Path) -> Result<u64> {
     use std::os::unix::fs::OpenOptionsExt;
     let from = open_existing(src)?;
-    let partial = dest.with_extension("partial");
+    let partial = {
+        let mut name = dest.as_os_str().to_os_string();
+        name.push(".partial");
+        std::path::PathBuf::from(name)
+    };
     let io = |what: &str, e: std::io::Error| {
         Error::Invalid(format!("{what} {}: {e}", partial.display()))
     };
