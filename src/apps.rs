@@ -10,8 +10,14 @@ use std::time::Instant;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::js::{Interrupt, Reason};
 use crate::store::AppFile;
+
+/// What stops a run of an app's code when the app is removed. Implemented by the JS
+/// interrupt where the two meet (`services.rs`), so this module needs nothing of `js/`.
+pub trait Stop: Send {
+    /// Asks the run to stop (it ends at its next check).
+    fn stop_run(&self);
+}
 
 /// The deployment an app name currently serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +44,7 @@ pub enum AppError {
     /// stopping); the caller may try again shortly.
     #[error("{0}")]
     Busy(String),
+    /// The store failed while deploying or removing.
     #[error(transparent)]
     Store(#[from] crate::store::Error),
 }
@@ -46,9 +53,8 @@ pub enum AppError {
 /// removal can stop them and wait for them before the app's data goes. Deploys and
 /// removals update it after the store committed; lookups of names it does not know
 /// read the store once.
-#[derive(Default)]
-pub struct Registry {
-    state: Mutex<State>,
+pub struct Registry<S> {
+    state: Mutex<State<S>>,
     /// Signalled whenever a run ends.
     ended: Condvar,
     /// Serialises deploys and removals (both rare), so a removal never interleaves with
@@ -58,29 +64,42 @@ pub struct Registry {
     changes: std::sync::atomic::AtomicU64,
 }
 
-#[derive(Default)]
-struct State {
-    apps: HashMap<String, Entry>,
+struct State<S> {
+    apps: HashMap<String, Entry<S>>,
     next_run: u64,
 }
 
-struct Entry {
+impl<S> Default for Registry<S> {
+    fn default() -> Self {
+        Registry {
+            state: Mutex::new(State {
+                apps: HashMap::new(),
+                next_run: 0,
+            }),
+            ended: Condvar::new(),
+            admin: Mutex::new(()),
+            changes: Default::default(),
+        }
+    }
+}
+
+struct Entry<S> {
     /// None while the app is being removed, or after, while its old runs still stop.
     live: Option<Deployment>,
     /// Runs in progress and what stops them when the app is removed (None: the pool
     /// stops it, as it does jobs).
-    runs: HashMap<u64, Option<Interrupt>>,
+    runs: HashMap<u64, Option<S>>,
 }
 
 /// A run of an app's code in progress; dropping it ends the run.
-pub struct Run<'a> {
-    registry: &'a Registry,
+pub struct Run<'a, S> {
+    registry: &'a Registry<S>,
     app: String,
     id: u64,
     pub deployment: Deployment,
 }
 
-impl Drop for Run<'_> {
+impl<S> Drop for Run<'_, S> {
     fn drop(&mut self) {
         let mut st = self.registry.lock();
         if let Some(e) = st.apps.get_mut(&self.app) {
@@ -102,8 +121,8 @@ pub struct Removal<'a> {
     before: Option<Deployment>,
 }
 
-impl Registry {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl<S> Registry<S> {
+    fn lock(&self) -> MutexGuard<'_, State<S>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -129,9 +148,9 @@ impl Registry {
     pub fn enter<E>(
         &self,
         app: &str,
-        stop: Option<Interrupt>,
+        stop: Option<S>,
         load: impl Fn() -> Result<Option<Deployment>, E>,
-    ) -> Result<Option<Run<'_>>, E> {
+    ) -> Result<Option<Run<'_, S>>, E> {
         loop {
             {
                 let mut st = self.lock();
@@ -208,7 +227,10 @@ impl Registry {
     /// First step of removing `app`: from now on no run of it starts, and every
     /// handler run in progress is stopped. Hold the returned guard through the rest of
     /// the removal and give it to [`end_removal`](Self::end_removal).
-    pub fn begin_removal(&self, app: &str) -> Removal<'_> {
+    pub fn begin_removal(&self, app: &str) -> Removal<'_>
+    where
+        S: Stop,
+    {
         let admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         let mut st = self.lock();
         let e = st.apps.entry(app.to_string()).or_insert_with(|| Entry {
@@ -217,7 +239,7 @@ impl Registry {
         });
         let before = e.live.take();
         for stop in e.runs.values().flatten() {
-            stop.stop(Reason::Cancelled);
+            stop.stop_run();
         }
         drop(st);
         self.changed();
@@ -407,6 +429,22 @@ pub fn read_dir_files(dir: &std::path::Path) -> std::io::Result<Vec<(String, Vec
 mod tests {
     use super::*;
 
+    /// A stop flag standing in for the JS interrupt.
+    #[derive(Clone, Default)]
+    struct Flag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl Stop for Flag {
+        fn stop_run(&self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Flag {
+        fn stopped(&self) -> bool {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
     fn dep(app_id: i64, deploy_id: i64) -> Deployment {
         Deployment { app_id, deploy_id }
     }
@@ -417,7 +455,7 @@ mod tests {
 
     #[test]
     fn registry_follows_deploys_and_removals() {
-        let r = Registry::default();
+        let r = Registry::<Flag>::default();
         assert!(r.enter("a", None, none).expect("enter").is_none());
         r.deploy("a", || Ok(((), dep(1, 1)))).expect("deploy");
         let run = r.enter("a", None, none).expect("enter").expect("live");
@@ -441,15 +479,15 @@ mod tests {
 
     #[test]
     fn removal_stops_runs_and_waits_for_them() {
-        let r = Registry::default();
+        let r = Registry::<Flag>::default();
         r.deploy("a", || Ok(((), dep(1, 1)))).expect("deploy");
-        let stop = Interrupt::new(None);
+        let stop = Flag::default();
         let run = r
             .enter("a", Some(stop.clone()), none)
             .expect("enter")
             .expect("live");
         let removal = r.begin_removal("a");
-        assert_eq!(stop.check(), Some(Reason::Cancelled));
+        assert!(stop.stopped());
         let soon = Instant::now() + std::time::Duration::from_millis(20);
         assert_eq!(r.wait_idle("a", soon), 1, "the run has not ended yet");
         r.end_removal(removal, true);
@@ -463,7 +501,7 @@ mod tests {
 
     #[test]
     fn a_failed_removal_keeps_the_app() {
-        let r = Registry::default();
+        let r = Registry::<Flag>::default();
         r.deploy("a", || Ok(((), dep(1, 1)))).expect("deploy");
         let removal = r.begin_removal("a");
         r.end_removal(removal, false);

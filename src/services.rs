@@ -20,6 +20,13 @@ pub struct Metrics {
     pub http_threads_abandoned: AtomicU64,
 }
 
+/// Removing an app cancels its running handlers.
+impl crate::apps::Stop for crate::js::Interrupt {
+    fn stop_run(&self) {
+        self.stop(crate::js::Reason::Cancelled);
+    }
+}
+
 impl Services {
     /// Starts a run of `app`'s live deployment (None: no such app, or it is being
     /// removed). Hold the run while its code executes: a removal stops `stop` and
@@ -28,7 +35,7 @@ impl Services {
         &self,
         app: &str,
         stop: Option<crate::js::Interrupt>,
-    ) -> crate::store::Result<Option<Run<'_>>> {
+    ) -> crate::store::Result<Option<Run<'_, crate::js::Interrupt>>> {
         self.apps.enter(app, stop, || {
             Ok(self.store.get_app(app)?.as_ref().map(Deployment::from))
         })
@@ -85,7 +92,7 @@ pub struct Services {
     /// The port we listen on; the WebSocket code uses it to find its socket.
     pub listen_port: u16,
     /// Live deployments and runs in progress: see [`Registry`].
-    pub apps: Registry,
+    pub apps: Registry<crate::js::Interrupt>,
 }
 
 impl Services {
