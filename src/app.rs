@@ -27,13 +27,19 @@ pub struct Handle {
 pub fn start(config: Config) -> anyhow::Result<Handle> {
     raise_fd_limit(config.http.max_connections);
     prepare_data_dir(&config.data_dir)?;
-    let (admin_token, created) = admin_token(&config.data_dir)?;
+    check_database(&config.data_dir)
+        .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
+    create_private(&config.data_dir.join("fazt.db"))?;
     let store = Store::open_with(&config.data_dir, config.store.clone()).with_context(|| {
         format!(
             "opening the database in {} (is it a fazt data dir, and not corrupt?)",
             config.data_dir.display()
         )
     })?;
+    make_private(&config.data_dir)?;
+    // The token is made after the database exists, so a token never stands beside a
+    // database that was not set up (see `check_database`).
+    let (admin_token, created) = admin_token(&config.data_dir)?;
     let listener = TcpListener::bind(&config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener
@@ -51,7 +57,7 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
         metrics: Default::default(),
         started: Instant::now(),
         listen_port: addr.port(),
-        app_generation: Default::default(),
+        apps: Default::default(),
     });
     runner.start(services.clone())?;
     let http = HttpServer::start(
@@ -142,12 +148,106 @@ fn widen_backlog(listener: &TcpListener) {
     }
 }
 
+/// How long the start-up `quick_check` may take; a larger database is checked in full
+/// with `fazt check`.
+const QUICK_CHECK_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Refuses to start on a database that is damaged, or that is empty (or gone) beside
+/// an `admin.token`: that data dir held a server's data, and starting would silently
+/// replace every app with an empty server.
+fn check_database(dir: &Path) -> anyhow::Result<()> {
+    use crate::store::check::{self, Verdict};
+    let db = dir.join("fazt.db");
+    let token = dir.join("admin.token");
+    let initialised = check::is_initialised(&db).unwrap_or(true);
+    if token.exists() && !initialised {
+        bail!(
+            "{} is empty or missing, but {} exists: this data dir held a fazt server's data, \
+             which is gone. Restore fazt.db from a backup (`fazt backup FILE` makes one), \
+             or, to start over with no apps, delete {} as well",
+            db.display(),
+            token.display(),
+            token.display()
+        );
+    }
+    if !db.exists() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    match check::quick_check(&db, QUICK_CHECK_BUDGET) {
+        Ok(Verdict::Ok) => {
+            log::debug!(
+                "quick_check of {} ok in {:?}",
+                db.display(),
+                started.elapsed()
+            );
+            Ok(())
+        }
+        Ok(Verdict::Unfinished) => {
+            log::warn!(
+                "the start-up quick_check of {} did not finish within {:?}; run `fazt check` \
+                 for a full integrity check",
+                db.display(),
+                QUICK_CHECK_BUDGET
+            );
+            Ok(())
+        }
+        Ok(Verdict::Damaged(found)) => bail!(
+            "{} is damaged (SQLite's quick_check: {}). Refusing to start: restore it from a \
+             backup, or run `fazt check` for the full report",
+            db.display(),
+            found.join("; ")
+        ),
+        Err(e) => Err(e).with_context(|| format!("checking {}", db.display())),
+    }
+}
+
+/// Makes the data dir 0700 and the database files 0600, whatever the umask was when
+/// they were created: they hold every app's files, data and logs.
+fn make_private(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |path: &Path, mode: u32| -> anyhow::Result<()> {
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("making {} private", path.display())),
+        }
+    };
+    set(dir, 0o700)?;
+    // SQLite gives the -wal and -shm files it creates later the database file's mode.
+    for name in ["fazt.db", "fazt.db-wal", "fazt.db-shm", "admin.token"] {
+        set(&dir.join(name), 0o600)?;
+    }
+    Ok(())
+}
+
+/// Creates `path` empty with mode 0600 unless it exists, so SQLite never makes it (or
+/// the -wal and -shm files, which take its mode) readable by others, not even briefly.
+fn create_private(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .with_context(|| format!("creating {}", path.display()))
+}
+
 fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
     if dir.exists() && !dir.is_dir() {
         bail!("data dir {} exists but is not a directory", dir.display());
     }
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create the data dir {}", dir.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create the data dir {}", dir.display()))?;
+    }
+    make_private(dir)?;
     let probe = dir.join(".fazt-write-test");
     std::fs::write(&probe, b"ok")
         .with_context(|| format!("the data dir {} is not writable", dir.display()))?;

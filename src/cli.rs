@@ -1,5 +1,6 @@
-//! The command line: `fazt server` and the client commands, which talk to a running
-//! server over HTTP with the admin token from `FAZT_TOKEN` or the data dir.
+//! The command line: `fazt server`, the client commands, which talk to a running
+//! server over HTTP with the admin token from `FAZT_TOKEN` or the data dir, and the
+//! data commands (`check`, `backup`), which open the data dir's database directly.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -50,6 +51,17 @@ pub enum Command {
         #[command(subcommand)]
         command: JobCommand,
     },
+    /// Run SQLite's full integrity check on the database (the data dir's, or FILE,
+    /// e.g. a backup). Safe while the server runs; exits 1 if anything is wrong.
+    Check {
+        /// Database file to check instead of <data-dir>/fazt.db.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Copy the data dir's database to FILE with SQLite's online backup (safe while the
+    /// server runs). Restore: stop the server, copy FILE to <data-dir>/fazt.db, delete
+    /// fazt.db-wal and fazt.db-shm there, start the server.
+    Backup { file: PathBuf },
 }
 
 /// `fazt server` flags. Sizes take KB/MB/GB, times ms/s/m/h.
@@ -296,13 +308,65 @@ impl Client {
     }
 }
 
+/// `fazt check` and `fazt backup`: they open the database file, not the server.
+pub fn run_data_command(cli: &Cli) -> anyhow::Result<()> {
+    use crate::store::check::{self, Verdict};
+    let mut out = std::io::stdout().lock();
+    let db = cli.data_dir.join("fazt.db");
+    match &cli.command {
+        Command::Check { file } => {
+            let path = file.as_ref().unwrap_or(&db);
+            match check::integrity_check(path)
+                .with_context(|| format!("checking {}", path.display()))?
+            {
+                Verdict::Ok => writeln!(out, "{}: ok", path.display())?,
+                Verdict::Damaged(found) => {
+                    for f in &found {
+                        writeln!(out, "{}: {f}", path.display())?;
+                    }
+                    bail!(
+                        "{} is damaged ({} problem(s) listed above)",
+                        path.display(),
+                        found.len()
+                    );
+                }
+                Verdict::Unfinished => bail!("the check of {} was interrupted", path.display()),
+            }
+        }
+        Command::Backup { file } => {
+            let bytes = check::backup(&db, file)
+                .with_context(|| format!("backing up {} to {}", db.display(), file.display()))?;
+            match check::quick_check(file, Duration::from_secs(60))? {
+                Verdict::Damaged(found) => bail!(
+                    "the backup {} does not pass quick_check: {}",
+                    file.display(),
+                    found.join("; ")
+                ),
+                Verdict::Ok | Verdict::Unfinished => {}
+            }
+            writeln!(
+                out,
+                "backed up {} to {} ({bytes} bytes)",
+                db.display(),
+                file.display()
+            )?;
+        }
+        _ => bail!("not a data command"),
+    }
+    Ok(())
+}
+
 pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::Check { .. } | Command::Backup { .. }) {
+        return run_data_command(cli);
+    }
     let client = Client::new(&cli.server, &cli.data_dir)?;
     let mut out = std::io::stdout().lock();
     match &cli.command {
         Command::Server(_) => {
             bail!("`fazt server` runs the server; it is not a client command")
         }
+        Command::Check { .. } | Command::Backup { .. } => return run_data_command(cli),
         Command::App { command } => match command {
             AppCommand::Deploy { dir, name } => {
                 let name = match name {

@@ -2,7 +2,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use crate::apps::{AppError, Deployment, Registry, Run};
+use crate::store::{AppFile, AppInfo};
 
 use crate::realtime::{Hub, Listeners};
 use crate::store::Store;
@@ -17,11 +20,63 @@ pub struct Metrics {
     pub http_threads_abandoned: AtomicU64,
 }
 
+/// Removing an app cancels its running handlers.
+impl crate::apps::Stop for crate::js::Interrupt {
+    fn stop_run(&self) {
+        self.stop(crate::js::Reason::Cancelled);
+    }
+}
+
 impl Services {
-    /// Bumped after every deploy and removal, so HTTP threads can keep app versions in
-    /// memory and only ask the store again when something changed.
-    pub fn apps_changed(&self) {
-        self.app_generation.fetch_add(1, Ordering::SeqCst);
+    /// Starts a run of `app`'s live deployment (None: no such app, or it is being
+    /// removed). Hold the run while its code executes: a removal stops `stop` and
+    /// waits for the run to end before the app's data goes.
+    pub fn enter_app(
+        &self,
+        app: &str,
+        stop: Option<crate::js::Interrupt>,
+    ) -> crate::store::Result<Option<Run<'_, crate::js::Interrupt>>> {
+        self.apps.enter(app, stop, || {
+            Ok(self.store.get_app(app)?.as_ref().map(Deployment::from))
+        })
+    }
+
+    /// Deploys `files` as `app` under a new deploy id; every cache of the app's code
+    /// is keyed by that id, so the next request or job runs the new code.
+    pub fn deploy_app(&self, app: &str, files: Vec<AppFile>) -> Result<AppInfo, AppError> {
+        self.apps.deploy(app, || {
+            let info = self.store.deploy_app(app, files)?;
+            let deployment = Deployment::from(&info);
+            Ok((info, deployment))
+        })
+    }
+
+    /// Removes `app` and everything it owns, in this one place: no new run starts,
+    /// running handlers are stopped, WebSocket sessions closed, jobs cancelled; once
+    /// its runs ended (bounded wait), its files, kv data and jobs are deleted in one
+    /// transaction. A run that outlives the wait keeps the name from being deployed
+    /// again until it ends, and a new app under the name starts empty regardless, so
+    /// no write of the old app reaches the new one. Returns false for no such app.
+    pub fn remove_app(&self, app: &str) -> Result<bool, AppError> {
+        let removal = self.apps.begin_removal(app);
+        self.hub.close_app(app);
+        let cancelled = self.pool.cancel_app(app);
+        let deadline = Instant::now() + self.pool.limits.watchdog + Duration::from_secs(3);
+        let left = self.apps.wait_idle(app, deadline);
+        if left > 0 {
+            log::warn!(
+                "app {app}: {left} run(s) still going after the removal wait; removing anyway"
+            );
+        }
+        // Once no run is left (and none can start), a second cancel catches jobs that
+        // the stopping runs spawned after the first one listed the app's jobs.
+        let removed = cancelled
+            .and_then(|()| self.pool.cancel_app(app))
+            .and_then(|()| self.store.remove_app(app));
+        self.apps.end_removal(removal, removed.is_ok());
+        // A WebSocket that joined after the close above sees the app gone in its own
+        // check (see `realtime::accept`).
+        Ok(removed?)
     }
 }
 
@@ -36,8 +91,8 @@ pub struct Services {
     pub started: Instant,
     /// The port we listen on; the WebSocket code uses it to find its socket.
     pub listen_port: u16,
-    /// See [`Services::apps_changed`].
-    pub app_generation: AtomicU64,
+    /// Live deployments and runs in progress: see [`Registry`].
+    pub apps: Registry<crate::js::Interrupt>,
 }
 
 impl Services {

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use tiny_http::Request;
 
-use super::handlers::{HandlerCache, HandlerRequest};
+use super::handlers::{HandlerCache, HandlerRequest, HANDLER_TIMEOUT};
 use super::util::{self, HttpError, Reply, Route};
+use crate::js::Interrupt;
 use crate::services::Services;
 
 pub fn handle(
@@ -17,27 +18,98 @@ pub fn handle(
     cache: &mut HandlerCache,
 ) -> Result<Reply, HttpError> {
     let (path, query) = util::split_url(req.url());
-    let Some(info) = services.store.get_app(app)? else {
+    let route = app_route(&path);
+    // The request is a run of the app's live deployment until `run` drops: removing the
+    // app stops a handler (its deadline counts from here) and waits for the rest.
+    let interrupt = Interrupt::new(Some(HANDLER_TIMEOUT));
+    let Some(run) = services.enter_app(app, Some(interrupt.clone()))? else {
         return Err(HttpError::not_found(format!(
             "no app named '{app}' is deployed"
         )));
     };
-    if path == "/_ws" {
-        return Ok(Reply::Upgrade);
+    let deploy = run.deployment.deploy_id;
+    match route {
+        AppRoute::WebSocket => Ok(Reply::Upgrade),
+        AppRoute::Handler { name, path } => {
+            let call = HandlerCall {
+                app,
+                deploy,
+                name: &name,
+                path: &path,
+                interrupt,
+            };
+            run_handler(req, call, query, services, limits, cache)
+        }
+        AppRoute::Static { candidates } => serve_static(app, &path, &candidates, services),
+        AppRoute::NotFound => Err(HttpError::not_found(format!("no file at {path}"))),
     }
-    if path == "/api" || path.starts_with("/api/") {
-        return run_handler(
-            req,
-            app,
-            info.version,
-            &path,
-            query,
-            services,
-            limits,
-            cache,
-        );
+}
+
+/// What an app request path asks for, decided once on the normalised path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppRoute {
+    /// `/_ws`: the realtime upgrade.
+    WebSocket,
+    /// `/api` and below: run `api/<name>.js` (or `api/main.js`); `path` is normalised.
+    Handler { name: String, path: String },
+    /// A static file: the app paths to try, in order.
+    Static { candidates: Vec<String> },
+    /// Never served: server-side code (`api/`, `workers/` in any case) or a path that
+    /// climbs out (`..`).
+    NotFound,
+}
+
+/// The serving rules. `path` is already percent-decoded (so `%2e` is `.` and `%2f` is
+/// `/`); empty and `.` segments are dropped (`//api` is `/api`), `..` is refused, and
+/// the first segment decides: `api` runs a handler, `api`/`workers` in any other case
+/// are never served, anything else is a file (`/` and `dir/` → `index.html`, `/about`
+/// → `about` or `about/index.html`).
+pub fn app_route(path: &str) -> AppRoute {
+    let mut segs = Vec::new();
+    for seg in path.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => return AppRoute::NotFound,
+            s => segs.push(s),
+        }
     }
-    serve_static(app, &path, services)
+    let dir = path.ends_with('/') || path.ends_with("/.") || segs.is_empty();
+    let joined = segs.join("/");
+    match segs.first() {
+        Some(&"_ws") if segs.len() == 1 => return AppRoute::WebSocket,
+        Some(&"api") => {
+            let name = segs.get(1).copied().unwrap_or("").to_string();
+            let path = if dir && !segs.is_empty() {
+                format!("/{joined}/")
+            } else {
+                format!("/{joined}")
+            };
+            return AppRoute::Handler { name, path };
+        }
+        // Server-side code is never served as a file: it may hold secrets.
+        Some(first)
+            if first.eq_ignore_ascii_case("api") || first.eq_ignore_ascii_case("workers") =>
+        {
+            return AppRoute::NotFound
+        }
+        _ => {}
+    }
+    let candidates: Vec<String> = if segs.is_empty() {
+        vec!["index.html".to_string()]
+    } else if dir {
+        vec![format!("{joined}/index.html")]
+    } else {
+        vec![joined.clone(), format!("{joined}/index.html")]
+    };
+    let candidates: Vec<String> = candidates
+        .into_iter()
+        .filter(|c| crate::apps::check_path(c).is_ok())
+        .collect();
+    if candidates.is_empty() {
+        AppRoute::NotFound
+    } else {
+        AppRoute::Static { candidates }
+    }
 }
 
 pub fn upgrade(req: Request, route: Route, services: &Arc<Services>) {
@@ -49,46 +121,46 @@ pub fn upgrade(req: Request, route: Route, services: &Arc<Services>) {
     }
 }
 
-fn serve_static(app: &str, path: &str, services: &Services) -> Result<Reply, HttpError> {
-    let mut rel = path.trim_start_matches('/').to_string();
-    if rel.is_empty() || rel.ends_with('/') {
-        rel.push_str("index.html");
-    }
-    // Server-side code is never served as a file: it may hold secrets.
-    if rel.starts_with("api/")
-        || rel.starts_with("workers/")
-        || crate::apps::check_path(&rel).is_err()
-    {
-        return Err(HttpError::not_found(format!("no file at {path}")));
-    }
-    let content = match services.store.app_file(app, &rel)? {
-        Some(c) => c,
-        None => {
-            // `/about` → `about/index.html`, as static hosts do.
-            let index = format!("{rel}/index.html");
-            match services.store.app_file(app, &index)? {
-                Some(c) => {
-                    rel = index;
-                    c
-                }
-                None => return Err(HttpError::not_found(format!("no file at {path}"))),
-            }
+fn serve_static(
+    app: &str,
+    path: &str,
+    candidates: &[String],
+    services: &Services,
+) -> Result<Reply, HttpError> {
+    for rel in candidates {
+        if let Some(content) = services.store.app_file(app, rel)? {
+            return Ok(Reply::bytes(200, content_type(rel), content));
         }
-    };
-    Ok(Reply::bytes(200, content_type(&rel), content))
+    }
+    Err(HttpError::not_found(format!("no file at {path}")))
+}
+
+/// Which handler a request runs, of which deployment, and what stops it.
+struct HandlerCall<'a> {
+    app: &'a str,
+    /// Keys the thread's warm context and loaded modules.
+    deploy: i64,
+    name: &'a str,
+    path: &'a str,
+    interrupt: Interrupt,
 }
 
 #[allow(clippy::too_many_arguments)]
 fn run_handler(
     req: &mut Request,
-    app: &str,
-    version: i64,
-    path: &str,
+    call: HandlerCall<'_>,
     query: Vec<(String, String)>,
     services: &Arc<Services>,
     limits: &super::HttpLimits,
     cache: &mut HandlerCache,
 ) -> Result<Reply, HttpError> {
+    let HandlerCall {
+        app,
+        deploy,
+        name,
+        path,
+        interrupt,
+    } = call;
     // A declared body over the limit is refused before anything is read or loaded.
     // (`read_body` refuses a declared length over the limit without reading.)
     if req
@@ -97,14 +169,8 @@ fn run_handler(
     {
         util::read_body(req, limits.max_handler_body)?;
     }
-    let name = path
-        .trim_start_matches("/api")
-        .trim_start_matches('/')
-        .split('/')
-        .next()
-        .unwrap_or("");
     // `api/<name>.js`, else `api/main.js`; a module this thread already loaded for
-    // this version needs no store read.
+    // this deployment needs no store read.
     let mut file = None;
     let named = format!("api/{name}.js");
     let candidates: Vec<&str> = if !name.is_empty() && crate::apps::check_path(&named).is_ok() {
@@ -113,7 +179,7 @@ fn run_handler(
         vec!["api/main.js"]
     };
     for candidate in candidates {
-        if cache.is_loaded(app, version, candidate) {
+        if cache.is_loaded(app, deploy, candidate) {
             file = Some((candidate.to_string(), Vec::new()));
             break;
         }
@@ -165,7 +231,7 @@ fn run_handler(
         headers,
         body,
     };
-    cache.run(services, app, version, &file, &source, request)
+    cache.run_with(services, app, deploy, &file, &source, request, interrupt)
 }
 
 /// The content type for a file name, by extension.
@@ -200,7 +266,92 @@ pub fn content_type(path: &str) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::content_type;
+    use super::{app_route, content_type, AppRoute};
+    use crate::http::util::split_url;
+
+    fn route(url: &str) -> AppRoute {
+        app_route(&split_url(url).0)
+    }
+
+    fn files(list: &[&str]) -> AppRoute {
+        AppRoute::Static {
+            candidates: list.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn handler(name: &str, path: &str) -> AppRoute {
+        AppRoute::Handler {
+            name: name.into(),
+            path: path.into(),
+        }
+    }
+
+    #[test]
+    fn server_side_files_are_never_static() {
+        // Every spelling of api/ and workers/ either runs a handler or is refused;
+        // none is looked up as a file.
+        for url in [
+            "/workers",
+            "/workers/",
+            "//workers",
+            "/./workers/index.html",
+            "/%77orkers/x.js",
+            "/workers%2fjob.js",
+            "/WORKERS/job.js",
+            "/Api/index.html",
+            "/API",
+            "/x/../api/index.html",
+            "/%2e%2e/api/main.js",
+            "/%2E%2E/admin.token",
+            "/a/%2e%2e/b",
+        ] {
+            assert_eq!(route(url), AppRoute::NotFound, "{url}");
+        }
+    }
+
+    #[test]
+    fn api_in_any_form_is_a_handler() {
+        assert_eq!(route("/api"), handler("", "/api"));
+        assert_eq!(route("//api"), handler("", "/api"));
+        assert_eq!(route("/api/"), handler("", "/api/"));
+        assert_eq!(route("/./api/x"), handler("x", "/api/x"));
+        assert_eq!(route("/api//x/y"), handler("x", "/api/x/y"));
+        assert_eq!(route("/%61pi/x"), handler("x", "/api/x"));
+        assert_eq!(route("/api%2fx?q=1"), handler("x", "/api/x"));
+        assert_eq!(route("/api/x/"), handler("x", "/api/x/"));
+    }
+
+    #[test]
+    fn static_paths_normalise() {
+        assert_eq!(route("/"), files(&["index.html"]));
+        assert_eq!(route("//"), files(&["index.html"]));
+        assert_eq!(route("/."), files(&["index.html"]));
+        assert_eq!(route("/about"), files(&["about", "about/index.html"]));
+        assert_eq!(route("/docs/"), files(&["docs/index.html"]));
+        assert_eq!(
+            route("//docs//a.css"),
+            files(&["docs/a.css", "docs/a.css/index.html"])
+        );
+        assert_eq!(
+            route("/./docs/./a.css"),
+            files(&["docs/a.css", "docs/a.css/index.html"])
+        );
+        assert_eq!(route("/%2e/a.css"), files(&["a.css", "a.css/index.html"]));
+        assert_eq!(
+            route("/Index.HTML"),
+            files(&["Index.HTML", "Index.HTML/index.html"])
+        );
+        assert_eq!(
+            route("/apis.html"),
+            files(&["apis.html", "apis.html/index.html"])
+        );
+        assert_eq!(route("/_ws"), AppRoute::WebSocket);
+        assert_eq!(route("//_ws"), AppRoute::WebSocket);
+        assert_eq!(route("/a\\b"), AppRoute::NotFound);
+        assert_eq!(route("/a%00b"), AppRoute::NotFound);
+        assert_eq!(route("/%2e%2e"), AppRoute::NotFound);
+        assert_eq!(route("/x/.%2e/y"), AppRoute::NotFound);
+    }
 
     #[test]
     fn content_types_by_extension() {

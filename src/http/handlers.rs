@@ -1,6 +1,7 @@
 //! Running `api/*.js` handlers. Each HTTP thread keeps one boa context per app (a few
-//! apps at most), built lazily and thrown away when the app is redeployed or a run was
-//! interrupted, so a warm request costs one function call, not a parse.
+//! apps at most), built lazily, keyed by the app's deploy id (so a redeploy, or a new
+//! app under an old name, never meets old code) and thrown away after an interrupted
+//! run, so a warm request costs one function call, not a parse.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -20,7 +21,8 @@ pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_WARM_APPS: usize = 8;
 
 struct AppContext {
-    version: i64,
+    /// The deploy id whose code this context loaded.
+    deploy: i64,
     ctx: Context,
     /// `module.exports` of each loaded handler file, by path.
     modules: HashMap<String, JsValue>,
@@ -54,17 +56,16 @@ impl Drop for Busy<'_> {
     }
 }
 
-/// Per-thread cache of warm handler contexts and of app versions.
+/// Per-thread cache of warm handler contexts.
 pub struct HandlerCache {
     /// When this thread started running user JS ([`mono_ms`]; 0 = not running), read
     /// by the HTTP watchdog.
     js_since: Arc<AtomicI64>,
     apps: HashMap<String, AppContext>,
     clock: u64,
-    /// App versions as last read from the store (None: no such app), valid while
-    /// `Services::app_generation` still equals `generation`.
-    versions: HashMap<String, Option<i64>>,
-    generation: u64,
+    /// `Registry::changes` at the last sweep: when it moved, contexts of removed or
+    /// redeployed apps are dropped so they do not hold memory until evicted.
+    seen_changes: u64,
 }
 
 /// The request as handed to a handler (`request` in JS).
@@ -88,65 +89,57 @@ impl HandlerCache {
             js_since,
             apps: HashMap::new(),
             clock: 0,
-            versions: HashMap::new(),
-            generation: 0,
+            seen_changes: 0,
         }
     }
 
-    /// Forgets every warm context and version.
+    /// Forgets every warm context.
     pub fn clear(&mut self) {
         self.apps.clear();
-        self.versions.clear();
     }
 
-    /// The deployed version of `app`, or None when no such app exists. Reads the store
-    /// only after a deploy or removal happened since the last read.
-    pub fn app_version(
-        &mut self,
-        services: &Services,
-        app: &str,
-    ) -> Result<Option<i64>, HttpError> {
-        let generation = services
-            .app_generation
-            .load(std::sync::atomic::Ordering::SeqCst);
-        if generation != self.generation {
-            // An app may have been removed and deployed again at the same version
-            // number: drop warm contexts too, not just the versions.
-            self.versions.clear();
-            self.apps.clear();
-            self.generation = generation;
-        }
-        if let Some(v) = self.versions.get(app) {
-            return Ok(*v);
-        }
-        let v = services.store.get_app(app)?.map(|i| i.version);
-        if self.versions.len() > 1024 {
-            self.versions.clear();
-        }
-        self.versions.insert(app.to_string(), v);
-        Ok(v)
-    }
-
-    /// Whether `file` of `app` at `version` is already loaded (its source is not needed).
-    pub fn is_loaded(&self, app: &str, version: i64, file: &str) -> bool {
+    /// Whether `file` of `app` at deploy `deploy` is already loaded (its source is not
+    /// needed).
+    pub fn is_loaded(&self, app: &str, deploy: i64, file: &str) -> bool {
         self.apps
             .get(app)
-            .is_some_and(|a| a.version == version && a.modules.contains_key(file))
+            .is_some_and(|a| a.deploy == deploy && a.modules.contains_key(file))
     }
 
-    /// Runs handler file `file` of `app` (at `version`) for `request`. `source` may be
-    /// empty when [`is_loaded`](Self::is_loaded) said so.
+    /// Runs handler file `file` of `app` (deploy `deploy`) for `request` with the
+    /// handler deadline. `source` may be empty when [`is_loaded`](Self::is_loaded) said so.
     pub fn run(
         &mut self,
         services: &Arc<Services>,
         app: &str,
-        version: i64,
+        deploy: i64,
         file: &str,
         source: &str,
         request: HandlerRequest,
     ) -> Result<Reply, HttpError> {
-        self.clock += 1;
         let interrupt = Interrupt::new(Some(HANDLER_TIMEOUT));
+        self.run_with(services, app, deploy, file, source, request, interrupt)
+    }
+
+    /// [`run`](Self::run), stopped by `interrupt` (which the app's removal also stops).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with(
+        &mut self,
+        services: &Arc<Services>,
+        app: &str,
+        deploy: i64,
+        file: &str,
+        source: &str,
+        request: HandlerRequest,
+        interrupt: Interrupt,
+    ) -> Result<Reply, HttpError> {
+        self.clock += 1;
+        let changes = services.apps.changes();
+        if changes != self.seen_changes {
+            self.seen_changes = changes;
+            self.apps
+                .retain(|name, a| services.apps.known(name).map(|d| d.deploy_id) == Some(a.deploy));
+        }
         let host = Host {
             app: Arc::from(app),
             services: services.clone(),
@@ -154,7 +147,7 @@ impl HandlerCache {
             job: None,
             sink: LogSink::Server,
         };
-        let stale = self.apps.get(app).is_some_and(|a| a.version != version);
+        let stale = self.apps.get(app).is_some_and(|a| a.deploy != deploy);
         if stale {
             self.apps.remove(app);
         }
@@ -173,7 +166,7 @@ impl HandlerCache {
             self.apps.insert(
                 app.to_string(),
                 AppContext {
-                    version,
+                    deploy,
                     ctx,
                     modules: HashMap::new(),
                     last_used: 0,
@@ -254,6 +247,8 @@ fn to_reply(out: &JsValue, ctx: &mut Context) -> Result<Reply, RunError> {
                     serde_json::Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
+                // A bad header is the handler's bug: a 500 naming it, never a split response.
+                super::headers::check(k, &v).map_err(|e| RunError::Thrown(e.to_string()))?;
                 headers.push((k.clone(), v));
             }
         }

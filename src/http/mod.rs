@@ -6,6 +6,7 @@
 
 mod app_traffic;
 mod handlers;
+mod headers;
 mod system;
 mod util;
 

@@ -34,11 +34,11 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
             crate::apps::check_name(name).map_err(HttpError::bad_request)?;
             let body = util::read_body(req, crate::apps::MAX_UPLOAD_BYTES)?;
             let files = crate::apps::parse_upload(&body).map_err(HttpError::bad_request)?;
-            let info = services.store.deploy_app(name, files)?;
-            services.apps_changed();
+            let info = services.deploy_app(name, files)?;
             log::info!(
-                "deployed app {name} (version {}, {} files)",
+                "deployed app {name} (version {}, deploy {}, {} files)",
                 info.version,
+                info.deploy_id,
                 info.files
             );
             Ok(Reply::json(200, &info))
@@ -49,9 +49,7 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
         },
         (Method::Delete, ["api", "apps", name]) => {
             crate::apps::check_name(name).map_err(HttpError::bad_request)?;
-            services.pool.cancel_app(name)?;
-            let removed = services.store.remove_app(name)?;
-            services.apps_changed();
+            let removed = services.remove_app(name)?;
             if removed {
                 log::info!("removed app {name}");
                 Ok(Reply::json(200, &serde_json::json!({ "removed": name })))

@@ -73,6 +73,15 @@ impl From<crate::store::Error> for HttpError {
     }
 }
 
+impl From<crate::apps::AppError> for HttpError {
+    fn from(e: crate::apps::AppError) -> HttpError {
+        match e {
+            crate::apps::AppError::Busy(m) => HttpError::new(409, m),
+            crate::apps::AppError::Store(e) => e.into(),
+        }
+    }
+}
+
 /// What a route produces; turned into a tiny_http response at the end.
 pub enum Reply {
     Full {

@@ -113,6 +113,7 @@ pub struct Hub {
     /// Open connections per client IP, for the per-IP cap.
     per_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
     listeners: Arc<Listeners>,
+    /// Internal session keys; never shown to apps (client ids are random, see `join`).
     next_id: AtomicU64,
     pub broadcasts: AtomicU64,
     pub deliveries: AtomicU64,
@@ -188,7 +189,7 @@ impl Hub {
         }
         *per_ip.entry(ip).or_insert(0) += 1;
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let id = format!("c{n}");
+        let id = client_id(n);
         hub.sessions.insert(
             n,
             SessionHandle {
@@ -210,6 +211,31 @@ impl Hub {
             .and_then(|h| h.sessions.get_mut(&session))
         {
             s.socket = Some(socket);
+        }
+    }
+
+    /// Closes every session of `app` (it is being removed) and forgets its channels,
+    /// so none of its clients hears what a new app of the same name broadcasts.
+    pub fn close_app(&self, app: &str) {
+        let mut apps = self.lock();
+        let Some(hub) = apps.remove(app) else {
+            return;
+        };
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        for s in hub.sessions.into_values() {
+            if let Some(n) = per_ip.get_mut(&s.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_ip.remove(&s.ip);
+                }
+            }
+            let _ = s.tx.try_send(Out::Close("app removed"));
+            if let Some(sock) = &s.socket {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+            for ch in s.channels {
+                self.listeners.decrement(app, &ch);
+            }
         }
     }
 
@@ -387,6 +413,18 @@ impl Hub {
     }
 }
 
+/// A client id as apps see it (`fazt.realtime.subscribers`): random, so it says
+/// nothing about how many clients this or any other app has had. Falls back to the
+/// session key mixed with the clock only without an entropy source.
+fn client_id(n: u64) -> String {
+    let mut rnd = [0u8; 8];
+    if getrandom::fill(&mut rnd).is_err() {
+        rnd = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ crate::store::now_ms() as u64).to_le_bytes();
+    }
+    let hex: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+    format!("c{hex}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,6 +492,36 @@ mod tests {
         assert_eq!(hub.broadcast("a", Some("c"), "2"), Ok(0));
         assert_eq!(hub.connections("a"), 0);
         assert_eq!(l.count("a", "c"), 0);
+    }
+
+    #[test]
+    fn close_app_ends_sessions_and_counts() {
+        let l = Arc::new(Listeners::default());
+        let hub = Hub::new(l.clone(), HubLimits::default());
+        let (tx, rx) = crossbeam_channel::bounded(8);
+        let (s, _) = hub.join("a", ip(), tx, None).expect("join");
+        hub.subscribe("a", s, "c").expect("subscribe");
+        let (tx_b, _rx_b) = crossbeam_channel::bounded(8);
+        hub.join("b", ip(), tx_b, None).expect("join b");
+        hub.close_app("a");
+        assert!(matches!(rx.try_recv(), Ok(Out::Close(_))));
+        assert_eq!(hub.connections("a"), 0);
+        assert_eq!(hub.connections("b"), 1, "other apps keep theirs");
+        assert_eq!(l.count("a", "c"), 0);
+        assert_eq!(hub.broadcast("a", Some("c"), "1"), Ok(0));
+        hub.leave("a", s);
+        assert_eq!(hub.total_connections(), 1);
+    }
+
+    #[test]
+    fn client_ids_are_not_a_counter() {
+        let hub = Hub::new(Arc::default(), HubLimits::default());
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let (_, a) = hub.join("a", ip(), tx.clone(), None).expect("a");
+        let (_, b) = hub.join("a", ip(), tx, None).expect("b");
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 17, "{a}");
+        assert!(a != "c1" && b != "c2", "{a} {b}");
     }
 
     #[test]

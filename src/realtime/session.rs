@@ -52,6 +52,12 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
         Ok(s) => s,
         Err(e) => return refuse(req, 429, &e),
     };
+    // Joined first, checked second: a removal marks the app gone before it closes the
+    // app's sessions, so a session is either closed by the removal or sees it here.
+    if !matches!(services.enter_app(app, None), Ok(Some(_))) {
+        hub.leave(app, session);
+        return refuse(req, 404, &format!("no app named '{app}' is deployed"));
+    }
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let resp = Response::empty(101).with_header(
         Header::from_bytes(&b"Sec-WebSocket-Accept"[..], accept.as_bytes()).unwrap_or_else(|_| {

@@ -18,6 +18,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "counters",
         include_str!("../../migrations/0003_counters.sql"),
     ),
+    (
+        10,
+        "deploys",
+        include_str!("../../migrations/0010_deploys.sql"),
+    ),
 ];
 
 pub(super) fn apply(conn: &Connection) -> Result<()> {

@@ -3,6 +3,7 @@
 //! `writer.rs`), retention, and the typed queries for apps, kv and jobs.
 
 mod apps;
+pub mod check;
 mod jobs;
 mod kv;
 mod migrations;

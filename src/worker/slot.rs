@@ -45,9 +45,9 @@ struct Warm {
     ctx: Context,
     /// `module.exports` of each worker file loaded, by path.
     modules: HashMap<String, JsValue>,
-    /// `Services::app_generation` when built: any deploy or removal since gives the
-    /// app a fresh context with the new code.
-    generation: u64,
+    /// The deploy id whose code this context loaded: a redeploy, or a new app under
+    /// the old name, gets a fresh context.
+    deploy: i64,
     /// Heap growth of this thread across the jobs this context served.
     grown: i64,
 }
@@ -114,14 +114,18 @@ fn run_job(
     services: &Arc<Services>,
     warm: &mut Option<Warm>,
 ) -> Outcome {
-    // Every deploy or removal bumps the generation, so a warm context of the same
-    // generation still has the app's current code.
-    let generation = services
-        .app_generation
-        .load(std::sync::atomic::Ordering::SeqCst);
+    // The job is a run of the app's live deployment until it ends: a removal waits for
+    // it (the pool stops it), and the deploy id says whether the warm context still
+    // has the app's current code.
+    let run = match services.enter_app(&job.app, None) {
+        Ok(Some(run)) => run,
+        Ok(None) => return Outcome::Fatal(format!("app '{}' was removed", job.app)),
+        Err(e) => return Outcome::Failed(format!("looking up app '{}': {e}", job.app)),
+    };
+    let deploy = run.deployment.deploy_id;
     let reusable = warm
         .as_ref()
-        .is_some_and(|w| w.app == job.app && w.generation == generation);
+        .is_some_and(|w| w.app == job.app && w.deploy == deploy);
     if !reusable {
         *warm = None;
     }
@@ -166,7 +170,7 @@ fn run_job(
                 app: job.app.clone(),
                 ctx: js::new_context(host)?,
                 modules: HashMap::new(),
-                generation,
+                deploy,
                 grown: 0,
             }),
         };
@@ -192,6 +196,7 @@ fn run_job(
         // The interrupted run left frames behind: never reuse this context.
         *warm = None;
     }
+    drop(run);
     match result {
         Ok(Some(r)) if r.len() > super::MAX_JSON_BYTES => Outcome::Failed(format!(
             "the result is {} bytes of JSON; the limit is {}",

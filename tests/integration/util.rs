@@ -40,7 +40,12 @@ impl Server {
 
     /// Starts a server on `dir` (which may hold data from an earlier run).
     pub fn start_in(dir: &Path, flags: &[&str]) -> Server {
-        Server::start_custom(dir, flags, &[], None)
+        Server::start_custom(dir, flags, &[], None, None)
+    }
+
+    /// Starts a server on `dir` with the given file-creation mask (None: inherit).
+    pub fn start_in_umask(dir: &Path, flags: &[&str], umask: Option<u32>) -> Server {
+        Server::start_custom(dir, flags, &[], None, umask)
     }
 
     /// Starts a server with the test-only fault hooks (`FAZT_TEST_HOOKS=1`) enabled.
@@ -53,7 +58,7 @@ impl Server {
     pub fn start_with_env(flags: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().join("data");
-        let mut s = Server::start_custom(&dir, flags, env, nofile);
+        let mut s = Server::start_custom(&dir, flags, env, nofile, None);
         s._tmp = Some(tmp);
         s
     }
@@ -66,7 +71,7 @@ impl Server {
 
     /// Starts a server on `dir` with extra environment variables.
     pub fn start_in_env(dir: &Path, flags: &[&str], env: &[(&str, &str)]) -> Server {
-        Server::start_custom(dir, flags, env, None)
+        Server::start_custom(dir, flags, env, None, None)
     }
 
     fn start_custom(
@@ -74,9 +79,20 @@ impl Server {
         flags: &[&str],
         env: &[(&str, &str)],
         nofile: Option<u64>,
+        umask: Option<u32>,
     ) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fazt"));
+        let mut cmd = server_command(dir, flags);
         cmd.envs(env.iter().copied());
+        if let Some(mask) = umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask is async-signal-safe and touches no memory.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
         if let Some(n) = nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe and only touches the child.
@@ -94,16 +110,6 @@ impl Server {
             }
         }
         let mut child = cmd
-            .args([
-                "--data-dir",
-                dir.to_str().expect("utf-8 path"),
-                "server",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(flags)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -542,4 +548,46 @@ impl Ws {
         assert_eq!(m["type"], "subscribed", "{m}");
         assert_eq!(m["channel"], ch);
     }
+}
+
+/// `fazt server` on `dir` on a free port (not yet started).
+fn server_command(dir: &Path, flags: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fazt"));
+    cmd.args([
+        "--data-dir",
+        dir.to_str().expect("utf-8 path"),
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .args(flags)
+    .env("RUST_LOG", "info");
+    cmd
+}
+
+/// Starts `fazt server` on `dir` expecting it to refuse: returns its exit code and
+/// stderr (panics if it is still running after 30 s).
+pub fn start_refused(dir: &Path) -> (i32, String) {
+    let mut child = server_command(dir, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fazt");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (status.code().unwrap_or(-1), err)
 }
