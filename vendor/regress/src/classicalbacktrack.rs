@@ -73,6 +73,10 @@ pub(crate) struct MatchAttempter<'a, Input: InputIndexer> {
     re: &'a CompiledRegex,
     bts: Vec<BacktrackInsn<Input>>,
     s: State<Input::Position>,
+    /// Backtracks since the interrupt flag was last looked at (fazt patch).
+    steps: u32,
+    /// The interrupt flag was seen set: every attempt fails from now on.
+    aborted: bool,
 }
 
 impl<'a, Input: InputIndexer> MatchAttempter<'a, Input> {
@@ -84,6 +88,8 @@ impl<'a, Input: InputIndexer> MatchAttempter<'a, Input> {
                 loops: vec![LoopData::new(entry); re.loops as usize],
                 groups: vec![GroupData::new(); re.groups as usize],
             },
+            steps: 0,
+            aborted: false,
         }
     }
 
@@ -490,6 +496,16 @@ impl<'a, Input: InputIndexer> MatchAttempter<'a, Input> {
         matched != negate
     }
 
+    #[inline(always)]
+    fn should_abort(&mut self) -> bool {
+        self.steps = self.steps.wrapping_add(1);
+        #[cfg(feature = "std")]
+        if self.steps % crate::interrupt::CHECK_EVERY == 0 && crate::interrupt::interrupted() {
+            self.aborted = true;
+        }
+        self.aborted
+    }
+
     /// Attempt to backtrack.
     /// \return true if we backtracked, false if we exhaust the backtrack stack.
     fn try_backtrack<Dir: Direction>(
@@ -499,6 +515,12 @@ impl<'a, Input: InputIndexer> MatchAttempter<'a, Input> {
         pos: &mut Input::Position,
         _dir: Dir,
     ) -> bool {
+        // Every path through a runaway match backtracks, so counting here bounds the
+        // work done after a stop was asked for (fazt patch, see interrupt.rs).
+        if self.aborted || self.should_abort() {
+            self.bts.truncate(1);
+            return false;
+        }
         loop {
             // We always have a single Exhausted instruction backstopping our stack,
             // so we do not need to check for empty bts.
@@ -1085,6 +1107,10 @@ impl<Input: InputIndexer> BacktrackExecutor<'_, Input> {
                     *next_start = inp.next_right_pos(end);
                 }
                 return Some(self.successful_match(pos, end));
+            }
+            // An interrupted search ends here rather than retrying at every position.
+            if self.matcher.aborted {
+                return None;
             }
             // Didn't find it at this position, try the next one.
             pos = inp.next_right_pos(pos)?;

@@ -176,6 +176,10 @@ mod cursor;
 mod emit;
 mod exec;
 mod indexing;
+#[cfg(feature = "std")]
+mod interrupt;
+#[cfg(feature = "std")]
+pub use interrupt::with_interrupt;
 mod insn;
 mod ir;
 // UTF-16 never matches against bytes, so the byte-oriented literal lowering is
