@@ -589,6 +589,18 @@ impl Context {
         self.vm.runtime_limits = runtime_limits;
     }
 
+    /// Installs (or removes) a flag that stops this context's code when set from any
+    /// thread: loops, calls (also from native callbacks) and regex matches fail with the
+    /// uncatchable [`RuntimeLimitError::Interrupted`](crate::error::RuntimeLimitError)
+    /// soon after (fazt patch; upstream boa-dev/boa#3442, boa-dev/boa#5475).
+    #[inline]
+    pub fn set_interrupt_flag(
+        &mut self,
+        flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) {
+        self.vm.interrupt = flag;
+    }
+
     /// Get a mutable reference to the [`RuntimeLimits`].
     #[inline]
     pub fn runtime_limits_mut(&mut self) -> &mut RuntimeLimits {

@@ -314,6 +314,9 @@ pub enum RuntimeLimitError {
     /// Error for reaching the maximum stack size
     #[error("reached the maximum stack size on this execution")]
     StackSize,
+    /// The embedder set the context's interrupt flag (fazt patch, see vendor/PATCHES.md).
+    #[error("execution was interrupted")]
+    Interrupted,
 }
 
 /// Internal panic error.

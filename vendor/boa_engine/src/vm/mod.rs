@@ -94,6 +94,10 @@ pub struct Vm {
     /// [`JsObject::construct`](crate::object::JsObject::construct).
     pub(crate) host_call_depth: usize,
 
+    /// Set from another thread to stop this VM: checked at every loop back-edge, every
+    /// call and after every regex match (fazt patch, see vendor/PATCHES.md).
+    pub(crate) interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+
     pub(crate) shadow_stack: ShadowStack,
 
     #[cfg(feature = "trace")]
@@ -420,6 +424,7 @@ impl Vm {
             runtime_limits: RuntimeLimits::default(),
             native_active_function: None,
             host_call_depth: 0,
+            interrupt: None,
             shadow_stack: ShadowStack::default(),
             #[cfg(feature = "trace")]
             trace: false,
@@ -1013,8 +1018,32 @@ impl Context {
         CompletionRecord::Throw(JsError::from_native(JsNativeError::error()))
     }
 
+    /// Fails with the uncatchable [`RuntimeLimitError::Interrupted`] once the interrupt
+    /// flag is set (fazt patch).
+    #[inline]
+    pub(crate) fn check_interrupt(&self) -> JsResult<()> {
+        if let Some(flag) = &self.vm.interrupt
+            && flag.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(RuntimeLimitError::Interrupted.into());
+        }
+        Ok(())
+    }
+
     /// Checks if we haven't exceeded the defined runtime limits.
     pub(crate) fn check_runtime_limits(&self) -> JsResult<()> {
+        // An interrupt must also stop code that recurses without looping, and code
+        // called from native functions (callbacks, getters, traps) that never returns
+        // to an outer loop (fazt patch).
+        self.check_interrupt()?;
+        // Natives that call back into JS (`map`, getters, `toString`, Proxy traps) nest
+        // on the native stack, not on the VM's frame stack: fail with a RangeError, like
+        // other engines, before the native stack runs out (fazt patch).
+        if boa_parser::native_stack::low() {
+            return Err(JsNativeError::range()
+                .with_message("Maximum call stack size exceeded")
+                .into());
+        }
         // Must throw if the number of recursive calls exceeds the defined limit.
         //
         // `host_call_depth` accounts for nested host calls that re-enter the VM by invoking
@@ -1031,6 +1060,24 @@ impl Context {
 
         Ok(())
     }
+}
+
+/// Native stack that must be free before `eval` or `new Function` parse and compile
+/// source (fazt patch). The parser checks the stack itself, but the bytecode compiler
+/// and the scope analyser recurse over the parsed tree unchecked; the parser caps that
+/// tree at 1,000 levels (boa_parser's `MAX_NESTING`), and one level costs them at most a
+/// few KiB (measured in fazt's `deeply_nested_source_is_a_syntax_error`), so 4 MiB
+/// covers the deepest tree the parser lets through.
+pub(crate) const COMPILE_RESERVE: usize = 4 << 20;
+
+/// Fails with a RangeError when less than [`COMPILE_RESERVE`] native stack is left.
+pub(crate) fn check_compile_stack() -> JsResult<()> {
+    if boa_parser::native_stack::remaining() < COMPILE_RESERVE {
+        return Err(JsNativeError::range()
+            .with_message("Maximum call stack size exceeded (no room to compile)")
+            .into());
+    }
+    Ok(())
 }
 
 /// Yields once to the executor.

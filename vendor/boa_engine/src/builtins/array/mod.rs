@@ -1868,6 +1868,13 @@ impl Array {
         // - thisArg is present
         // - depth is 1
 
+        // Each nested array recurses here on the native stack (fazt patch).
+        if boa_parser::native_stack::low() {
+            return Err(JsNativeError::range()
+                .with_message("Maximum call stack size exceeded")
+                .into());
+        }
+
         // 4. Let targetIndex be start
         let mut target_index = start;
 

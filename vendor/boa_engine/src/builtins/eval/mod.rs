@@ -111,6 +111,9 @@ impl Eval {
         // and of the eval function itself.
         let eval_realm = context.realm().clone();
 
+        // The compiler recurses over the parsed tree without stack checks (fazt patch).
+        crate::vm::check_compile_stack()?;
+
         // 5. Perform ? HostEnsureCanCompileStrings(evalRealm, « », x, direct).
         context
             .host_hooks()

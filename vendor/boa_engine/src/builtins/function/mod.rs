@@ -474,6 +474,9 @@ impl BuiltInFunctionObject {
             context,
         )?;
 
+        // The compiler recurses over the parsed tree without stack checks (fazt patch).
+        crate::vm::check_compile_stack()?;
+
         let parameters = if param_list.is_empty() {
             FormalParameterList::default()
         } else {

@@ -43,6 +43,26 @@ use boa_parser::{Parser, Source};
 use super::{BuiltInBuilder, IntrinsicObject};
 
 /// Converts a nibble (0-15) to its lowercase hex digit as a UTF-16 code unit.
+/// Deepest nesting of objects and arrays that `JSON.stringify` writes and that
+/// `JsValue::to_json`/`from_json` convert (fazt patch). `JSON.parse` already refuses
+/// deeper text (its input is first checked by serde_json, whose recursion limit is 128),
+/// so a value within this depth survives a round trip, and no conversion recurses deeper
+/// on the native stack than 128 short frames.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Fails with a RangeError when a value `depth` levels deep would nest one level more
+/// than [`MAX_JSON_DEPTH`].
+pub(crate) fn check_json_depth(depth: usize) -> JsResult<()> {
+    if depth >= MAX_JSON_DEPTH || boa_parser::native_stack::low() {
+        return Err(JsNativeError::range()
+            .with_message(format!(
+                "the value nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays"
+            ))
+            .into());
+    }
+    Ok(())
+}
+
 const fn to_hex_digit(val: u16) -> u16 {
     match val & 0xF {
         v @ 0..=9 => b'0' as u16 + v,
@@ -962,6 +982,7 @@ impl Json {
         value: &JsObject,
         context: &mut Context,
     ) -> JsResult<JsString> {
+        check_json_depth(state.stack_set.len())?;
         // 1. If state.[[Stack]] contains value, throw a TypeError exception because the structure is cyclical.
         if !state.stack_set.insert(value.clone()) {
             return Err(JsNativeError::typ()
@@ -1121,6 +1142,7 @@ impl Json {
         value: &JsObject,
         context: &mut Context,
     ) -> JsResult<JsString> {
+        check_json_depth(state.stack_set.len())?;
         // 1. If state.[[Stack]] contains value, throw a TypeError exception because the structure is cyclical.
         if !state.stack_set.insert(value.clone()) {
             return Err(JsNativeError::typ()

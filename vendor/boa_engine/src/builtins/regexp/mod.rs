@@ -1157,7 +1157,9 @@ impl RegExp {
 
         // 13.b. Let inputIndex be the index into input of the character that was obtained from element lastIndex of S.
         // 13.c. Let r be matcher(input, inputIndex).
-        let r: Option<regress::Match> = match (full_unicode, input.as_str().variant()) {
+        // A match can backtrack for hours: run it under the interrupt flag, so a stop
+        // ends it, then report the stop rather than "no match" (fazt patch).
+        let find = || match (full_unicode, input.as_str().variant()) {
             (true | false, JsStrVariant::Latin1(_)) => {
                 // TODO: Currently regress does not support latin1 encoding.
                 let input = input.to_vec();
@@ -1172,6 +1174,11 @@ impl RegExp {
                 matcher.find_from_ucs2(input, last_index as usize).next()
             }
         };
+        let r: Option<regress::Match> = match context.vm.interrupt.clone() {
+            Some(flag) => regress::with_interrupt(&flag, find),
+            None => find(),
+        };
+        context.check_interrupt()?;
 
         let Some(match_value) = r else {
             // d. If r is failure, then

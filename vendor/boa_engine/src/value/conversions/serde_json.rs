@@ -38,6 +38,10 @@ impl JsValue {
     /// # assert_eq!(Some(json), value.to_json(&mut context).unwrap());
     /// ```
     pub fn from_json(json: &Value, context: &mut Context) -> JsResult<Self> {
+        Self::from_json_at(json, 0, context)
+    }
+
+    fn from_json_at(json: &Value, depth: usize, context: &mut Context) -> JsResult<Self> {
         /// Biggest possible integer, as i64.
         const MAX_INT: i64 = i32::MAX as i64;
 
@@ -59,17 +63,19 @@ impl JsValue {
                 }),
             Value::String(string) => Ok(Self::from(js_string!(string.as_str()))),
             Value::Array(vec) => {
+                crate::builtins::json::check_json_depth(depth)?;
                 let mut arr = Vec::with_capacity(vec.len());
                 for val in vec {
-                    arr.push(Self::from_json(val, context)?);
+                    arr.push(Self::from_json_at(val, depth + 1, context)?);
                 }
                 Ok(Array::create_array_from_list(arr, context).into())
             }
             Value::Object(obj) => {
+                crate::builtins::json::check_json_depth(depth)?;
                 let js_obj = JsObject::with_object_proto(context.intrinsics());
                 for (key, value) in obj {
                     let property = PropertyDescriptor::builder()
-                        .value(Self::from_json(value, context)?)
+                        .value(Self::from_json_at(value, depth + 1, context)?)
                         .writable(true)
                         .enumerable(true)
                         .configurable(true);
@@ -133,6 +139,7 @@ impl JsValue {
                 .with_message("cannot convert bigint to JSON")
                 .into()),
             JsVariant::Object(obj) => {
+                crate::builtins::json::check_json_depth(seen_objects.len())?;
                 if seen_objects.contains(&obj) {
                     return Err(JsNativeError::typ()
                         .with_message("cyclic object value")
