@@ -1,6 +1,18 @@
-//! Boa contexts and interruptible execution. Every evaluation runs through
-//! `evaluate_async_with_budget`, polled by hand, so the host checks the [`Interrupt`]
-//! between slices: a `while(true){}` stops within one slice of a cancel or timeout.
+//! Boa contexts and interruptible execution. Every evaluation runs with the run's
+//! [`Interrupt`] flag installed in the (patched) engine, which stops loops, calls and
+//! regex matches wherever they run, also inside native callbacks; the evaluation is
+//! also polled in budget slices so the host looks at the interrupt between slices.
+//!
+//! Native stack arithmetic (why no JS input overflows a thread's stack): JS threads
+//! have 16 MiB (`http::JS_STACK_BYTES`). JS-to-JS calls use heap frames (at most
+//! `RECURSION_LIMIT` of them); only natives that call back into JS (`map`, getters,
+//! `toString`, Proxy traps, revivers) nest on the native stack, and every such call
+//! passes boa's call check, which throws a RangeError once less than 512 KiB is left.
+//! The code that may run between two checks stays far below that: one native frame
+//! chain, a JSON conversion (capped at 128 levels of ~1 KiB), a regex compilation
+//! (regress caps nesting at 256). The parser checks the stack and caps nesting at 1,000
+//! levels; `eval`/`new Function` need 4 MiB free before compiling such a tree. So the
+//! deepest JS recursion ends in a RangeError with at least 512 KiB to spare.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -222,6 +234,9 @@ fn run_script(
     script: &Script,
     interrupt: &Interrupt,
 ) -> Result<JsValue, RunError> {
+    // The engine checks this flag at loop back-edges, calls and regex matches, so a
+    // stop reaches code running inside native callbacks too (see vendor/PATCHES.md).
+    ctx.set_interrupt_flag(Some(interrupt.flag()));
     let result = {
         let fut = script.evaluate_async_with_budget(ctx, BUDGET);
         let mut fut = std::pin::pin!(fut);

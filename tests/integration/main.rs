@@ -4,6 +4,7 @@
 mod util;
 
 mod browser;
+mod hostile_js;
 mod platform;
 mod realtime;
 mod workers;
