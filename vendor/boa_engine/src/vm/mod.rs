@@ -1062,19 +1062,16 @@ impl Context {
     }
 }
 
-/// Native stack that must be free before `eval` or `new Function` parse and compile
-/// source (fazt patch). The parser checks the stack itself, but the bytecode compiler
-/// and the scope analyser recurse over the parsed tree unchecked; the parser caps that
-/// tree at 1,000 levels (boa_parser's `MAX_NESTING`), and one level costs them at most a
-/// few KiB (measured in fazt's `deeply_nested_source_is_a_syntax_error`), so 4 MiB
-/// covers the deepest tree the parser lets through.
-pub(crate) const COMPILE_RESERVE: usize = 4 << 20;
-
-/// Fails with a RangeError when less than [`COMPILE_RESERVE`] native stack is left.
+/// Fails with a RangeError when the native stack is already low before `eval` or
+/// `new Function` parse and compile source (fazt patch). The parser checks the stack at
+/// every level itself; the bytecode compiler and the scope analyser recurse over the
+/// parsed tree unchecked, but need less stack per level than the parser did to build it
+/// (measured for every form of nesting in fazt's `deepest_parsable_source_also_compiles`),
+/// so a tree the parser finished can be compiled from the same height.
 pub(crate) fn check_compile_stack() -> JsResult<()> {
-    if boa_parser::native_stack::remaining() < COMPILE_RESERVE {
+    if boa_parser::native_stack::low() {
         return Err(JsNativeError::range()
-            .with_message("Maximum call stack size exceeded (no room to compile)")
+            .with_message("Maximum call stack size exceeded")
             .into());
     }
     Ok(())

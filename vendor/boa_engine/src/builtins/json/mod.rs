@@ -42,13 +42,15 @@ use boa_parser::{Parser, Source};
 
 use super::{BuiltInBuilder, IntrinsicObject};
 
+mod fast_parse;
+
 /// Converts a nibble (0-15) to its lowercase hex digit as a UTF-16 code unit.
 /// Deepest nesting of objects and arrays that `JSON.stringify` writes and that
 /// `JsValue::to_json`/`from_json` convert (fazt patch). `JSON.parse` already refuses
-/// deeper text (its input is first checked by serde_json, whose recursion limit is 128),
-/// so a value within this depth survives a round trip, and no conversion recurses deeper
-/// on the native stack than 128 short frames.
-pub const MAX_JSON_DEPTH: usize = 128;
+/// deeper text (its input is first validated by serde_json, whose recursion limit of
+/// 128 lets at most 127 levels through), so a value within this depth survives a round
+/// trip, and no conversion recurses deeper on the native stack than 127 short frames.
+pub const MAX_JSON_DEPTH: usize = 127;
 
 /// Fails with a RangeError when a value `depth` levels deep would nest one level more
 /// than [`MAX_JSON_DEPTH`].
@@ -264,6 +266,12 @@ impl Json {
             .to_string(context)?
             .to_std_string()
             .map_err(|e| JsNativeError::syntax().with_message(e.to_string()))?;
+
+        // Without a reviver nothing needs the source text: build the value straight
+        // from the JSON text (fazt patch, see fast_parse.rs).
+        if !args.get_or_undefined(1).is_callable() {
+            return fast_parse::parse(&json_string, context);
+        }
 
         // 2. Parse ! StringToCodePoints(jsonString) as a JSON text as specified in ECMA-404.
         //    Throw a SyntaxError exception if it is not a valid JSON text as defined in that specification.

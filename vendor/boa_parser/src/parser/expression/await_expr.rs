@@ -57,8 +57,9 @@ where
             .span()
             .start();
 
-        let expr = UnaryExpression::new(self.allow_yield, true)
-            .parse(cursor, interner)?
+        let expr = crate::parser::nesting::nested(cursor, interner, |c, i| {
+            UnaryExpression::new(self.allow_yield, true).parse(c, i)
+        })?
             .try_into_expression()?;
         let expr_span_end = expr.span().end();
 

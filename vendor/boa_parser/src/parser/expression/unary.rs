@@ -62,7 +62,6 @@ where
     type Output = FormalParameterListOrExpression;
 
     fn parse(self, cursor: &mut Cursor<R>, interner: &mut Interner) -> ParseResult<Self::Output> {
-        let _nesting = crate::parser::nesting::Nesting::enter(cursor, interner)?;
         let tok = cursor.peek(0, interner).or_abrupt()?;
         let token_start = tok.span().start();
         match tok.kind() {
@@ -72,7 +71,7 @@ where
             TokenKind::Keyword((Keyword::Delete, false)) => {
                 cursor.advance(interner);
                 let position = cursor.peek(0, interner).or_abrupt()?.span().start();
-                let target = self.parse(cursor, interner)?.try_into_expression()?;
+                let target = crate::parser::nesting::nested(cursor, interner, |c, i| self.parse(c, i))?.try_into_expression()?;
 
                 match target.flatten() {
                     Expression::Identifier(_) if cursor.strict() => {
@@ -100,7 +99,7 @@ where
             }
             TokenKind::Keyword((Keyword::Void, false)) => {
                 cursor.advance(interner);
-                let target = self.parse(cursor, interner)?.try_into_expression()?;
+                let target = crate::parser::nesting::nested(cursor, interner, |c, i| self.parse(c, i))?.try_into_expression()?;
                 let target_span_end = target.span().end();
                 Ok(Unary::new(
                     UnaryOp::Void,
@@ -112,7 +111,7 @@ where
             TokenKind::Keyword((Keyword::TypeOf, false)) => {
                 cursor.advance(interner);
 
-                let target = self.parse(cursor, interner)?.try_into_expression()?;
+                let target = crate::parser::nesting::nested(cursor, interner, |c, i| self.parse(c, i))?.try_into_expression()?;
                 let target_span_end = target.span().end();
                 Ok(Unary::new(
                     UnaryOp::TypeOf,
@@ -124,7 +123,7 @@ where
             TokenKind::Punctuator(Punctuator::Add) => {
                 cursor.advance(interner);
 
-                let target = self.parse(cursor, interner)?.try_into_expression()?;
+                let target = crate::parser::nesting::nested(cursor, interner, |c, i| self.parse(c, i))?.try_into_expression()?;
                 let target_span_end = target.span().end();
                 Ok(Unary::new(
                     UnaryOp::Plus,
@@ -136,7 +135,7 @@ where
             TokenKind::Punctuator(Punctuator::Sub) => {
                 cursor.advance(interner);
 
-                let target = self.parse(cursor, interner)?.try_into_expression()?;
+                let target = crate::parser::nesting::nested(cursor, interner, |c, i| self.parse(c, i))?.try_into_expression()?;
                 let target_span_end = target.span().end();
                 Ok(Unary::new(
                     UnaryOp::Minus,
@@ -148,7 +147,7 @@ where
             TokenKind::Punctuator(Punctuator::Neg) => {
                 cursor.advance(interner);
 
-                let target = self.parse(cursor, interner)?.try_into_expression()?;
+                let target = crate::parser::nesting::nested(cursor, interner, |c, i| self.parse(c, i))?.try_into_expression()?;
                 let target_span_end = target.span().end();
                 Ok(Unary::new(
                     UnaryOp::Tilde,
@@ -160,7 +159,7 @@ where
             TokenKind::Punctuator(Punctuator::Not) => {
                 cursor.advance(interner);
 
-                let target = self.parse(cursor, interner)?.try_into_expression()?;
+                let target = crate::parser::nesting::nested(cursor, interner, |c, i| self.parse(c, i))?.try_into_expression()?;
                 let target_span_end = target.span().end();
                 Ok(Unary::new(
                     UnaryOp::Not,

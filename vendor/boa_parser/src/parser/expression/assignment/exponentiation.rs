@@ -58,7 +58,6 @@ where
     type Output = FormalParameterListOrExpression;
 
     fn parse(self, cursor: &mut Cursor<R>, interner: &mut Interner) -> ParseResult<Self::Output> {
-        let _nesting = crate::parser::nesting::Nesting::enter(cursor, interner)?;
         let next = cursor.peek(0, interner).or_abrupt()?;
         match next.kind() {
             TokenKind::Keyword((Keyword::Delete | Keyword::Void | Keyword::TypeOf, _))
@@ -88,7 +87,7 @@ where
             return Ok(Binary::new(
                 ArithmeticOp::Exp.into(),
                 lhs,
-                self.parse(cursor, interner)?.try_into_expression()?,
+                crate::parser::nesting::nested(cursor, interner, |c, i| self.parse(c, i))?.try_into_expression()?,
             )
             .into());
         }

@@ -61,7 +61,6 @@ where
     type Output = FormalParameterListOrExpression;
 
     fn parse(self, cursor: &mut Cursor<R>, interner: &mut Interner) -> ParseResult<Self::Output> {
-        let _nesting = crate::parser::nesting::Nesting::enter(cursor, interner)?;
         cursor.set_goal(InputElement::RegExp);
 
         let token = cursor.peek(0, interner).or_abrupt()?;
@@ -138,7 +137,7 @@ where
                         }
                     }
                 } else {
-                    let lhs_inner = self.parse(cursor, interner)?.try_into_expression()?;
+                    let lhs_inner = crate::parser::nesting::nested(cursor, interner, |c, i| self.parse(c, i))?.try_into_expression()?;
                     let (args, args_span) = match cursor.peek(0, interner)? {
                         Some(next)
                             if next.kind() == &TokenKind::Punctuator(Punctuator::OpenParen) =>
