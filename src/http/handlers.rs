@@ -72,6 +72,9 @@ pub struct HandlerCache {
     js_since: Arc<AtomicI64>,
     /// Live heap bytes allocated by this thread (the counting allocator's counter).
     heap: &'static AtomicI64,
+    /// The lowest heap level seen when a call starts: the thread's idle level, so the
+    /// excess at a call's start is the size of the request it carries.
+    idle_heap: i64,
     apps: HashMap<String, AppContext>,
     clock: u64,
     /// App versions as last read from the store (None: no such app), valid while
@@ -101,6 +104,7 @@ impl HandlerCache {
             js_since,
             // The cache lives on (and only on) its HTTP thread: count that thread.
             heap: crate::worker::watch_this_thread(),
+            idle_heap: i64::MAX,
             apps: HashMap::new(),
             clock: 0,
             versions: HashMap::new(),
@@ -204,6 +208,8 @@ impl HandlerCache {
         entry.ctx.insert_data(host);
         let busy = Busy::start(&self.js_since);
         let mut grown = 0;
+        let start = self.heap.load(Ordering::Relaxed);
+        self.idle_heap = self.idle_heap.min(start);
         let result = call_handler(
             entry, file, source, request, &interrupt, self.heap, &mut grown,
         );
@@ -216,6 +222,13 @@ impl HandlerCache {
             trim_heap();
         } else {
             self.limit_warm(app, grown);
+        }
+        let used = self.heap.load(Ordering::Relaxed) - start;
+        if start - self.idle_heap > BIG_REQUEST_BYTES || used > BIG_REQUEST_BYTES {
+            // Free the JS copies of a big request now, not at some later collection,
+            // and let the freed pages go back to the OS once its buffers are dropped.
+            boa_gc::force_collect();
+            crate::js::interrupt::trim_soon();
         }
         match result {
             Ok(reply) => Ok(reply),
@@ -252,15 +265,11 @@ impl HandlerCache {
     }
 }
 
-/// Hands freed heap pages back to the OS. glibc keeps freed memory in per-thread
-/// arenas, so after a burst of big requests RSS would otherwise stay at its peak.
-fn trim_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim has no preconditions; it only returns free pages to the OS.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
+use crate::js::interrupt::trim_heap;
+
+/// A request whose body, or whose run, took this much heap is "big": its garbage is
+/// collected right after it and freed pages go back to the OS (see `trim_soon`).
+const BIG_REQUEST_BYTES: i64 = 256 << 10;
 
 fn call_handler(
     entry: &mut AppContext,

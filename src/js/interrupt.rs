@@ -207,6 +207,26 @@ impl Drop for Inner {
     }
 }
 
+/// Delay between a big request and the trim it asks for: the request's buffers are
+/// freed after its response is written, and one trim then serves a whole burst.
+const TRIM_DELAY: Duration = Duration::from_millis(200);
+
+/// Asks for freed heap to be handed back to the OS shortly (at most one trim per
+/// [`TRIM_DELAY`]), off the request's thread. glibc keeps freed memory in per-thread
+/// arenas, so after a burst of big requests RSS would otherwise stay near its peak.
+pub fn trim_soon() {
+    Watch::get().trim_soon();
+}
+
+/// Hands free heap pages of every malloc arena back to the OS.
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only returns free pages to the OS.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// A run's heap limit: `counter` may not pass `limit` (= its value at start + `cap`).
 #[derive(Debug, Clone, Copy)]
 struct HeapCap {
@@ -233,6 +253,8 @@ struct WatchState {
     /// When the thread plans to wake next; a registration due earlier wakes it.
     next_wake: Option<Instant>,
     started: bool,
+    /// A big request finished: hand freed heap back to the OS soon (see `trim_soon`).
+    trim_at: Option<Instant>,
 }
 
 struct Watched {
@@ -250,6 +272,7 @@ impl Watch {
                 next_id: 1,
                 next_wake: None,
                 started: false,
+                trim_at: None,
             }),
             wake: Condvar::new(),
         })
@@ -261,17 +284,7 @@ impl Watch {
 
     fn register(&'static self, i: &Interrupt, deadline: Option<Instant>, heap: Option<HeapCap>) {
         let mut st = self.lock();
-        if !st.started {
-            let spawned = std::thread::Builder::new()
-                .name("fazt-deadlines".into())
-                .spawn(move || self.run());
-            match spawned {
-                Ok(_) => st.started = true,
-                // Deadlines are still noticed between budget slices; only runs stuck in
-                // native code go unstopped until a later registration starts the thread.
-                Err(e) => log::error!("could not start the deadline thread: {e}"),
-            }
-        }
+        self.ensure_started(&mut st);
         let id = st.next_id;
         st.next_id += 1;
         i.inner.timer_id.store(id, Ordering::SeqCst);
@@ -290,6 +303,32 @@ impl Watch {
         if let Some(due) = due {
             if st.next_wake.is_none_or(|w| due < w) {
                 self.wake.notify_one();
+            }
+        }
+    }
+
+    fn trim_soon(&'static self) {
+        let mut st = self.lock();
+        self.ensure_started(&mut st);
+        if st.trim_at.is_none() {
+            let at = Instant::now() + TRIM_DELAY;
+            st.trim_at = Some(at);
+            if st.next_wake.is_none_or(|w| at < w) {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    fn ensure_started(&'static self, st: &mut WatchState) {
+        if !st.started {
+            let spawned = std::thread::Builder::new()
+                .name("fazt-deadlines".into())
+                .spawn(move || self.run());
+            match spawned {
+                Ok(_) => st.started = true,
+                // Deadlines are still noticed between budget slices; only runs stuck in
+                // native code go unstopped until a later registration starts the thread.
+                Err(e) => log::error!("could not start the deadline thread: {e}"),
             }
         }
     }
@@ -323,6 +362,16 @@ impl Watch {
                 }
                 true
             });
+            if let Some(at) = st.trim_at {
+                if at <= now {
+                    st.trim_at = None;
+                    drop(st);
+                    trim_heap();
+                    st = self.lock();
+                    continue;
+                }
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
             st.next_wake = next;
             if !due.is_empty() {
                 // Stop outside the lock: dropping the last handle of a run takes it too.
