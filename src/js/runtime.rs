@@ -3,16 +3,26 @@
 //! regex matches wherever they run, also inside native callbacks; the evaluation is
 //! also polled in budget slices so the host looks at the interrupt between slices.
 //!
-//! Native stack arithmetic (why no JS input overflows a thread's stack): JS threads
+//! Native stack arithmetic (why no JS input overflows a thread's stack). JS threads
 //! have 16 MiB (`http::JS_STACK_BYTES`). JS-to-JS calls use heap frames (at most
-//! `RECURSION_LIMIT` of them); only natives that call back into JS (`map`, getters,
-//! `toString`, Proxy traps, revivers) nest on the native stack, and every such call
-//! passes boa's call check, which throws a RangeError once less than 512 KiB is left.
-//! The code that may run between two checks stays far below that: one native frame
-//! chain, a JSON conversion (capped at 128 levels of ~1 KiB), a regex compilation
-//! (regress caps nesting at 256). The parser checks the stack and caps nesting at 1,000
-//! levels; `eval`/`new Function` need 4 MiB free before compiling such a tree. So the
-//! deepest JS recursion ends in a RangeError with at least 512 KiB to spare.
+//! `RECURSION_LIMIT` of them), not the native stack. What does recurse natively, and
+//! its guard (all in the patched engine, see vendor/PATCHES.md):
+//! - natives that call back into JS (`map`, getters, `toString`, Proxy traps, revivers):
+//!   every call passes boa's call check, which throws a RangeError once less than
+//!   512 KiB of native stack is left (or boa's 4,096-call limit ends it first);
+//! - JSON conversions (`JSON.stringify`, results, kv, checkpoints, job data,
+//!   broadcasts): at most 127 levels (RangeError), a few hundred bytes each;
+//!   `JSON.parse` without a reviver is parsed by serde_json (127 levels, no JS parser);
+//! - the parser (`eval`, `new Function`, module source, `JSON.parse` with a reviver):
+//!   checks the stack at every level and caps nesting at 1,000 units (SyntaxError); it
+//!   takes up to ~115 KiB per level of brackets, so a 16 MiB thread parses ~130 levels
+//!   of `[`, ~990 of `!`. The compiler then recurses over that tree unchecked, needing
+//!   less stack per level than the parser did (measured for every form in
+//!   `deepest_parsable_source_also_compiles`), from the same height;
+//! - regex compilation: regress caps group nesting at 256.
+//! The code between two checks (one native frame chain, one JSON level, one parser
+//! production) stays far below the 512 KiB margin, so the deepest input ends in an
+//! error with the margin to spare.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -78,6 +78,18 @@ fn deep_object_returned_from_handler_is_a_range_error() {
     assert_alive(&s);
 }
 
+/// Deep values are fine as long as nothing converts them: the collector marks with a
+/// work list, not recursion, so a 150,000-deep chain survives collections.
+#[test]
+fn deep_object_survives_garbage_collection() {
+    let s = server(&[(
+        "api/gc.js",
+        "module.exports = () => { let o = {}; for (let i = 0; i < 150000; i++) o = { a: o }; let n = 0; for (let p = o; p.a; p = p.a) n++; return { n }; };",
+    )]);
+    assert_eq!(s.call("h", "/api/gc")["n"], 150_000);
+    assert_alive(&s);
+}
+
 #[test]
 fn deep_object_json_stringify_is_a_range_error() {
     let s = server(&[(
