@@ -20,6 +20,7 @@
 //!   less stack per level than the parser did (measured for every form in
 //!   `deepest_parsable_source_also_compiles`), from the same height;
 //! - regex compilation: regress caps group nesting at 256.
+//!
 //! The code between two checks (one native frame chain, one JSON level, one parser
 //! production) stays far below the 512 KiB margin, so the deepest input ends in an
 //! error with the margin to spare.
