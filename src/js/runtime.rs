@@ -445,6 +445,52 @@ mod tests {
         assert!(e.to_string().starts_with("RangeError"), "{e}");
     }
 
+    /// `JSON.parse` without a reviver is built by serde_json now (vendor/PATCHES.md):
+    /// it must keep the language's semantics.
+    #[test]
+    fn json_parse_fast_path_keeps_js_semantics() {
+        let mut ctx = Context::default();
+        let cases = [
+            // Document order for string keys, integer keys first ascending.
+            (
+                r#"Object.keys(JSON.parse('{"b":1,"a":2,"2":3,"1":4}')).join()"#,
+                r#""1,2,b,a""#,
+            ),
+            // A repeated key keeps its first position and its last value.
+            (
+                r#"JSON.stringify(JSON.parse('{"a":1,"b":2,"a":3}'))"#,
+                r#""{\"a\":3,\"b\":2}""#,
+            ),
+            // `__proto__` is an own property, not the prototype.
+            (
+                r#"const p = JSON.parse('{"__proto__":{"x":1}}'); [Object.getPrototypeOf(p) === Object.prototype, p.x === undefined, Object.keys(p).join()].join()"#,
+                r#""true,true,__proto__""#,
+            ),
+            (r#"Object.is(JSON.parse('-0'), -0)"#, "true"),
+            (
+                r#"JSON.parse('[1.5, 1e3, 12345678901234567890, true, null, "a\\u00e9"]').join()"#,
+                r#""1.5,1000,12345678901234567000,true,,aé""#,
+            ),
+            (
+                r#"try { JSON.parse('{"a":1,}') } catch (e) { e.name }"#,
+                r#""SyntaxError""#,
+            ),
+            (
+                r#"try { JSON.parse('1 2') } catch (e) { e.name }"#,
+                r#""SyntaxError""#,
+            ),
+            (r#"JSON.parse(' [ ] ').length"#, "0"),
+            // A reviver still sees every value.
+            (
+                r#"JSON.stringify(JSON.parse('{"a":[1,2]}', (k, v) => typeof v === 'number' ? v * 10 : v))"#,
+                r#""{\"a\":[10,20]}""#,
+            ),
+        ];
+        for (src, want) in cases {
+            assert_eq!(eval(&mut ctx, src).as_deref(), Ok(want), "{src}");
+        }
+    }
+
     /// The parser stops when the native stack runs low or nesting passes 1,000
     /// units; the compiler then recurses over that tree unchecked. For every form of
     /// nesting, parse as deep as the parser allows, then compile and run from the same
