@@ -346,11 +346,12 @@ fn catastrophic_regex_in_handler_gets_504() {
 const RUNAWAYS: &[(&str, &str)] = &[
     ("regex", "/(a+)+$/.test('a'.repeat(40) + 'b');"),
     ("reviver", "JSON.parse('[1,2,3]', () => { while (true) {} });"),
-    ("replace", "'aaa'.replace(/a/g, () => { while (true) {} });"),
+    ("replace", "'a'.replace(/a/, () => { while (true) {} });"),
     ("getter", "const o = { get x() { while (true) {} } }; Object.assign({}, o);"),
     ("proxy", "const p = new Proxy({}, { get() { while (true) {} } }); JSON.stringify({ p }, null, 0); p.x;"),
     ("generator", "function* g() { while (true) {} } [...g()];"),
-    ("recursion", "function f(n) { return n ? f(n - 1) + f(n - 1) : 0; } [1].map(() => f(80));"),
+    // No loop at all: only the check at every call can stop it.
+    ("recursion", "function f(n) { return n ? f(n - 1) + f(n - 1) : 0; } Array.from([1], () => f(80));"),
     ("sort", "[3, 2, 1].sort(() => { while (true) {} });"),
 ];
 
