@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tiny_http::Request;
 
-use super::handlers::{HandlerCache, HandlerRequest, HANDLER_TIMEOUT};
+use super::handlers::{HandlerCache, HandlerRequest};
 use super::util::{self, HttpError, Reply, Route};
 use crate::js::Interrupt;
 use crate::services::Services;
@@ -21,7 +21,7 @@ pub fn handle(
     let route = app_route(&path);
     // The request is a run of the app's live deployment until `run` drops: removing the
     // app stops a handler (its deadline counts from here) and waits for the rest.
-    let interrupt = Interrupt::new(Some(HANDLER_TIMEOUT));
+    let interrupt = cache.new_interrupt();
     let Some(run) = services.enter_app(app, Some(interrupt.clone()))? else {
         return Err(HttpError::not_found(format!(
             "no app named '{app}' is deployed"

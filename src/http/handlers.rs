@@ -20,6 +20,15 @@ pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Apps whose contexts one HTTP thread keeps warm; the least recently used goes first.
 const MAX_WARM_APPS: usize = 8;
 
+/// Heap one handler call may add on its thread before it is stopped: a handler that
+/// builds a huge array must not take the server's memory with it.
+pub const HANDLER_RUN_HEAP: i64 = 64 << 20;
+
+/// Heap a warm context may keep across calls (module-level caches, leaked globals),
+/// like a worker slot's warm context: past it the context is collected, and dropped if
+/// that is not enough.
+const MAX_WARM_BYTES: i64 = 16 << 20;
+
 struct AppContext {
     /// The deploy id whose code this context loaded.
     deploy: i64,
@@ -27,6 +36,8 @@ struct AppContext {
     /// `module.exports` of each loaded handler file, by path.
     modules: HashMap<String, JsValue>,
     last_used: u64,
+    /// Heap growth of this thread across the calls this context served.
+    grown: i64,
 }
 
 /// Milliseconds on a monotonic clock (never 0), for the watchdog: wall-clock jumps
@@ -61,6 +72,11 @@ pub struct HandlerCache {
     /// When this thread started running user JS ([`mono_ms`]; 0 = not running), read
     /// by the HTTP watchdog.
     js_since: Arc<AtomicI64>,
+    /// Live heap bytes allocated by this thread (the counting allocator's counter).
+    heap: &'static AtomicI64,
+    /// The lowest heap level seen when a call starts: the thread's idle level, so the
+    /// excess at a call's start is the size of the request it carries.
+    idle_heap: i64,
     apps: HashMap<String, AppContext>,
     clock: u64,
     /// `Registry::changes` at the last sweep: when it moved, contexts of removed or
@@ -87,6 +103,9 @@ impl HandlerCache {
     pub fn new(js_since: Arc<AtomicI64>) -> HandlerCache {
         HandlerCache {
             js_since,
+            // The cache lives on (and only on) its HTTP thread: count that thread.
+            heap: crate::worker::watch_this_thread(),
+            idle_heap: i64::MAX,
             apps: HashMap::new(),
             clock: 0,
             seen_changes: 0,
@@ -106,6 +125,12 @@ impl HandlerCache {
             .is_some_and(|a| a.deploy == deploy && a.modules.contains_key(file))
     }
 
+    /// The interrupt of one handler run on this thread: the handler deadline, and a cap
+    /// of [`HANDLER_RUN_HEAP`] on the heap this thread may add from now on.
+    pub fn new_interrupt(&self) -> Interrupt {
+        Interrupt::with_heap_cap(Some(HANDLER_TIMEOUT), Some((self.heap, HANDLER_RUN_HEAP)))
+    }
+
     /// Runs handler file `file` of `app` (deploy `deploy`) for `request` with the
     /// handler deadline. `source` may be empty when [`is_loaded`](Self::is_loaded) said so.
     pub fn run(
@@ -117,7 +142,7 @@ impl HandlerCache {
         source: &str,
         request: HandlerRequest,
     ) -> Result<Reply, HttpError> {
-        let interrupt = Interrupt::new(Some(HANDLER_TIMEOUT));
+        let interrupt = self.new_interrupt();
         self.run_with(services, app, deploy, file, source, request, interrupt)
     }
 
@@ -170,6 +195,7 @@ impl HandlerCache {
                     ctx,
                     modules: HashMap::new(),
                     last_used: 0,
+                    grown: 0,
                 },
             );
         }
@@ -179,11 +205,28 @@ impl HandlerCache {
         entry.last_used = self.clock;
         entry.ctx.insert_data(host);
         let busy = Busy::start(&self.js_since);
-        let result = call_handler(entry, file, source, request, &interrupt);
+        let mut grown = 0;
+        let start = self.heap.load(Ordering::Relaxed);
+        self.idle_heap = self.idle_heap.min(start);
+        let result = call_handler(
+            entry, file, source, request, &interrupt, self.heap, &mut grown,
+        );
+        interrupt.disarm();
         drop(busy);
         if let Err(RunError::Interrupted(_)) = &result {
             // The interrupted run left frames behind: this context cannot be reused.
             self.apps.remove(app);
+            boa_gc::force_collect();
+            trim_heap();
+        } else {
+            self.limit_warm(app, grown);
+        }
+        let used = self.heap.load(Ordering::Relaxed) - start;
+        if start - self.idle_heap > BIG_REQUEST_BYTES || used > BIG_REQUEST_BYTES {
+            // Free the JS copies of a big request now, not at some later collection,
+            // and let the freed pages go back to the OS once its buffers are dropped.
+            boa_gc::force_collect();
+            crate::js::interrupt::trim_soon();
         }
         match result {
             Ok(reply) => Ok(reply),
@@ -192,19 +235,59 @@ impl HandlerCache {
     }
 }
 
+impl HandlerCache {
+    /// Keeps the warm context of `app` within [`MAX_WARM_BYTES`] of growth: collect
+    /// when it is over, drop it when it stays over.
+    fn limit_warm(&mut self, app: &str, grown: i64) {
+        let heap = self.heap;
+        let Some(entry) = self.apps.get_mut(app) else {
+            return;
+        };
+        entry.grown += grown;
+        if entry.grown <= MAX_WARM_BYTES {
+            return;
+        }
+        let pre = heap.load(Ordering::Relaxed);
+        boa_gc::force_collect();
+        entry.grown -= pre - heap.load(Ordering::Relaxed);
+        if entry.grown > MAX_WARM_BYTES {
+            log::info!(
+                target: "app",
+                "[{app}] the warm handler context kept {} MB; starting fresh",
+                entry.grown >> 20
+            );
+            self.apps.remove(app);
+            boa_gc::force_collect();
+        }
+        trim_heap();
+    }
+}
+
+use crate::js::interrupt::trim_heap;
+
+/// A request whose body, or whose run, took this much heap is "big": its garbage is
+/// collected right after it and freed pages go back to the OS (see `trim_soon`).
+const BIG_REQUEST_BYTES: i64 = 256 << 10;
+
 fn call_handler(
     entry: &mut AppContext,
     file: &str,
     source: &str,
     request: HandlerRequest,
     interrupt: &Interrupt,
+    heap: &AtomicI64,
+    grown: &mut i64,
 ) -> Result<Reply, RunError> {
+    // What the context keeps: the loaded module, and what the call allocated minus the
+    // reply (handed to the HTTP layer) and the request (built before, freed here).
     let ctx = &mut entry.ctx;
     let exports = match entry.modules.get(file) {
         Some(e) => e.clone(),
         None => {
+            let start = heap.load(Ordering::Relaxed);
             let e = js::load_module(ctx, file, source, interrupt)?;
             entry.modules.insert(file.to_string(), e.clone());
+            *grown += heap.load(Ordering::Relaxed) - start;
             e
         }
     };
@@ -216,8 +299,31 @@ fn call_handler(
         "body": request.body,
     });
     let arg = js::from_json(&req, ctx)?;
+    drop(req);
+    let start = heap.load(Ordering::Relaxed);
     let out = js::call(ctx, &exports, &[arg], interrupt)?;
-    to_reply(&out, ctx)
+    let reply = to_reply(&out, ctx)?;
+    *grown += heap.load(Ordering::Relaxed) - start - reply_bytes(&reply);
+    Ok(reply)
+}
+
+/// Heap held by a reply, to leave it out of the context's growth.
+fn reply_bytes(reply: &Reply) -> i64 {
+    match reply {
+        Reply::Full {
+            content_type,
+            headers,
+            body,
+            ..
+        } => {
+            let headers: usize = headers
+                .iter()
+                .map(|(k, v)| k.capacity() + v.capacity() + std::mem::size_of::<(String, String)>())
+                .sum();
+            (body.capacity() + content_type.capacity() + headers) as i64
+        }
+        _ => 0,
+    }
 }
 
 /// A returned object is a response only when `status` is an integer 100–599; anything
@@ -285,6 +391,10 @@ fn run_error(e: RunError, app: &str) -> HttpError {
         RunError::Interrupted(Reason::Shutdown) => {
             HttpError::new(503, "the server is shutting down")
         }
+        RunError::Interrupted(Reason::Memory) => HttpError::internal(format!(
+            "the handler allocated more than {} MB and was stopped",
+            HANDLER_RUN_HEAP >> 20
+        )),
         RunError::Interrupted(r) => HttpError::internal(format!("the handler was stopped ({r:?})")),
     }
 }

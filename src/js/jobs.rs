@@ -1,8 +1,9 @@
 //! The promise job queue. boa's stock executor runs queued jobs (promise reactions,
 //! `await` continuations) back to back without looking up; this one checks the run's
 //! [`Interrupt`](super::Interrupt) before every job, so `for (;;) await 0` or an endless
-//! promise chain is stopped. A single continuation still runs to its next `await` in one
-//! go (boa resumes it synchronously): a loop there is left to the watchdogs.
+//! promise chain is stopped. A single continuation runs to its next `await` in one go
+//! (boa resumes it synchronously); a loop there is stopped by the engine's interrupt
+//! flag like any other loop.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;

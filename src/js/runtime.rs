@@ -1,6 +1,29 @@
-//! Boa contexts and interruptible execution. Every evaluation runs through
-//! `evaluate_async_with_budget`, polled by hand, so the host checks the [`Interrupt`]
-//! between slices: a `while(true){}` stops within one slice of a cancel or timeout.
+//! Boa contexts and interruptible execution. Every evaluation runs with the run's
+//! [`Interrupt`] flag installed in the (patched) engine, which stops loops, calls and
+//! regex matches wherever they run, also inside native callbacks; the evaluation is
+//! also polled in budget slices so the host looks at the interrupt between slices.
+//!
+//! Native stack arithmetic (why no JS input overflows a thread's stack). JS threads
+//! have 16 MiB (`http::JS_STACK_BYTES`). JS-to-JS calls use heap frames (at most
+//! `RECURSION_LIMIT` of them), not the native stack. What does recurse natively, and
+//! its guard (all in the patched engine, see vendor/PATCHES.md):
+//! - natives that call back into JS (`map`, getters, `toString`, Proxy traps, revivers):
+//!   every call passes boa's call check, which throws a RangeError once less than
+//!   512 KiB of native stack is left (or boa's 4,096-call limit ends it first);
+//! - JSON conversions (`JSON.stringify`, results, kv, checkpoints, job data,
+//!   broadcasts): at most 127 levels (RangeError), a few hundred bytes each;
+//!   `JSON.parse` without a reviver is parsed by serde_json (127 levels, no JS parser);
+//! - the parser (`eval`, `new Function`, module source, `JSON.parse` with a reviver):
+//!   checks the stack at every level and caps nesting at 1,000 units (SyntaxError); it
+//!   takes up to ~115 KiB per level of brackets, so a 16 MiB thread parses ~130 levels
+//!   of `[`, ~990 of `!`. The compiler then recurses over that tree unchecked, needing
+//!   less stack per level than the parser did (measured for every form in
+//!   `deepest_parsable_source_also_compiles`), from the same height;
+//! - regex compilation: regress caps group nesting at 256.
+//!
+//! The code between two checks (one native frame chain, one JSON level, one parser
+//! production) stays far below the 512 KiB margin, so the deepest input ends in an
+//! error with the margin to spare.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,8 +41,8 @@ use crate::services::Services;
 const BUDGET: u32 = 20_000;
 
 /// Iterations one function frame may run before boa throws an uncatchable error. The
-/// budgeted loop stops ordinary code long before this; it is the safety net for loops
-/// boa runs outside that loop (native callbacks such as `sort` comparators).
+/// interrupt flag stops runaway loops anywhere (also in native callbacks such as `sort`
+/// comparators); this stays as a last resort should a stop never be asked for.
 const LOOP_ITERATION_LIMIT: u64 = 1_000_000_000;
 
 /// Deepest call nesting user code may reach before boa stops it with an error.
@@ -222,6 +245,9 @@ fn run_script(
     script: &Script,
     interrupt: &Interrupt,
 ) -> Result<JsValue, RunError> {
+    // The engine checks this flag at loop back-edges, calls and regex matches, so a
+    // stop reaches code running inside native callbacks too (see vendor/PATCHES.md).
+    ctx.set_interrupt_flag(Some(interrupt.flag()));
     let result = {
         let fut = script.evaluate_async_with_budget(ctx, BUDGET);
         let mut fut = std::pin::pin!(fut);
@@ -314,4 +340,220 @@ fn integral_numbers(v: serde_json::Value) -> serde_json::Value {
 
 pub fn from_json(value: &serde_json::Value, ctx: &mut Context) -> Result<JsValue, RunError> {
     JsValue::from_json(value, ctx).map_err(|e| thrown(e, ctx))
+}
+
+/// The engine patches (vendor/PATCHES.md) as our code relies on them, on plain boa
+/// contexts.
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use boa_engine::{Context, Script, Source};
+
+    /// Runs `f` on a thread with a `stack`-byte native stack.
+    fn on_stack<T: Send + 'static>(stack: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(stack)
+            .spawn(f)
+            .expect("spawn")
+            .join()
+            .expect("test thread")
+    }
+
+    fn eval(ctx: &mut Context, src: &str) -> Result<String, String> {
+        ctx.eval(Source::from_bytes(src))
+            .map(|v| v.display().to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn interrupt_flag_stops_loops_inside_native_callbacks_uncatchably() {
+        for src in [
+            "try { [1].map(() => { for (;;) {} }); } catch (e) {} 'caught'",
+            "try { JSON.parse('[1]', () => { for (;;) {} }); } catch (e) {} 'caught'",
+            "try { /(a+)+$/.test('a'.repeat(40) + 'b'); } catch (e) {} 'caught'",
+            "function f(n) { return n ? f(n - 1) + f(n - 1) : 0; } try { [1].map(() => f(90)); } catch (e) {} 'caught'",
+        ] {
+            let mut ctx = Context::default();
+            let flag = Arc::new(AtomicBool::new(false));
+            ctx.set_interrupt_flag(Some(flag.clone()));
+            let setter = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                flag.store(true, Ordering::SeqCst);
+            });
+            let t = Instant::now();
+            let r = eval(&mut ctx, src);
+            setter.join().expect("setter");
+            let err = r.expect_err(src);
+            assert!(
+                err.starts_with("RuntimeLimitError: execution was interrupted"),
+                "{src}: {err}"
+            );
+            assert!(t.elapsed() < Duration::from_secs(5), "{src}: {:?}", t.elapsed());
+        }
+    }
+
+    #[test]
+    fn native_recursion_on_a_small_stack_is_a_range_error() {
+        // A 1 MiB stack holds far fewer nested native calls than boa's call-depth
+        // limit, so only the native-stack guard can stop these.
+        let out = on_stack(1 << 20, || {
+            [
+                "function f(n) { return n ? [n].map(() => f(n - 1)) : 0; } try { f(1e5); 'done' } catch (e) { String(e) }",
+                "const mk = (n) => n ? { get x() { return mk(n - 1).x; } } : { x: 0 }; try { mk(1e5).x; 'done' } catch (e) { String(e) }",
+                "const mk = (n) => new Proxy({}, { get() { return n ? mk(n - 1).x : 0; } }); try { mk(1e5).x; 'done' } catch (e) { String(e) }",
+            ]
+            .map(|src| {
+                let mut ctx = Context::default();
+                ctx.runtime_limits_mut().set_recursion_limit(1_000_000);
+                ctx.runtime_limits_mut().set_stack_size_limit(10_000_000);
+                eval(&mut ctx, src)
+            })
+        });
+        for r in out {
+            assert_eq!(
+                r,
+                Ok("\"RangeError: Maximum call stack size exceeded\"".into())
+            );
+        }
+    }
+
+    #[test]
+    fn json_depth_is_capped_where_json_parse_stops() {
+        let mut ctx = Context::default();
+        let src = |n: usize| {
+            format!(
+                "let o = 1; for (let i = 0; i < {n}; i++) o = [o]; try {{ JSON.parse(JSON.stringify(o)); 'ok' }} catch (e) {{ String(e) }}"
+            )
+        };
+        // serde_json, which JSON.parse validates with, takes at most 127 levels.
+        assert_eq!(
+            eval(&mut Context::default(), &src(127)),
+            Ok("\"ok\"".into())
+        );
+        let deeper = eval(&mut Context::default(), &src(128)).unwrap_or_default();
+        assert!(deeper.starts_with("\"RangeError"), "{deeper}");
+        // The Rust conversion has the same cap.
+        let v = ctx
+            .eval(Source::from_bytes(
+                "let p = 1; for (let i = 0; i < 128; i++) p = { p }; p",
+            ))
+            .expect("built");
+        let e = v.to_json(&mut ctx).expect_err("too deep");
+        assert!(e.to_string().starts_with("RangeError"), "{e}");
+    }
+
+    /// `JSON.parse` without a reviver is built by serde_json now (vendor/PATCHES.md):
+    /// it must keep the language's semantics.
+    #[test]
+    fn json_parse_fast_path_keeps_js_semantics() {
+        let mut ctx = Context::default();
+        let cases = [
+            // Document order for string keys, integer keys first ascending.
+            (
+                r#"Object.keys(JSON.parse('{"b":1,"a":2,"2":3,"1":4}')).join()"#,
+                r#""1,2,b,a""#,
+            ),
+            // A repeated key keeps its first position and its last value.
+            (
+                r#"JSON.stringify(JSON.parse('{"a":1,"b":2,"a":3}'))"#,
+                r#""{\"a\":3,\"b\":2}""#,
+            ),
+            // `__proto__` is an own property, not the prototype.
+            (
+                r#"const p = JSON.parse('{"__proto__":{"x":1}}'); [Object.getPrototypeOf(p) === Object.prototype, p.x === undefined, Object.keys(p).join()].join()"#,
+                r#""true,true,__proto__""#,
+            ),
+            (r#"Object.is(JSON.parse('-0'), -0)"#, "true"),
+            (
+                r#"JSON.parse('[1.5, 1e3, 12345678901234567890, true, null, "a\\u00e9"]').join()"#,
+                r#""1.5,1000,12345678901234567000,true,,aé""#,
+            ),
+            (
+                r#"try { JSON.parse('{"a":1,}') } catch (e) { e.name }"#,
+                r#""SyntaxError""#,
+            ),
+            (
+                r#"try { JSON.parse('1 2') } catch (e) { e.name }"#,
+                r#""SyntaxError""#,
+            ),
+            (r#"JSON.parse(' [ ] ').length"#, "0"),
+            // A reviver still sees every value.
+            (
+                r#"JSON.stringify(JSON.parse('{"a":[1,2]}', (k, v) => typeof v === 'number' ? v * 10 : v))"#,
+                r#""{\"a\":[10,20]}""#,
+            ),
+        ];
+        for (src, want) in cases {
+            assert_eq!(eval(&mut ctx, src).as_deref(), Ok(want), "{src}");
+        }
+    }
+
+    /// The parser stops when the native stack runs low or nesting passes 1,000
+    /// units; the compiler then recurses over that tree unchecked. For every form of
+    /// nesting, parse as deep as the parser allows, then compile and run from the same
+    /// stack height: overflowing here would abort the test process.
+    #[test]
+    fn deepest_parsable_source_also_compiles() {
+        let forms: &[(&str, &str, &str, &str)] = &[
+            ("brackets", "", "[", "]"),
+            ("parens", "", "(", ")"),
+            ("unary", "", "!", ""),
+            ("objects", "", "({a:", "})"),
+            ("binary", "", "1+", ""),
+            ("member", "var o = {}; o.x = o; o", "", ".x"),
+            ("calls", "var f = () => f; f", "", "()"),
+            ("blocks", "", "{", "}"),
+            ("functions", "", "function a(){", "}"),
+            ("arrows", "", "a=>", ""),
+            ("ternary", "", "1?", ":1"),
+            ("templates", "", "`${", "}`"),
+        ];
+        for stack in [2usize << 20, 16 << 20] {
+            let out = on_stack(stack, move || {
+                forms
+                    .iter()
+                    .map(|(name, pre, open, close)| {
+                        let body = if pre.is_empty() { "1" } else { "" };
+                        let src =
+                            |n: usize| format!("{pre}{}{body}{}", open.repeat(n), close.repeat(n));
+                        let parses = |n: usize| {
+                            Script::parse(
+                                Source::from_bytes(&src(n)),
+                                None,
+                                &mut Context::default(),
+                            )
+                            .is_ok()
+                        };
+                        let (mut lo, mut hi) = (1usize, 5000usize);
+                        while lo < hi {
+                            let mid = (lo + hi).div_ceil(2);
+                            if parses(mid) {
+                                lo = mid
+                            } else {
+                                hi = mid - 1
+                            }
+                        }
+                        let mut ctx = Context::default();
+                        let r = Script::parse(Source::from_bytes(&src(lo)), None, &mut ctx)
+                            .map_err(|e| e.to_string())
+                            .and_then(|s| s.evaluate(&mut ctx).map_err(|e| e.to_string()));
+                        (*name, lo, r.map(|_| ()))
+                    })
+                    .collect::<Vec<_>>()
+            });
+            for (name, depth, r) in out {
+                println!("{} MiB stack: {name} parses {depth} deep", stack >> 20);
+                assert_eq!(r, Ok(()), "{name} at depth {depth}");
+                assert!(depth > 3, "{name}: only {depth} levels parse");
+            }
+        }
+        // Past the cap nesting is refused even where the stack would allow it.
+        let mut ctx = Context::default();
+        let deep = format!("1{}", "+1".repeat(1001));
+        let e = Script::parse(Source::from_bytes(&deep), None, &mut ctx).expect_err("too deep");
+        assert!(e.to_string().contains("nests too deeply"), "{e}");
+    }
 }

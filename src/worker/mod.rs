@@ -6,7 +6,7 @@ mod options;
 mod pool;
 mod slot;
 
-pub use budget::{rss_bytes, Budget, CountingAlloc};
+pub use budget::{rss_bytes, watch_this_thread, Budget, CountingAlloc};
 pub use options::{format_bytes, parse_duration, parse_memory, parse_options, JobConfig};
 pub use pool::{backoff_delay, Limits, Pool, PoolRunner, PoolStats};
 

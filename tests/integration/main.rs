@@ -6,6 +6,7 @@ mod util;
 mod browser;
 mod disk;
 mod hostile;
+mod hostile_js;
 mod isolation;
 mod platform;
 mod quotas;

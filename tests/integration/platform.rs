@@ -459,7 +459,7 @@ fn kv_storage_lists_by_prefix_expires_and_is_per_app() {
 }
 
 #[test]
-fn await_loops_time_out_and_stuck_handler_threads_are_replaced() {
+fn await_loops_and_native_callback_loops_time_out() {
     let s = Server::start_with(&["--http-threads", "1"]);
     s.deploy_ok(
         "stuck",
@@ -469,38 +469,35 @@ fn await_loops_time_out_and_stuck_handler_threads_are_replaced() {
                 "api/chain.js",
                 "module.exports = () => { const s = () => Promise.resolve().then(s); s(); return new Promise(() => {}); };",
             ),
-            // A replace callback runs from native code, outside the interruptible
-            // loop: only the watchdog can save the thread.
+            // A replace callback runs from native code, outside the budgeted loop: the
+            // engine's interrupt flag, set by the deadline thread, stops it.
             (
                 "api/native.js",
                 "module.exports = () => 'a'.replace(/a/, () => { const f = () => 1; for (;;) f(); });",
             ),
         ],
     );
-    for route in ["/api/awaits", "/api/chain"] {
+    for route in ["/api/awaits", "/api/chain", "/api/native"] {
         let t = Instant::now();
         let r = s.app("stuck", "GET", route, None);
-        assert_eq!(r.status, 504, "{route}: {}", r.text());
+        // The endless promise chain keeps every promise alive: it may hit the handler
+        // heap cap (a 500) before its deadline.
+        let capped = route == "/api/chain" && r.error().contains("allocated more than");
+        assert!(
+            r.status == 504 || capped,
+            "{route}: {} {}",
+            r.status,
+            r.text()
+        );
         assert!(
             t.elapsed() < Duration::from_secs(8),
             "{route}: {:?}",
             t.elapsed()
         );
     }
-    let addr = s.addr;
-    let port = s.port();
-    std::thread::spawn(move || {
-        let host = format!("stuck.localhost:{port}");
-        let _ = crate::util::request(addr, "GET", &host, "/api/native", &[], None);
-    });
-    // With its only thread stuck, the server answers again once the watchdog replaced it.
-    assert!(
-        crate::util::wait_until(30, || {
-            let m = s.api("GET", "/metrics", None).text();
-            m.contains("fazt_http_threads_abandoned_total 1")
-        }),
-        "the stuck thread was replaced"
-    );
+    // The only HTTP thread came back each time: no watchdog replacement was needed.
+    let m = s.api("GET", "/metrics", None).text();
+    assert!(m.contains("fazt_http_threads_abandoned_total 0"), "{m}");
     assert_eq!(s.health()["status"], "ok");
 }
 
