@@ -27,6 +27,7 @@ fn request() -> HandlerRequest {
         query: serde_json::Map::new(),
         headers: serde_json::Map::new(),
         body: serde_json::Value::Null,
+        body_bytes: 0,
     }
 }
 

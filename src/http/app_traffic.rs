@@ -230,6 +230,7 @@ fn run_handler(
         query,
         headers,
         body,
+        body_bytes: raw.len(),
     };
     cache.run_with(services, app, deploy, &file, &source, request, interrupt)
 }

@@ -91,6 +91,10 @@ pub struct HandlerRequest {
     pub query: serde_json::Map<String, serde_json::Value>,
     pub headers: serde_json::Map<String, serde_json::Value>,
     pub body: serde_json::Value,
+    /// Bytes of the body as received: a big one asks for a collection and a heap trim
+    /// after the run (its buffers may come from another thread's allocations, so the
+    /// thread's own heap counter does not always show it).
+    pub body_bytes: usize,
 }
 
 impl Default for HandlerCache {
@@ -206,6 +210,7 @@ impl HandlerCache {
         entry.ctx.insert_data(host);
         let busy = Busy::start(&self.js_since);
         let mut grown = 0;
+        let body_bytes = i64::try_from(request.body_bytes).unwrap_or(i64::MAX);
         let start = self.heap.load(Ordering::Relaxed);
         self.idle_heap = self.idle_heap.min(start);
         let result = call_handler(
@@ -222,7 +227,10 @@ impl HandlerCache {
             self.limit_warm(app, grown);
         }
         let used = self.heap.load(Ordering::Relaxed) - start;
-        if start - self.idle_heap > BIG_REQUEST_BYTES || used > BIG_REQUEST_BYTES {
+        if body_bytes > BIG_REQUEST_BYTES
+            || start - self.idle_heap > BIG_REQUEST_BYTES
+            || used > BIG_REQUEST_BYTES
+        {
             // Free the JS copies of a big request now, not at some later collection,
             // and let the freed pages go back to the OS once its buffers are dropped.
             boa_gc::force_collect();
