@@ -705,3 +705,82 @@ fn silent_handler_bodies_do_not_hold_handler_threads() {
         started.elapsed()
     );
 }
+
+/// Reads everything a connection sends until it closes or is quiet for `ms`.
+fn read_until_quiet(s: &mut TcpStream, ms: u64) -> Vec<u8> {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(ms)));
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return raw,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The status codes of all responses in `raw`. The bodies here are JSON that never
+/// holds `HTTP/1.`, and a response follows the previous body without a line break.
+fn statuses(raw: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(raw);
+    text.match_indices("HTTP/1.")
+        .filter_map(|(i, _)| text[i..].split_whitespace().nth(1)?.parse().ok())
+        .collect()
+}
+
+/// Sends `req` on a fresh connection and returns the statuses of every response that
+/// came back before the server closed the connection (or went quiet).
+fn all_statuses(server: &Server, req: &str) -> Vec<u16> {
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.write_all(req.as_bytes()).expect("write");
+    statuses(&read_until_quiet(&mut s, 1500))
+}
+
+#[test]
+fn request_smuggling_with_transfer_encoding_and_content_length_is_refused() {
+    // A front proxy that frames by Content-Length and a server that frames by
+    // Transfer-Encoding disagree on where the next request starts. RFC 9112 §6.1: such
+    // a request is an attack; answer 400 and close.
+    let server = Server::start();
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let chunked = format!("0\r\n\r\n{smuggled}");
+    let req = format!(
+        "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}",
+        chunked.len()
+    );
+    assert_eq!(all_statuses(&server, &req), vec![400], "TE + CL");
+    // A transfer coding other than chunked cannot be framed at all.
+    let req = format!(
+        "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: identity\r\nContent-Length: 5\r\n\r\nhello{smuggled}"
+    );
+    assert_eq!(all_statuses(&server, &req), vec![400], "TE identity");
+    let req = format!(
+        "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n{smuggled}"
+    );
+    assert_eq!(all_statuses(&server, &req), vec![400], "TE gzip, chunked");
+    assert_eq!(server.health_within(2000), Some(200));
+}
+
+#[test]
+fn request_smuggling_with_ambiguous_content_length_is_refused() {
+    // An unparsable Content-Length used to mean "no body", so the body was read as the
+    // next request; `+5` parsed as 5; of two different lengths the first won.
+    let server = Server::start();
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    for (name, cl) in [
+        ("not a number", "Content-Length: 5x\r\n"),
+        ("signed", "Content-Length: +5\r\n"),
+        ("list", "Content-Length: 5, 5\r\n"),
+        (
+            "two different",
+            "Content-Length: 5\r\nContent-Length: 0\r\n",
+        ),
+        ("negative", "Content-Length: -1\r\n"),
+    ] {
+        let req = format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n{cl}\r\nhello{smuggled}");
+        assert_eq!(all_statuses(&server, &req), vec![400], "{name}");
+    }
+    // Repeating the same length is legal (RFC 9110 §8.6) and works.
+    let req = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
+    assert_eq!(all_statuses(&server, req), vec![200]);
+}

@@ -67,6 +67,8 @@ enum ReadError {
     HeadTimeout,
     /// fazt patch: a well-formed HTTP version other than 1.0 and 1.1 (505).
     UnsupportedVersion,
+    /// fazt patch: ambiguous or unsupported body framing (400).
+    BadFraming,
     /// fazt patch: nothing more on this connection (EOF, idle timeout, or a body was
     /// left unread): close without an answer.
     Closed,
@@ -314,6 +316,7 @@ impl ClientConnection {
                 request::RequestCreationError::ExpectationFailed => {
                     ReadError::ExpectationFailed(version)
                 }
+                request::RequestCreationError::BadFraming => ReadError::BadFraming,
             }
         })?;
 
@@ -324,7 +327,7 @@ impl ClientConnection {
     /// fazt patch: answers a request that cannot be served and closes the connection.
     fn refuse(&mut self, status: u16, version: HTTPVersion, message: &str) {
         use crate::{Header, Response, StatusCode};
-        let writer = self.sink.next_writer();
+        let mut writer = self.sink.next_writer();
         let mut response = Response::from_string(format!("{{\"error\":\"{}\"}}", message))
             .with_status_code(StatusCode(status));
         if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
@@ -333,7 +336,11 @@ impl ClientConnection {
         if let Ok(h) = Header::from_bytes(&b"Connection"[..], &b"close"[..]) {
             response.add_header(h);
         }
-        response.raw_print(writer, version, &[], false, None).ok();
+        response
+            .raw_print(&mut writer, version, &[], false, None)
+            .ok();
+        // Out now, before any shutdown: the buffered writer would flush only on drop.
+        let _ = std::io::Write::flush(&mut writer);
     }
 }
 
@@ -383,6 +390,17 @@ impl Iterator for ClientConnection {
                     v11,
                     "this server only supports HTTP versions 1.0 and 1.1",
                 );
+                return None;
+            }
+            Err(ReadError::BadFraming) => {
+                self.refuse(
+                    400,
+                    v11,
+                    "ambiguous request body framing: send one Content-Length, or Transfer-Encoding: chunked alone",
+                );
+                // The body that follows is unread: close gracefully, or the client may
+                // get a reset instead of the answer.
+                self.linger();
                 return None;
             }
             Err(ReadError::ExpectationFailed(ver)) => {

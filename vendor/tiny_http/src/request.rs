@@ -3,7 +3,6 @@ use std::io::{self, Cursor, ErrorKind, Read, Write};
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
@@ -107,6 +106,9 @@ pub enum RequestCreationError {
 
     /// Error while reading data from the socket during the creation of the `Request`.
     CreationIoError(IoError),
+
+    /// fazt patch: the body's framing is ambiguous or unsupported (400 and close).
+    BadFraming,
 }
 
 impl From<IoError> for RequestCreationError {
@@ -142,23 +144,13 @@ where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    // finding the transfer-encoding header
-    let transfer_encoding = headers
-        .iter()
-        .find(|h: &&Header| h.field.equiv("Transfer-Encoding"))
-        .map(|h| h.value.clone());
-
-    // finding the content-length header
-    let content_length = if transfer_encoding.is_some() {
-        // if transfer-encoding is specified, the Content-Length
-        // header must be ignored (RFC2616 #4.4)
-        None
-    } else {
-        headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
-    };
+    // fazt patch: strict body framing (request smuggling). Upstream took the first
+    // Content-Length it could parse (so `5x` meant "no body" and the body was read as
+    // the next request, and `+5` was 5), and any Transfer-Encoding as chunked, even
+    // beside a Content-Length. A front proxy that frames the request another way
+    // would then disagree with us on where the next request starts.
+    let (transfer_encoding, content_length) = body_framing(&headers, &version)
+        .map_err(|_| RequestCreationError::BadFraming)?;
 
     // true if the client sent a `Expect: 100-continue` header
     let mut expects_continue = {
@@ -283,6 +275,34 @@ where
         must_send_continue: expects_continue,
         notify_when_responded: None,
     })
+}
+
+/// fazt patch: how the body is framed, strictly (RFC 9112 §6): a Transfer-Encoding
+/// must be exactly `chunked`, in HTTP/1.1, without a Content-Length; every
+/// Content-Length must be the same plain decimal number. Anything else is refused, as
+/// a proxy in front may read it differently. Returns (chunked, Content-Length).
+fn body_framing(headers: &[Header], version: &HTTPVersion) -> Result<(Option<()>, Option<usize>), ()> {
+    let mut chunked = None;
+    for h in headers.iter().filter(|h| h.field.equiv("Transfer-Encoding")) {
+        let only_chunked = h.value.as_str().trim().eq_ignore_ascii_case("chunked");
+        if !only_chunked || chunked.is_some() || *version == HTTPVersion(1, 0) {
+            return Err(());
+        }
+        chunked = Some(());
+    }
+    let mut length: Option<usize> = None;
+    for h in headers.iter().filter(|h| h.field.equiv("Content-Length")) {
+        let v = h.value.as_str().trim();
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(());
+        }
+        let n: usize = v.parse().map_err(|_| ())?;
+        if chunked.is_some() || length.is_some_and(|l| l != n) {
+            return Err(());
+        }
+        length = Some(n);
+    }
+    Ok((chunked, length))
 }
 
 /// fazt patch: the outcome of `prebuffer`.
