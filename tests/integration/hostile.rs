@@ -728,6 +728,42 @@ fn statuses(raw: &[u8]) -> Vec<u16> {
         .collect()
 }
 
+#[test]
+fn pipelined_request_flood_does_not_make_the_server_deaf() {
+    // One connection pipelines requests for a big file and never reads. tiny_http used
+    // to hand every pipelined request to the handler threads at once: the first blocked
+    // writing to the full socket (up to the write timeout, per write), the other 15 waited
+    // for their turn to write behind it, and nobody else was served.
+    let server = Server::start();
+    let big = "x".repeat(512 << 10);
+    server.deploy_ok("big", &[("index.html", big.as_str())]);
+    let host = format!("big.localhost:{}", server.port());
+    let mut flood = TcpStream::connect(server.addr).expect("connect");
+    let one = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let _ = flood.set_write_timeout(Some(Duration::from_secs(2)));
+    let _ = flood.write_all(one.repeat(200).as_bytes());
+    // Let the server take in as much of the flood as it will.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    assert_eq!(server.health_within(3000), Some(200));
+    let r = server.app("big", "GET", "/", None);
+    assert_eq!(r.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answers waited {:?} behind one pipelining connection",
+        started.elapsed()
+    );
+    drop(flood);
+    // Pipelining still works for a client that reads: every answer, in order.
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    let req = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    s.write_all(req.as_bytes()).expect("write");
+    assert_eq!(
+        statuses(&read_until_quiet(&mut s, 3000)),
+        vec![200, 401, 200]
+    );
+}
+
 /// Sends `req` on a fresh connection and returns the statuses of every response that
 /// came back before the server closed the connection (or went quiet).
 fn all_statuses(server: &Server, req: &str) -> Vec<u16> {

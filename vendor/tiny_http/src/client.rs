@@ -114,9 +114,9 @@ impl ClientConnection {
         }
     }
 
-    /// true if the connection is HTTPS
-    pub fn secure(&self) -> bool {
-        self.secure
+    /// fazt patch: false once the last request was read (close, upgrade, HTTP/1.0).
+    pub(crate) fn expects_more(&self) -> bool {
+        !self.no_more_requests
     }
 
     /// Reads the next line from self.next_header_source, at most `limit` bytes, and

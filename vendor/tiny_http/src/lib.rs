@@ -434,18 +434,21 @@ impl Server {
                     let mut task = Some((client, slot));
                     tasks_pool.spawn(Box::new(move || {
                         if let Some((mut client, slot)) = task.take() {
-                            // Synchronization is needed for HTTPS requests to avoid a deadlock
-                            if client.secure() {
-                                let (sender, receiver) = mpsc::channel();
-                                for rq in client.by_ref() {
-                                    messages.push(rq.with_notify_sender(sender.clone()).into());
-                                    if receiver.recv().is_err() {
-                                        break;
-                                    }
-                                }
-                            } else {
-                                for rq in client.by_ref() {
-                                    messages.push(rq.into());
+                            // fazt patch: the next request is read only once this one
+                            // is answered (upstream did so for HTTPS only, against a
+                            // deadlock). Otherwise a client pipelining requests it never
+                            // reads answers to had every one handed out at once: the
+                            // first handler thread blocked writing to the full socket and
+                            // all others queued behind it for their turn to write. A
+                            // connection now holds at most one handler thread, and an
+                            // unbounded pipeline costs no memory. An upgrade is not
+                            // waited for: it holds its stream for the WebSocket's life.
+                            let (sender, receiver) = mpsc::channel();
+                            while let Some(rq) = client.next() {
+                                let last = !client.expects_more();
+                                messages.push(rq.with_notify_sender(sender.clone()).into());
+                                if last || receiver.recv().is_err() {
+                                    break;
                                 }
                             }
                             // The slot is released once no more requests come. Dropping
