@@ -764,6 +764,46 @@ fn pipelined_request_flood_does_not_make_the_server_deaf() {
     );
 }
 
+#[test]
+fn connection_upgrade_header_does_not_bypass_body_read_ahead() {
+    // `Connection: upgrade` used to hand the handler the raw socket as the body: no
+    // read-ahead, no length, so a handler thread waited on the client (10 s per
+    // silence, forever for a dripping one), with or without a declared body.
+    let server = Server::start();
+    server.deploy_ok(
+        "up",
+        &[(
+            "api/echo.js",
+            "module.exports = (r) => ({ n: (r.body || '').length });",
+        )],
+    );
+    let host = format!("up.localhost:{}", server.port());
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let mut s = TcpStream::connect(server.addr).expect("connect");
+        let head = if i % 2 == 0 {
+            format!(
+                "POST /api/echo HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: x\r\nContent-Length: 100000\r\n\r\npartial"
+            )
+        } else {
+            format!("GET /api/echo HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+        };
+        s.write_all(head.as_bytes()).expect("write");
+        held.push(s);
+    }
+    assert!(wait_until(10, || server.threads_named("tiny-http-conn") >= 40));
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(server.health_within(3000), Some(200));
+    let r = server.app("up", "POST", "/api/echo", Some("\"hi\""));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answers waited {:?} behind upgrade requests",
+        started.elapsed()
+    );
+}
+
 /// Sends `req` on a fresh connection and returns the statuses of every response that
 /// came back before the server closed the connection (or went quiet).
 fn all_statuses(server: &Server, req: &str) -> Vec<u16> {

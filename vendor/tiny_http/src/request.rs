@@ -49,6 +49,11 @@ pub struct Request {
     // where to read the body from
     data_reader: Option<Box<dyn Read + Send + 'static>>,
 
+    // fazt patch: the raw stream of a bodiless `Connection: upgrade` request, for
+    // `upgrade()` only. It used to be the body reader, so a handler reading the body of
+    // such a request read the socket itself, with no length and no read-ahead.
+    upgrade_source: Option<Box<dyn Read + Send + 'static>>,
+
     // if this writer is empty, then the request has been answered
     response_writer: Option<Box<dyn Write + Send + 'static>>,
 
@@ -180,9 +185,13 @@ where
 
     // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
     // content-length headers
-    let reader = if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
+    let mut upgrade_source = None;
+    let reader = if connection_upgrade && content_length.is_none() && transfer_encoding.is_none()
+    {
+        // fazt patch: the stream is kept for `upgrade()`; the body is empty. An upgrade
+        // request that declares a body gets it framed like any other.
+        upgrade_source = Some(Box::new(source_data) as Box<dyn Read + Send + 'static>);
+        Box::new(io::empty()) as Box<dyn Read + Send + 'static>
     } else if let Some(content_length) = content_length {
         if content_length == 0 {
             Box::new(io::empty()) as Box<dyn Read + Send + 'static>
@@ -265,6 +274,7 @@ where
 
     Ok(Request {
         data_reader: Some(reader),
+        upgrade_source,
         response_writer: Some(Box::new(writer) as Box<dyn Write + Send + 'static>),
         remote_addr,
         secure,
@@ -423,7 +433,11 @@ impl Request {
 
         self.response_writer.as_mut().unwrap().flush().ok(); // TODO: unused result
 
-        let stream = CustomStream::new(self.extract_reader_impl(), self.extract_writer_impl());
+        let reader = match self.upgrade_source.take() {
+            Some(raw) => raw,
+            None => self.extract_reader_impl(),
+        };
+        let stream = CustomStream::new(reader, self.extract_writer_impl());
         if let Some(sender) = self.notify_when_responded.take() {
             let stream = NotifyOnDrop {
                 sender,
