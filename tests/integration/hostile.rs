@@ -413,7 +413,7 @@ fn ws_upgrade_burst_answered_within_1s() {
     );
 }
 
-/// Reads one response with a Content-Length body; its status.
+/// Reads one response with a Content-Length or chunked body; its status.
 fn read_full_response(s: &mut TcpStream) -> Option<u16> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
@@ -425,7 +425,14 @@ fn read_full_response(s: &mut TcpStream) -> Option<u16> {
                 .find_map(|l| l.strip_prefix("content-length:"))
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0);
-            if raw.len() >= end + 4 + len {
+            // Bodies here are plain text, so the last-chunk marker ends a chunked one.
+            let chunked = head.contains("transfer-encoding: chunked");
+            let complete = if chunked {
+                raw[end..].ends_with(b"\r\n0\r\n\r\n")
+            } else {
+                raw.len() >= end + 4 + len
+            };
+            if complete {
                 return head.lines().next()?.split_whitespace().nth(1)?.parse().ok();
             }
         }
@@ -859,4 +866,43 @@ fn request_smuggling_with_ambiguous_content_length_is_refused() {
     // Repeating the same length is legal (RFC 9110 §8.6) and works.
     let req = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
     assert_eq!(all_statuses(&server, req), vec![200]);
+}
+
+#[test]
+fn keep_alive_responses_do_not_wait_for_delayed_acks() {
+    // Issue 10: headers and body went out in two writes on a socket without
+    // TCP_NODELAY, so Nagle held the body until the client's delayed ACK (~40 ms) of
+    // the headers. This client never sets TCP_QUICKACK, as browsers and Node's agent
+    // don't.
+    let server = Server::start();
+    // A small page (one write) and one larger than a single write takes.
+    let small = "p".repeat(4000);
+    let large = "q".repeat(200 << 10);
+    server.deploy_ok(
+        "ka",
+        &[
+            ("index.html", small.as_str()),
+            ("large.html", large.as_str()),
+        ],
+    );
+    let host = format!("ka.localhost:{}", server.port());
+    for (path, n) in [("/", 50), ("/large.html", 20)] {
+        let mut s = TcpStream::connect(server.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        // A first request warms the handler path (store reads, caches).
+        s.write_all(req.as_bytes()).expect("write");
+        assert_eq!(read_full_response(&mut s), Some(200));
+        let started = Instant::now();
+        for _ in 0..n {
+            s.write_all(req.as_bytes()).expect("write");
+            assert_eq!(read_full_response(&mut s), Some(200));
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "{n} keep-alive requests for {path} took {took:?} (about 40 ms each means delayed ACKs)"
+        );
+    }
 }

@@ -392,6 +392,12 @@ impl Server {
                         }
                     };
                     let _ = sock.set_write_timeout(Some(limits.write_timeout));
+                    // fazt patch: no Nagle. A response's last segment must not wait for
+                    // the client's delayed ACK of the one before (~40 ms per response on
+                    // a kept-alive connection); responses go out in as few writes as
+                    // possible instead (see `Response::raw_print`). Upgraded sockets
+                    // (WebSockets) keep the option: it belongs to the socket.
+                    let _ = sock.set_nodelay(true);
                     let control = match sock.try_clone() {
                         Ok(c) => c,
                         Err(e) => {
