@@ -906,3 +906,46 @@ fn keep_alive_responses_do_not_wait_for_delayed_acks() {
         );
     }
 }
+
+#[test]
+fn slow_readers_of_big_responses_do_not_hold_handler_threads() {
+    // Clients that ask for a big file and never read it: each handler thread used to
+    // write the response itself and block on the full socket until the write timeout
+    // (30 s, per write: a client reading a little now and then held it for good). On
+    // loopback the socket buffers take a few MB, hence 8 MB.
+    let server = Server::start();
+    let big = "b".repeat(8 << 20);
+    server.deploy_ok("dl", &[("big.txt", big.as_str()), ("index.html", "hi")]);
+    let host = format!("dl.localhost:{}", server.port());
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(server.addr).expect("connect");
+        let req = format!("GET /big.txt HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        s.write_all(req.as_bytes()).expect("write");
+        held.push(s);
+    }
+    // Let the server take up every one of them.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    assert_eq!(server.health_within(3000), Some(200));
+    let r = server.app("dl", "GET", "/", None);
+    assert_eq!(r.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answers waited {:?} behind clients that do not read",
+        started.elapsed()
+    );
+    // Once they read, each gets a whole answer: the file, or a 503 when the memory
+    // for answers waiting on slow readers (64 MB) was spent.
+    let mut got = Vec::new();
+    for mut s in held {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        got.push(read_full_response(&mut s));
+    }
+    assert!(
+        got.iter().all(|g| matches!(g, Some(200) | Some(503))),
+        "{got:?}"
+    );
+    assert!(got.contains(&Some(200)), "{got:?}");
+}

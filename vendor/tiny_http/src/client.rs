@@ -114,9 +114,44 @@ impl ClientConnection {
         }
     }
 
-    /// fazt patch: false once the last request was read (close, upgrade, HTTP/1.0).
-    pub(crate) fn expects_more(&self) -> bool {
-        !self.no_more_requests
+    /// fazt patch: writes a response a handler serialized (`Request::respond`), here in
+    /// the connection's thread, within `write_timeout` plus the time the body takes at
+    /// `body_min_rate` (a client that reads slowly or not at all loses its connection,
+    /// not a handler thread). False (and the connection shut) when that fails.
+    pub(crate) fn write_response(&mut self, pending: crate::request::PendingWrite) -> bool {
+        use std::io::Write;
+        let crate::request::PendingWrite {
+            mut writer, bytes, ..
+        } = pending;
+        let t = self.limits.write_timeout;
+        let per_rate = bytes.len() as u64 / self.limits.body_min_rate.max(1);
+        let deadline = Instant::now() + t + Duration::from_secs(per_rate);
+        let mut at = 0;
+        let mut ok = true;
+        while at < bytes.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                ok = false;
+                break;
+            }
+            // The socket's timeout bounds each write call; the deadline bounds them all.
+            let _ = self
+                .control
+                .set_write_timeout(Some(left.min(t).max(Duration::from_millis(1))));
+            match writer.write(&bytes[at..]) {
+                Ok(0) | Err(_) => {
+                    ok = false;
+                    break;
+                }
+                Ok(n) => at += n,
+            }
+        }
+        ok = ok && writer.flush().is_ok();
+        let _ = self.control.set_write_timeout(Some(t));
+        if !ok {
+            let _ = self.control.shutdown(Shutdown::Both);
+        }
+        ok
     }
 
     /// Reads the next line from self.next_header_source, at most `limit` bytes, and

@@ -219,6 +219,10 @@ pub struct Limits {
     /// Memory for such read-ahead bodies in all; when it is used up, a body waits for
     /// room up to one body timeout, then is read as it comes.
     pub prebuffer_total: usize,
+    /// Memory for responses waiting to be written by connection threads, in all. A
+    /// response with a body over 64 KB that does not fit gets a 503 instead (writing
+    /// it in the application's thread would let a client that does not read hold it).
+    pub response_buffer_total: usize,
     /// Open connections in all; past it new ones get 503 and a close.
     pub max_connections: usize,
     /// Open connections per client IP; past it new ones get 429 and a close.
@@ -238,6 +242,7 @@ impl Default for Limits {
             drain_limit: 256 << 10,
             prebuffer_body: 1 << 20,
             prebuffer_total: 64 << 20,
+            response_buffer_total: 64 << 20,
             max_connections: 4096,
             max_connections_per_ip: 256,
         }
@@ -353,6 +358,7 @@ impl Server {
         let limits = Arc::new(limits);
         let counts = Arc::new(util::ConnectionCounts::default());
         let budget = util::BodyBudget::new(limits.prebuffer_total);
+        let responses = util::BodyBudget::new(limits.response_buffer_total);
         let refuser = util::Refuser::start();
         thread::Builder::new()
             .name("tiny-http-accept".into())
@@ -437,6 +443,7 @@ impl Server {
                     );
 
                     let messages = inside_messages.clone();
+                    let responses = responses.clone();
                     let mut task = Some((client, slot));
                     tasks_pool.spawn(Box::new(move || {
                         if let Some((mut client, slot)) = task.take() {
@@ -449,11 +456,21 @@ impl Server {
                             // connection now holds at most one handler thread, and an
                             // unbounded pipeline costs no memory. An upgrade is not
                             // waited for: it holds its stream for the WebSocket's life.
+                            //
+                            // The answer, serialized, is written here (not in a handler
+                            // thread) under a deadline: see `Request::respond`.
                             let (sender, receiver) = mpsc::channel();
                             while let Some(rq) = client.next() {
-                                let last = !client.expects_more();
-                                messages.push(rq.with_notify_sender(sender.clone()).into());
-                                if last || receiver.recv().is_err() {
+                                let rq = rq.with_notify_sender(sender.clone(), responses.clone());
+                                messages.push(rq.into());
+                                let written = match receiver.recv() {
+                                    Ok(request::Responded::Done) => true,
+                                    Ok(request::Responded::Write(pending)) => {
+                                        client.write_response(pending)
+                                    }
+                                    Err(_) => false,
+                                };
+                                if !written {
                                     break;
                                 }
                             }

@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{BodyBudget, BodyReader, ChunkedDecoder, FusedReader, Prebuffered};
+use crate::util::{
+    BodyBudget, BodyReader, BudgetGuard, ChunkedDecoder, FusedReader, Prebuffered,
+};
+use std::sync::Arc;
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
 
 /// Represents an HTTP request made by a client.
@@ -76,11 +79,34 @@ pub struct Request {
     must_send_continue: bool,
 
     // If Some, a message must be sent after responding
-    notify_when_responded: Option<Sender<()>>,
+    notify_when_responded: Option<Sender<Responded>>,
+
+    // fazt patch: memory for responses handed to the connection's thread to write.
+    response_budget: Option<Arc<BodyBudget>>,
 }
 
+/// fazt patch: what the connection's thread hears once a request is answered.
+pub(crate) enum Responded {
+    /// The answer is written (or the writer is with the application: `into_writer`).
+    Done,
+    /// The answer, serialized, for the connection's thread to write: a handler thread
+    /// never blocks on a client that reads slowly or not at all.
+    Write(PendingWrite),
+}
+
+/// fazt patch: a serialized response, its writer and its share of the budget.
+pub(crate) struct PendingWrite {
+    pub(crate) writer: Box<dyn Write + Send + 'static>,
+    pub(crate) bytes: Vec<u8>,
+    _guard: Option<BudgetGuard>,
+}
+
+/// fazt patch: a response body up to this size is handed to the connection's thread
+/// even when the response budget is spent (it mostly fits in the socket's buffer).
+const HANDOFF_SMALL: usize = 64 << 10;
+
 struct NotifyOnDrop<R> {
-    sender: Sender<()>,
+    sender: Sender<Responded>,
     inner: R,
 }
 
@@ -100,7 +126,7 @@ impl<R: Write> Write for NotifyOnDrop<R> {
 impl<R> Drop for NotifyOnDrop<R> {
     fn drop(&mut self) {
         // fazt patch: the connection may be gone (no one waits): not a panic.
-        let _ = self.sender.send(());
+        let _ = self.sender.send(Responded::Done);
     }
 }
 
@@ -285,6 +311,7 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        response_budget: None,
     })
 }
 
@@ -438,15 +465,12 @@ impl Request {
             None => self.extract_reader_impl(),
         };
         let stream = CustomStream::new(reader, self.extract_writer_impl());
+        // fazt patch: the connection's thread reads no further request after an
+        // upgrade, so it need not wait for the stream's end (it used to, for HTTPS).
         if let Some(sender) = self.notify_when_responded.take() {
-            let stream = NotifyOnDrop {
-                sender,
-                inner: stream,
-            };
-            Box::new(stream) as Box<dyn ReadWrite + Send>
-        } else {
-            Box::new(stream) as Box<dyn ReadWrite + Send>
+            let _ = sender.send(Responded::Done);
         }
+        Box::new(stream) as Box<dyn ReadWrite + Send>
     }
 
     /// Allows to read the body of the request.
@@ -546,11 +570,73 @@ impl Request {
     where
         R: Read,
     {
-        let res = self.respond_impl(response);
-        if let Some(sender) = self.notify_when_responded.take() {
-            let _ = sender.send(());
+        let Some(sender) = self.notify_when_responded.take() else {
+            return self.respond_impl(response);
+        };
+        // fazt patch: a response of known length is serialized here and written by the
+        // connection's thread (under a deadline), within a shared memory budget; a
+        // large one past the budget is refused 503 rather than written here, where a
+        // client that does not read would hold this (application) thread.
+        let length = response.data_length();
+        let guard = match (length, &self.response_budget) {
+            (Some(len), Some(budget)) => budget.acquire(len, std::time::Duration::ZERO),
+            _ => None,
+        };
+        match (length, guard) {
+            (None, _) => {
+                let res = self.respond_impl(response);
+                let _ = sender.send(Responded::Done);
+                res
+            }
+            (Some(_), Some(guard)) => self.hand_off(response, Some(guard), &sender),
+            (Some(len), None) if len <= HANDOFF_SMALL => self.hand_off(response, None, &sender),
+            (Some(_), None) => {
+                log::warn!(
+                    "the response budget is spent by clients that read slowly; answering 503"
+                );
+                let mut busy = Response::from_string(
+                    "{\"error\":\"the server is busy sending large responses; retry shortly\"}",
+                )
+                .with_status_code(StatusCode(503));
+                for (k, v) in [("Content-Type", "application/json"), ("Retry-After", "1")] {
+                    if let Ok(h) = Header::from_bytes(k.as_bytes(), v.as_bytes()) {
+                        busy.add_header(h);
+                    }
+                }
+                self.hand_off(busy, None, &sender)
+            }
         }
-        res
+    }
+
+    /// fazt patch: serializes `response` and sends it to the connection's thread; if
+    /// that thread is gone, writes it here.
+    fn hand_off<R: Read>(
+        &mut self,
+        response: Response<R>,
+        guard: Option<BudgetGuard>,
+        sender: &Sender<Responded>,
+    ) -> Result<(), IoError> {
+        let mut bytes = Vec::with_capacity(response.data_length().unwrap_or(0) + 512);
+        response.raw_print(
+            &mut bytes,
+            self.http_version.clone(),
+            &self.headers,
+            self.method == Method::Head,
+            None,
+        )?;
+        let pending = PendingWrite {
+            writer: self.extract_writer_impl(),
+            bytes,
+            _guard: guard,
+        };
+        match sender.send(Responded::Write(pending)) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::SendError(Responded::Write(mut p))) => {
+                Self::ignore_client_closing_errors(p.writer.write_all(&p.bytes))?;
+                Self::ignore_client_closing_errors(p.writer.flush())
+            }
+            Err(_) => Ok(()),
+        }
     }
 
     fn respond_impl<R>(&mut self, response: Response<R>) -> Result<(), IoError>
@@ -582,8 +668,13 @@ impl Request {
         })
     }
 
-    pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
+    pub(crate) fn with_notify_sender(
+        mut self,
+        sender: Sender<Responded>,
+        budget: Arc<BodyBudget>,
+    ) -> Self {
         self.notify_when_responded = Some(sender);
+        self.response_budget = Some(budget);
         self
     }
 }
@@ -604,7 +695,7 @@ impl Drop for Request {
             let response = Response::empty(500);
             let _ = self.respond_impl(response); // ignoring any potential error
             if let Some(sender) = self.notify_when_responded.take() {
-                let _ = sender.send(());
+                let _ = sender.send(Responded::Done);
             }
         }
     }
