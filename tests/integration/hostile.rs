@@ -949,3 +949,77 @@ fn slow_readers_of_big_responses_do_not_hold_handler_threads() {
     );
     assert!(got.contains(&Some(200)), "{got:?}");
 }
+
+/// A TCP connection to `addr` from the loopback address `from` (any 127.x.y.z is
+/// local on Linux), so one test can play clients at different addresses.
+fn connect_from(from: std::net::Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = addr else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns; it is handed to
+    // TcpStream (which closes it) right after creation, so every path closes it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(from, 0);
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sockaddr(*to.ip(), to.port());
+        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+#[test]
+fn read_ahead_budget_hog_does_not_starve_other_clients() {
+    // Handler bodies are read ahead within 64 MB shared by all clients. One address
+    // declaring 1 MB bodies on 80 connections and sending them slowly took all of it:
+    // everyone else's body waited up to the body timeout (10 s) for room, then went
+    // to a handler thread to be read as it came.
+    let server = Server::start();
+    server.deploy_ok(
+        "hog",
+        &[(
+            "api/echo.js",
+            "module.exports = (r) => ({ n: (r.body || '').length });",
+        )],
+    );
+    let host = format!("hog.localhost:{}", server.port());
+    let attacker = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        let mut s = connect_from(attacker, server.addr).expect("connect from 127.0.0.2");
+        let head = format!(
+            "POST /api/echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1048576\r\n\r\npartial"
+        );
+        s.write_all(head.as_bytes()).expect("write");
+        held.push(s);
+    }
+    assert!(wait_until(10, || server.threads_named("tiny-http-conn") >= 80));
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let body = format!("\"{}\"", "c".repeat(100 << 10));
+    let r = server.app("hog", "POST", "/api/echo", Some(&body));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a 100 KB body waited {:?} behind one address's read-ahead",
+        started.elapsed()
+    );
+}

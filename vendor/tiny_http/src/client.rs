@@ -69,6 +69,8 @@ enum ReadError {
     UnsupportedVersion,
     /// fazt patch: ambiguous or unsupported body framing (400).
     BadFraming,
+    /// fazt patch: no memory to read the body ahead (503).
+    Busy,
     /// fazt patch: nothing more on this connection (EOF, idle timeout, or a body was
     /// left unread): close without an answer.
     Closed,
@@ -352,6 +354,7 @@ impl ClientConnection {
                     ReadError::ExpectationFailed(version)
                 }
                 request::RequestCreationError::BadFraming => ReadError::BadFraming,
+                request::RequestCreationError::Busy => ReadError::Busy,
             }
         })?;
 
@@ -435,6 +438,15 @@ impl Iterator for ClientConnection {
                 );
                 // The body that follows is unread: close gracefully, or the client may
                 // get a reset instead of the answer.
+                self.linger();
+                return None;
+            }
+            Err(ReadError::Busy) => {
+                self.refuse(
+                    503,
+                    v11,
+                    "the server is busy receiving other request bodies; retry shortly",
+                );
                 self.linger();
                 return None;
             }

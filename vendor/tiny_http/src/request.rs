@@ -141,6 +141,9 @@ pub enum RequestCreationError {
 
     /// fazt patch: the body's framing is ambiguous or unsupported (400 and close).
     BadFraming,
+
+    /// fazt patch: no memory to read the body ahead within a body timeout (503).
+    Busy,
 }
 
 impl From<IoError> for RequestCreationError {
@@ -264,6 +267,7 @@ where
                 budget,
                 &mut writer,
                 &mut expects_continue,
+                remote_addr.map(|a| a.ip()),
             )? {
                 Prebuffer::Whole(buffered) => Box::new(buffered) as Box<dyn Read + Send + 'static>,
                 Prebuffer::Streamed(body) => Box::new(body) as Box<dyn Read + Send + 'static>,
@@ -285,6 +289,7 @@ where
             budget,
             &mut writer,
             &mut expects_continue,
+            remote_addr.map(|a| a.ip()),
         )? {
             Prebuffer::Whole(buffered) => Box::new(buffered) as Box<dyn Read + Send + 'static>,
             Prebuffer::Streamed(body) => {
@@ -362,13 +367,17 @@ fn prebuffer<B: Read + Send + 'static, W: Write>(
     budget: &std::sync::Arc<BodyBudget>,
     writer: &mut W,
     expects_continue: &mut bool,
+    ip: Option<std::net::IpAddr>,
 ) -> Result<Prebuffer<B>, RequestCreationError> {
     if want > limits.prebuffer_body.saturating_add(1) {
         return Ok(Prebuffer::Streamed(body));
     }
-    let guard = match budget.acquire(want, limits.body_timeout) {
+    // fazt patch: no room within a body timeout (clients are sending slowly, or this
+    // one already holds its share) is a 503: streaming the body instead would let a
+    // slow sender hold a handler thread after all.
+    let guard = match budget.acquire(want, ip, limits.body_timeout) {
         Some(g) => g,
-        None => return Ok(Prebuffer::Streamed(body)),
+        None => return Err(RequestCreationError::Busy),
     };
     if *expects_continue {
         writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
@@ -579,10 +588,22 @@ impl Request {
         // client that does not read would hold this (application) thread.
         let length = response.data_length();
         let guard = match (length, &self.response_budget) {
-            (Some(len), Some(budget)) => budget.acquire(len, std::time::Duration::ZERO),
+            (Some(len), Some(budget)) => {
+                let ip = self.remote_addr.map(|a| a.ip());
+                budget.acquire(len, ip, std::time::Duration::ZERO)
+            }
             _ => None,
         };
+        let over = |budget: &Option<Arc<BodyBudget>>, len: usize| {
+            budget.as_ref().map_or(true, |b| len > b.total())
+        };
         match (length, guard) {
+            // Larger than the whole budget (or no budget): written here, as upstream.
+            (Some(len), None) if over(&self.response_budget, len) => {
+                let res = self.respond_impl(response);
+                let _ = sender.send(Responded::Done);
+                res
+            }
             (None, _) => {
                 let res = self.respond_impl(response);
                 let _ = sender.send(Responded::Done);
