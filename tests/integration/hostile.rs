@@ -413,7 +413,7 @@ fn ws_upgrade_burst_answered_within_1s() {
     );
 }
 
-/// Reads one response with a Content-Length body; its status.
+/// Reads one response with a Content-Length or chunked body; its status.
 fn read_full_response(s: &mut TcpStream) -> Option<u16> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
@@ -425,7 +425,14 @@ fn read_full_response(s: &mut TcpStream) -> Option<u16> {
                 .find_map(|l| l.strip_prefix("content-length:"))
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0);
-            if raw.len() >= end + 4 + len {
+            // Bodies here are plain text, so the last-chunk marker ends a chunked one.
+            let chunked = head.contains("transfer-encoding: chunked");
+            let complete = if chunked {
+                raw[end..].ends_with(b"\r\n0\r\n\r\n")
+            } else {
+                raw.len() >= end + 4 + len
+            };
+            if complete {
                 return head.lines().next()?.split_whitespace().nth(1)?.parse().ok();
             }
         }
@@ -702,6 +709,317 @@ fn silent_handler_bodies_do_not_hold_handler_threads() {
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "answers waited {:?} behind silent bodies",
+        started.elapsed()
+    );
+}
+
+/// Reads everything a connection sends until it closes or is quiet for `ms`.
+fn read_until_quiet(s: &mut TcpStream, ms: u64) -> Vec<u8> {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(ms)));
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return raw,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The status codes of all responses in `raw`. The bodies here are JSON that never
+/// holds `HTTP/1.`, and a response follows the previous body without a line break.
+fn statuses(raw: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(raw);
+    text.match_indices("HTTP/1.")
+        .filter_map(|(i, _)| text[i..].split_whitespace().nth(1)?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn pipelined_request_flood_does_not_make_the_server_deaf() {
+    // One connection pipelines requests for a big file and never reads. tiny_http used
+    // to hand every pipelined request to the handler threads at once: the first blocked
+    // writing to the full socket (up to the write timeout, per write), the other 15 waited
+    // for their turn to write behind it, and nobody else was served.
+    let server = Server::start();
+    let big = "x".repeat(512 << 10);
+    server.deploy_ok("big", &[("index.html", big.as_str())]);
+    let host = format!("big.localhost:{}", server.port());
+    let mut flood = TcpStream::connect(server.addr).expect("connect");
+    let one = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let _ = flood.set_write_timeout(Some(Duration::from_secs(2)));
+    let _ = flood.write_all(one.repeat(200).as_bytes());
+    // Let the server take in as much of the flood as it will.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    assert_eq!(server.health_within(3000), Some(200));
+    let r = server.app("big", "GET", "/", None);
+    assert_eq!(r.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answers waited {:?} behind one pipelining connection",
+        started.elapsed()
+    );
+    drop(flood);
+    // Pipelining still works for a client that reads: every answer, in order.
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    let req = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    s.write_all(req.as_bytes()).expect("write");
+    assert_eq!(
+        statuses(&read_until_quiet(&mut s, 3000)),
+        vec![200, 401, 200]
+    );
+}
+
+#[test]
+fn connection_upgrade_header_does_not_bypass_body_read_ahead() {
+    // `Connection: upgrade` used to hand the handler the raw socket as the body: no
+    // read-ahead, no length, so a handler thread waited on the client (10 s per
+    // silence, forever for a dripping one), with or without a declared body.
+    let server = Server::start();
+    server.deploy_ok(
+        "up",
+        &[(
+            "api/echo.js",
+            "module.exports = (r) => ({ n: (r.body || '').length });",
+        )],
+    );
+    let host = format!("up.localhost:{}", server.port());
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let mut s = TcpStream::connect(server.addr).expect("connect");
+        let head = if i % 2 == 0 {
+            format!(
+                "POST /api/echo HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: x\r\nContent-Length: 100000\r\n\r\npartial"
+            )
+        } else {
+            format!("GET /api/echo HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+        };
+        s.write_all(head.as_bytes()).expect("write");
+        held.push(s);
+    }
+    assert!(wait_until(10, || server.threads_named("tiny-http-conn") >= 40));
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(server.health_within(3000), Some(200));
+    let r = server.app("up", "POST", "/api/echo", Some("\"hi\""));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answers waited {:?} behind upgrade requests",
+        started.elapsed()
+    );
+}
+
+/// Sends `req` on a fresh connection and returns the statuses of every response that
+/// came back before the server closed the connection (or went quiet).
+fn all_statuses(server: &Server, req: &str) -> Vec<u16> {
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.write_all(req.as_bytes()).expect("write");
+    statuses(&read_until_quiet(&mut s, 1500))
+}
+
+#[test]
+fn request_smuggling_with_transfer_encoding_and_content_length_is_refused() {
+    // A front proxy that frames by Content-Length and a server that frames by
+    // Transfer-Encoding disagree on where the next request starts. RFC 9112 §6.1: such
+    // a request is an attack; answer 400 and close.
+    let server = Server::start();
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let chunked = format!("0\r\n\r\n{smuggled}");
+    let req = format!(
+        "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}",
+        chunked.len()
+    );
+    assert_eq!(all_statuses(&server, &req), vec![400], "TE + CL");
+    // A transfer coding other than chunked cannot be framed at all.
+    let req = format!(
+        "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: identity\r\nContent-Length: 5\r\n\r\nhello{smuggled}"
+    );
+    assert_eq!(all_statuses(&server, &req), vec![400], "TE identity");
+    let req = format!(
+        "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n{smuggled}"
+    );
+    assert_eq!(all_statuses(&server, &req), vec![400], "TE gzip, chunked");
+    assert_eq!(server.health_within(2000), Some(200));
+}
+
+#[test]
+fn request_smuggling_with_ambiguous_content_length_is_refused() {
+    // An unparsable Content-Length used to mean "no body", so the body was read as the
+    // next request; `+5` parsed as 5; of two different lengths the first won.
+    let server = Server::start();
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    for (name, cl) in [
+        ("not a number", "Content-Length: 5x\r\n"),
+        ("signed", "Content-Length: +5\r\n"),
+        ("list", "Content-Length: 5, 5\r\n"),
+        (
+            "two different",
+            "Content-Length: 5\r\nContent-Length: 0\r\n",
+        ),
+        ("negative", "Content-Length: -1\r\n"),
+    ] {
+        let req = format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n{cl}\r\nhello{smuggled}");
+        assert_eq!(all_statuses(&server, &req), vec![400], "{name}");
+    }
+    // Repeating the same length is legal (RFC 9110 §8.6) and works.
+    let req = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
+    assert_eq!(all_statuses(&server, req), vec![200]);
+}
+
+#[test]
+fn keep_alive_responses_do_not_wait_for_delayed_acks() {
+    // Issue 10: headers and body went out in two writes on a socket without
+    // TCP_NODELAY, so Nagle held the body until the client's delayed ACK (~40 ms) of
+    // the headers. This client never sets TCP_QUICKACK, as browsers and Node's agent
+    // don't.
+    let server = Server::start();
+    // A small page (one write) and one larger than a single write takes.
+    let small = "p".repeat(4000);
+    let large = "q".repeat(200 << 10);
+    server.deploy_ok(
+        "ka",
+        &[
+            ("index.html", small.as_str()),
+            ("large.html", large.as_str()),
+        ],
+    );
+    let host = format!("ka.localhost:{}", server.port());
+    for (path, n) in [("/", 50), ("/large.html", 20)] {
+        let mut s = TcpStream::connect(server.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        // A first request warms the handler path (store reads, caches).
+        s.write_all(req.as_bytes()).expect("write");
+        assert_eq!(read_full_response(&mut s), Some(200));
+        let started = Instant::now();
+        for _ in 0..n {
+            s.write_all(req.as_bytes()).expect("write");
+            assert_eq!(read_full_response(&mut s), Some(200));
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "{n} keep-alive requests for {path} took {took:?} (about 40 ms each means delayed ACKs)"
+        );
+    }
+}
+
+#[test]
+fn slow_readers_of_big_responses_do_not_hold_handler_threads() {
+    // Clients that ask for a big file and never read it: each handler thread used to
+    // write the response itself and block on the full socket until the write timeout
+    // (30 s, per write: a client reading a little now and then held it for good). On
+    // loopback the socket buffers take a few MB, hence 8 MB.
+    let server = Server::start();
+    let big = "b".repeat(8 << 20);
+    server.deploy_ok("dl", &[("big.txt", big.as_str()), ("index.html", "hi")]);
+    let host = format!("dl.localhost:{}", server.port());
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(server.addr).expect("connect");
+        let req = format!("GET /big.txt HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        s.write_all(req.as_bytes()).expect("write");
+        held.push(s);
+    }
+    // Let the server take up every one of them.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    assert_eq!(server.health_within(3000), Some(200));
+    let r = server.app("dl", "GET", "/", None);
+    assert_eq!(r.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answers waited {:?} behind clients that do not read",
+        started.elapsed()
+    );
+    // Once they read, each gets a whole answer: the file, or a 503 when the memory
+    // for answers waiting on slow readers (64 MB) was spent.
+    let mut got = Vec::new();
+    for mut s in held {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        got.push(read_full_response(&mut s));
+    }
+    assert!(
+        got.iter().all(|g| matches!(g, Some(200) | Some(503))),
+        "{got:?}"
+    );
+    assert!(got.contains(&Some(200)), "{got:?}");
+}
+
+/// A TCP connection to `addr` from the loopback address `from` (any 127.x.y.z is
+/// local on Linux), so one test can play clients at different addresses.
+fn connect_from(from: std::net::Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = addr else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns; it is handed to
+    // TcpStream (which closes it) right after creation, so every path closes it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(from, 0);
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sockaddr(*to.ip(), to.port());
+        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+#[test]
+fn read_ahead_budget_hog_does_not_starve_other_clients() {
+    // Handler bodies are read ahead within 64 MB shared by all clients. One address
+    // declaring 1 MB bodies on 80 connections and sending them slowly took all of it:
+    // everyone else's body waited up to the body timeout (10 s) for room, then went
+    // to a handler thread to be read as it came.
+    let server = Server::start();
+    server.deploy_ok(
+        "hog",
+        &[(
+            "api/echo.js",
+            "module.exports = (r) => ({ n: (r.body || '').length });",
+        )],
+    );
+    let host = format!("hog.localhost:{}", server.port());
+    let attacker = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        let mut s = connect_from(attacker, server.addr).expect("connect from 127.0.0.2");
+        let head = format!(
+            "POST /api/echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1048576\r\n\r\npartial"
+        );
+        s.write_all(head.as_bytes()).expect("write");
+        held.push(s);
+    }
+    assert!(wait_until(10, || server.threads_named("tiny-http-conn") >= 80));
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let body = format!("\"{}\"", "c".repeat(100 << 10));
+    let r = server.app("hog", "POST", "/api/echo", Some(&body));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a 100 KB body waited {:?} behind one address's read-ahead",
         started.elapsed()
     );
 }

@@ -67,6 +67,10 @@ enum ReadError {
     HeadTimeout,
     /// fazt patch: a well-formed HTTP version other than 1.0 and 1.1 (505).
     UnsupportedVersion,
+    /// fazt patch: ambiguous or unsupported body framing (400).
+    BadFraming,
+    /// fazt patch: no memory to read the body ahead (503).
+    Busy,
     /// fazt patch: nothing more on this connection (EOF, idle timeout, or a body was
     /// left unread): close without an answer.
     Closed,
@@ -112,9 +116,44 @@ impl ClientConnection {
         }
     }
 
-    /// true if the connection is HTTPS
-    pub fn secure(&self) -> bool {
-        self.secure
+    /// fazt patch: writes a response a handler serialized (`Request::respond`), here in
+    /// the connection's thread, within `write_timeout` plus the time the body takes at
+    /// `body_min_rate` (a client that reads slowly or not at all loses its connection,
+    /// not a handler thread). False (and the connection shut) when that fails.
+    pub(crate) fn write_response(&mut self, pending: crate::request::PendingWrite) -> bool {
+        use std::io::Write;
+        let crate::request::PendingWrite {
+            mut writer, bytes, ..
+        } = pending;
+        let t = self.limits.write_timeout;
+        let per_rate = bytes.len() as u64 / self.limits.body_min_rate.max(1);
+        let deadline = Instant::now() + t + Duration::from_secs(per_rate);
+        let mut at = 0;
+        let mut ok = true;
+        while at < bytes.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                ok = false;
+                break;
+            }
+            // The socket's timeout bounds each write call; the deadline bounds them all.
+            let _ = self
+                .control
+                .set_write_timeout(Some(left.min(t).max(Duration::from_millis(1))));
+            match writer.write(&bytes[at..]) {
+                Ok(0) | Err(_) => {
+                    ok = false;
+                    break;
+                }
+                Ok(n) => at += n,
+            }
+        }
+        ok = ok && writer.flush().is_ok();
+        let _ = self.control.set_write_timeout(Some(t));
+        if !ok {
+            let _ = self.control.shutdown(Shutdown::Both);
+        }
+        ok
     }
 
     /// Reads the next line from self.next_header_source, at most `limit` bytes, and
@@ -314,6 +353,8 @@ impl ClientConnection {
                 request::RequestCreationError::ExpectationFailed => {
                     ReadError::ExpectationFailed(version)
                 }
+                request::RequestCreationError::BadFraming => ReadError::BadFraming,
+                request::RequestCreationError::Busy => ReadError::Busy,
             }
         })?;
 
@@ -324,7 +365,7 @@ impl ClientConnection {
     /// fazt patch: answers a request that cannot be served and closes the connection.
     fn refuse(&mut self, status: u16, version: HTTPVersion, message: &str) {
         use crate::{Header, Response, StatusCode};
-        let writer = self.sink.next_writer();
+        let mut writer = self.sink.next_writer();
         let mut response = Response::from_string(format!("{{\"error\":\"{}\"}}", message))
             .with_status_code(StatusCode(status));
         if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
@@ -333,7 +374,11 @@ impl ClientConnection {
         if let Ok(h) = Header::from_bytes(&b"Connection"[..], &b"close"[..]) {
             response.add_header(h);
         }
-        response.raw_print(writer, version, &[], false, None).ok();
+        response
+            .raw_print(&mut writer, version, &[], false, None)
+            .ok();
+        // Out now, before any shutdown: the buffered writer would flush only on drop.
+        let _ = std::io::Write::flush(&mut writer);
     }
 }
 
@@ -383,6 +428,26 @@ impl Iterator for ClientConnection {
                     v11,
                     "this server only supports HTTP versions 1.0 and 1.1",
                 );
+                return None;
+            }
+            Err(ReadError::BadFraming) => {
+                self.refuse(
+                    400,
+                    v11,
+                    "ambiguous request body framing: send one Content-Length, or Transfer-Encoding: chunked alone",
+                );
+                // The body that follows is unread: close gracefully, or the client may
+                // get a reset instead of the answer.
+                self.linger();
+                return None;
+            }
+            Err(ReadError::Busy) => {
+                self.refuse(
+                    503,
+                    v11,
+                    "the server is busy receiving other request bodies; retry shortly",
+                );
+                self.linger();
                 return None;
             }
             Err(ReadError::ExpectationFailed(ver)) => {

@@ -117,6 +117,15 @@ impl Connection {
         }
     }
 
+    /// fazt patch: TCP_NODELAY (a no-op on Unix sockets, which have no Nagle).
+    pub(crate) fn set_nodelay(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_nodelay(on),
+            #[cfg(unix)]
+            Self::Unix(_) => Ok(()),
+        }
+    }
+
     pub(crate) fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
         match self {
             Self::Tcp(s) => s.set_nonblocking(on),

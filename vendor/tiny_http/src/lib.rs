@@ -219,6 +219,10 @@ pub struct Limits {
     /// Memory for such read-ahead bodies in all; when it is used up, a body waits for
     /// room up to one body timeout, then is read as it comes.
     pub prebuffer_total: usize,
+    /// Memory for responses waiting to be written by connection threads, in all. A
+    /// response with a body over 64 KB that does not fit gets a 503 instead (writing
+    /// it in the application's thread would let a client that does not read hold it).
+    pub response_buffer_total: usize,
     /// Open connections in all; past it new ones get 503 and a close.
     pub max_connections: usize,
     /// Open connections per client IP; past it new ones get 429 and a close.
@@ -238,6 +242,7 @@ impl Default for Limits {
             drain_limit: 256 << 10,
             prebuffer_body: 1 << 20,
             prebuffer_total: 64 << 20,
+            response_buffer_total: 64 << 20,
             max_connections: 4096,
             max_connections_per_ip: 256,
         }
@@ -353,6 +358,7 @@ impl Server {
         let limits = Arc::new(limits);
         let counts = Arc::new(util::ConnectionCounts::default());
         let budget = util::BodyBudget::new(limits.prebuffer_total);
+        let responses = util::BodyBudget::new(limits.response_buffer_total);
         let refuser = util::Refuser::start();
         thread::Builder::new()
             .name("tiny-http-accept".into())
@@ -392,6 +398,12 @@ impl Server {
                         }
                     };
                     let _ = sock.set_write_timeout(Some(limits.write_timeout));
+                    // fazt patch: no Nagle. A response's last segment must not wait for
+                    // the client's delayed ACK of the one before (~40 ms per response on
+                    // a kept-alive connection); responses go out in as few writes as
+                    // possible instead (see `Response::raw_print`). Upgraded sockets
+                    // (WebSockets) keep the option: it belongs to the socket.
+                    let _ = sock.set_nodelay(true);
                     let control = match sock.try_clone() {
                         Ok(c) => c,
                         Err(e) => {
@@ -431,21 +443,35 @@ impl Server {
                     );
 
                     let messages = inside_messages.clone();
+                    let responses = responses.clone();
                     let mut task = Some((client, slot));
                     tasks_pool.spawn(Box::new(move || {
                         if let Some((mut client, slot)) = task.take() {
-                            // Synchronization is needed for HTTPS requests to avoid a deadlock
-                            if client.secure() {
-                                let (sender, receiver) = mpsc::channel();
-                                for rq in client.by_ref() {
-                                    messages.push(rq.with_notify_sender(sender.clone()).into());
-                                    if receiver.recv().is_err() {
-                                        break;
+                            // fazt patch: the next request is read only once this one
+                            // is answered (upstream did so for HTTPS only, against a
+                            // deadlock). Otherwise a client pipelining requests it never
+                            // reads answers to had every one handed out at once: the
+                            // first handler thread blocked writing to the full socket and
+                            // all others queued behind it for their turn to write. A
+                            // connection now holds at most one handler thread, and an
+                            // unbounded pipeline costs no memory. An upgrade is not
+                            // waited for: it holds its stream for the WebSocket's life.
+                            //
+                            // The answer, serialized, is written here (not in a handler
+                            // thread) under a deadline: see `Request::respond`.
+                            let (sender, receiver) = mpsc::channel();
+                            while let Some(rq) = client.next() {
+                                let rq = rq.with_notify_sender(sender.clone(), responses.clone());
+                                messages.push(rq.into());
+                                let written = match receiver.recv() {
+                                    Ok(request::Responded::Done) => true,
+                                    Ok(request::Responded::Write(pending)) => {
+                                        client.write_response(pending)
                                     }
-                                }
-                            } else {
-                                for rq in client.by_ref() {
-                                    messages.push(rq.into());
+                                    Err(_) => false,
+                                };
+                                if !written {
+                                    break;
                                 }
                             }
                             // The slot is released once no more requests come. Dropping

@@ -3,11 +3,13 @@ use std::io::{self, Cursor, ErrorKind, Read, Write};
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{BodyBudget, BodyReader, ChunkedDecoder, FusedReader, Prebuffered};
+use crate::util::{
+    BodyBudget, BodyReader, BudgetGuard, ChunkedDecoder, FusedReader, Prebuffered,
+};
+use std::sync::Arc;
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
 
 /// Represents an HTTP request made by a client.
@@ -50,6 +52,11 @@ pub struct Request {
     // where to read the body from
     data_reader: Option<Box<dyn Read + Send + 'static>>,
 
+    // fazt patch: the raw stream of a bodiless `Connection: upgrade` request, for
+    // `upgrade()` only. It used to be the body reader, so a handler reading the body of
+    // such a request read the socket itself, with no length and no read-ahead.
+    upgrade_source: Option<Box<dyn Read + Send + 'static>>,
+
     // if this writer is empty, then the request has been answered
     response_writer: Option<Box<dyn Write + Send + 'static>>,
 
@@ -72,11 +79,34 @@ pub struct Request {
     must_send_continue: bool,
 
     // If Some, a message must be sent after responding
-    notify_when_responded: Option<Sender<()>>,
+    notify_when_responded: Option<Sender<Responded>>,
+
+    // fazt patch: memory for responses handed to the connection's thread to write.
+    response_budget: Option<Arc<BodyBudget>>,
 }
 
+/// fazt patch: what the connection's thread hears once a request is answered.
+pub(crate) enum Responded {
+    /// The answer is written (or the writer is with the application: `into_writer`).
+    Done,
+    /// The answer, serialized, for the connection's thread to write: a handler thread
+    /// never blocks on a client that reads slowly or not at all.
+    Write(PendingWrite),
+}
+
+/// fazt patch: a serialized response, its writer and its share of the budget.
+pub(crate) struct PendingWrite {
+    pub(crate) writer: Box<dyn Write + Send + 'static>,
+    pub(crate) bytes: Vec<u8>,
+    _guard: Option<BudgetGuard>,
+}
+
+/// fazt patch: a response body up to this size is handed to the connection's thread
+/// even when the response budget is spent (it mostly fits in the socket's buffer).
+const HANDOFF_SMALL: usize = 64 << 10;
+
 struct NotifyOnDrop<R> {
-    sender: Sender<()>,
+    sender: Sender<Responded>,
     inner: R,
 }
 
@@ -95,7 +125,8 @@ impl<R: Write> Write for NotifyOnDrop<R> {
 }
 impl<R> Drop for NotifyOnDrop<R> {
     fn drop(&mut self) {
-        self.sender.send(()).unwrap();
+        // fazt patch: the connection may be gone (no one waits): not a panic.
+        let _ = self.sender.send(Responded::Done);
     }
 }
 
@@ -107,6 +138,12 @@ pub enum RequestCreationError {
 
     /// Error while reading data from the socket during the creation of the `Request`.
     CreationIoError(IoError),
+
+    /// fazt patch: the body's framing is ambiguous or unsupported (400 and close).
+    BadFraming,
+
+    /// fazt patch: no memory to read the body ahead within a body timeout (503).
+    Busy,
 }
 
 impl From<IoError> for RequestCreationError {
@@ -142,23 +179,13 @@ where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    // finding the transfer-encoding header
-    let transfer_encoding = headers
-        .iter()
-        .find(|h: &&Header| h.field.equiv("Transfer-Encoding"))
-        .map(|h| h.value.clone());
-
-    // finding the content-length header
-    let content_length = if transfer_encoding.is_some() {
-        // if transfer-encoding is specified, the Content-Length
-        // header must be ignored (RFC2616 #4.4)
-        None
-    } else {
-        headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
-    };
+    // fazt patch: strict body framing (request smuggling). Upstream took the first
+    // Content-Length it could parse (so `5x` meant "no body" and the body was read as
+    // the next request, and `+5` was 5), and any Transfer-Encoding as chunked, even
+    // beside a Content-Length. A front proxy that frames the request another way
+    // would then disagree with us on where the next request starts.
+    let (transfer_encoding, content_length) = body_framing(&headers, &version)
+        .map_err(|_| RequestCreationError::BadFraming)?;
 
     // true if the client sent a `Expect: 100-continue` header
     let mut expects_continue = {
@@ -187,9 +214,13 @@ where
 
     // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
     // content-length headers
-    let reader = if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
+    let mut upgrade_source = None;
+    let reader = if connection_upgrade && content_length.is_none() && transfer_encoding.is_none()
+    {
+        // fazt patch: the stream is kept for `upgrade()`; the body is empty. An upgrade
+        // request that declares a body gets it framed like any other.
+        upgrade_source = Some(Box::new(source_data) as Box<dyn Read + Send + 'static>);
+        Box::new(io::empty()) as Box<dyn Read + Send + 'static>
     } else if let Some(content_length) = content_length {
         if content_length == 0 {
             Box::new(io::empty()) as Box<dyn Read + Send + 'static>
@@ -236,6 +267,7 @@ where
                 budget,
                 &mut writer,
                 &mut expects_continue,
+                remote_addr.map(|a| a.ip()),
             )? {
                 Prebuffer::Whole(buffered) => Box::new(buffered) as Box<dyn Read + Send + 'static>,
                 Prebuffer::Streamed(body) => Box::new(body) as Box<dyn Read + Send + 'static>,
@@ -257,6 +289,7 @@ where
             budget,
             &mut writer,
             &mut expects_continue,
+            remote_addr.map(|a| a.ip()),
         )? {
             Prebuffer::Whole(buffered) => Box::new(buffered) as Box<dyn Read + Send + 'static>,
             Prebuffer::Streamed(body) => {
@@ -272,6 +305,7 @@ where
 
     Ok(Request {
         data_reader: Some(reader),
+        upgrade_source,
         response_writer: Some(Box::new(writer) as Box<dyn Write + Send + 'static>),
         remote_addr,
         secure,
@@ -282,7 +316,36 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        response_budget: None,
     })
+}
+
+/// fazt patch: how the body is framed, strictly (RFC 9112 §6): a Transfer-Encoding
+/// must be exactly `chunked`, in HTTP/1.1, without a Content-Length; every
+/// Content-Length must be the same plain decimal number. Anything else is refused, as
+/// a proxy in front may read it differently. Returns (chunked, Content-Length).
+fn body_framing(headers: &[Header], version: &HTTPVersion) -> Result<(Option<()>, Option<usize>), ()> {
+    let mut chunked = None;
+    for h in headers.iter().filter(|h| h.field.equiv("Transfer-Encoding")) {
+        let only_chunked = h.value.as_str().trim().eq_ignore_ascii_case("chunked");
+        if !only_chunked || chunked.is_some() || *version == HTTPVersion(1, 0) {
+            return Err(());
+        }
+        chunked = Some(());
+    }
+    let mut length: Option<usize> = None;
+    for h in headers.iter().filter(|h| h.field.equiv("Content-Length")) {
+        let v = h.value.as_str().trim();
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(());
+        }
+        let n: usize = v.parse().map_err(|_| ())?;
+        if chunked.is_some() || length.is_some_and(|l| l != n) {
+            return Err(());
+        }
+        length = Some(n);
+    }
+    Ok((chunked, length))
 }
 
 /// fazt patch: the outcome of `prebuffer`.
@@ -304,13 +367,17 @@ fn prebuffer<B: Read + Send + 'static, W: Write>(
     budget: &std::sync::Arc<BodyBudget>,
     writer: &mut W,
     expects_continue: &mut bool,
+    ip: Option<std::net::IpAddr>,
 ) -> Result<Prebuffer<B>, RequestCreationError> {
     if want > limits.prebuffer_body.saturating_add(1) {
         return Ok(Prebuffer::Streamed(body));
     }
-    let guard = match budget.acquire(want, limits.body_timeout) {
+    // fazt patch: no room within a body timeout (clients are sending slowly, or this
+    // one already holds its share) is a 503: streaming the body instead would let a
+    // slow sender hold a handler thread after all.
+    let guard = match budget.acquire(want, ip, limits.body_timeout) {
         Some(g) => g,
-        None => return Ok(Prebuffer::Streamed(body)),
+        None => return Err(RequestCreationError::Busy),
     };
     if *expects_continue {
         writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
@@ -402,16 +469,17 @@ impl Request {
 
         self.response_writer.as_mut().unwrap().flush().ok(); // TODO: unused result
 
-        let stream = CustomStream::new(self.extract_reader_impl(), self.extract_writer_impl());
+        let reader = match self.upgrade_source.take() {
+            Some(raw) => raw,
+            None => self.extract_reader_impl(),
+        };
+        let stream = CustomStream::new(reader, self.extract_writer_impl());
+        // fazt patch: the connection's thread reads no further request after an
+        // upgrade, so it need not wait for the stream's end (it used to, for HTTPS).
         if let Some(sender) = self.notify_when_responded.take() {
-            let stream = NotifyOnDrop {
-                sender,
-                inner: stream,
-            };
-            Box::new(stream) as Box<dyn ReadWrite + Send>
-        } else {
-            Box::new(stream) as Box<dyn ReadWrite + Send>
+            let _ = sender.send(Responded::Done);
         }
+        Box::new(stream) as Box<dyn ReadWrite + Send>
     }
 
     /// Allows to read the body of the request.
@@ -511,11 +579,85 @@ impl Request {
     where
         R: Read,
     {
-        let res = self.respond_impl(response);
-        if let Some(sender) = self.notify_when_responded.take() {
-            sender.send(()).unwrap();
+        let Some(sender) = self.notify_when_responded.take() else {
+            return self.respond_impl(response);
+        };
+        // fazt patch: a response of known length is serialized here and written by the
+        // connection's thread (under a deadline), within a shared memory budget; a
+        // large one past the budget is refused 503 rather than written here, where a
+        // client that does not read would hold this (application) thread.
+        let length = response.data_length();
+        let guard = match (length, &self.response_budget) {
+            (Some(len), Some(budget)) => {
+                let ip = self.remote_addr.map(|a| a.ip());
+                budget.acquire(len, ip, std::time::Duration::ZERO)
+            }
+            _ => None,
+        };
+        let over = |budget: &Option<Arc<BodyBudget>>, len: usize| {
+            budget.as_ref().map_or(true, |b| len > b.total())
+        };
+        match (length, guard) {
+            // Larger than the whole budget (or no budget): written here, as upstream.
+            (Some(len), None) if over(&self.response_budget, len) => {
+                let res = self.respond_impl(response);
+                let _ = sender.send(Responded::Done);
+                res
+            }
+            (None, _) => {
+                let res = self.respond_impl(response);
+                let _ = sender.send(Responded::Done);
+                res
+            }
+            (Some(_), Some(guard)) => self.hand_off(response, Some(guard), &sender),
+            (Some(len), None) if len <= HANDOFF_SMALL => self.hand_off(response, None, &sender),
+            (Some(_), None) => {
+                log::warn!(
+                    "the response budget is spent by clients that read slowly; answering 503"
+                );
+                let mut busy = Response::from_string(
+                    "{\"error\":\"the server is busy sending large responses; retry shortly\"}",
+                )
+                .with_status_code(StatusCode(503));
+                for (k, v) in [("Content-Type", "application/json"), ("Retry-After", "1")] {
+                    if let Ok(h) = Header::from_bytes(k.as_bytes(), v.as_bytes()) {
+                        busy.add_header(h);
+                    }
+                }
+                self.hand_off(busy, None, &sender)
+            }
         }
-        res
+    }
+
+    /// fazt patch: serializes `response` and sends it to the connection's thread; if
+    /// that thread is gone, writes it here.
+    fn hand_off<R: Read>(
+        &mut self,
+        response: Response<R>,
+        guard: Option<BudgetGuard>,
+        sender: &Sender<Responded>,
+    ) -> Result<(), IoError> {
+        let mut bytes = Vec::with_capacity(response.data_length().unwrap_or(0) + 512);
+        response.raw_print(
+            &mut bytes,
+            self.http_version.clone(),
+            &self.headers,
+            self.method == Method::Head,
+            None,
+        )?;
+        let pending = PendingWrite {
+            writer: self.extract_writer_impl(),
+            bytes,
+            _guard: guard,
+        };
+        match sender.send(Responded::Write(pending)) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::SendError(Responded::Write(mut p))) => {
+                Self::ignore_client_closing_errors(p.writer.write_all(&p.bytes))?;
+                Self::ignore_client_closing_errors(p.writer.flush())
+            }
+            Err(_) => Ok(()),
+        }
     }
 
     fn respond_impl<R>(&mut self, response: Response<R>) -> Result<(), IoError>
@@ -547,8 +689,13 @@ impl Request {
         })
     }
 
-    pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
+    pub(crate) fn with_notify_sender(
+        mut self,
+        sender: Sender<Responded>,
+        budget: Arc<BodyBudget>,
+    ) -> Self {
         self.notify_when_responded = Some(sender);
+        self.response_budget = Some(budget);
         self
     }
 }
@@ -569,7 +716,7 @@ impl Drop for Request {
             let response = Response::empty(500);
             let _ = self.respond_impl(response); // ignoring any potential error
             if let Some(sender) = self.notify_when_responded.take() {
-                sender.send(()).unwrap();
+                let _ = sender.send(Responded::Done);
             }
         }
     }

@@ -76,6 +76,9 @@ fn build_date_header() -> Header {
     Header::from_bytes(&b"Date"[..], &d.to_string().into_bytes()[..]).unwrap()
 }
 
+/// fazt patch: bodies up to this size are sent in one write with their head.
+const ONE_WRITE_BODY: usize = 64 << 10;
+
 fn write_message_header<W>(
     mut writer: W,
     http_version: &HTTPVersion,
@@ -418,6 +421,23 @@ where
 
             _ => (),
         };
+
+        // fazt patch: a head and a body of at most `ONE_WRITE_BODY` bytes go out in one
+        // write. Upstream wrote them separately (the body bypassing the 1 KB write
+        // buffer), so with Nagle the body waited for the client's delayed ACK.
+        let body_len = match (do_not_send_body, transfer_encoding, data_length) {
+            (true, _, _) => Some(0),
+            (false, Some(TransferEncoding::Identity), Some(l)) => Some(l),
+            _ => None,
+        };
+        if let Some(len) = body_len.filter(|l| *l <= ONE_WRITE_BODY) {
+            let mut out = Vec::with_capacity(256 + 48 * self.headers.len() + len);
+            write_message_header(&mut out, &http_version, &self.status_code, &self.headers)?;
+            if len > 0 {
+                io::copy(&mut reader, &mut out)?;
+            }
+            return writer.write_all(&out);
+        }
 
         // sending headers
         write_message_header(

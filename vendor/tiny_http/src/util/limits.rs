@@ -24,7 +24,24 @@ pub enum Refusal {
     PerIp,
 }
 
-/// Open connections in all and per client IP.
+/// The address a client is counted under: an IPv4 address as is (also when it comes
+/// IPv4-mapped through a dual-stack socket), an IPv6 address by its /64 prefix, the
+/// smallest block one host is given: counting each IPv6 address alone would give one
+/// client 2^64 separate allowances.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// Open connections in all and per client (see `client_key`).
 #[derive(Default)]
 pub struct ConnectionCounts {
     inner: Mutex<Counts>,
@@ -44,6 +61,7 @@ pub struct Slot {
 
 impl ConnectionCounts {
     pub fn acquire(self: &Arc<Self>, ip: Option<IpAddr>, limits: &Limits) -> Result<Slot, Refusal> {
+        let ip = ip.map(client_key);
         let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if c.total >= limits.max_connections {
             return Err(Refusal::Busy);
@@ -311,37 +329,65 @@ impl<R: Read> Drop for BodyReader<R> {
     }
 }
 
-/// Memory for request bodies read ahead by connection threads, shared by all of them,
-/// so read-ahead cannot exhaust memory however many bodies arrive at once.
+/// Memory for request bodies read ahead by connection threads (or for responses
+/// waiting to be written by them), shared by all of them, so they cannot exhaust
+/// memory however many arrive at once. One client (see `client_key`) holds at most a
+/// quarter of it, unless it holds nothing else, so one address cannot take it all.
 pub struct BodyBudget {
-    used: Mutex<usize>,
+    used: Mutex<Used>,
     freed: std::sync::Condvar,
     total: usize,
+}
+
+#[derive(Default)]
+struct Used {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
 }
 
 /// Bytes of the budget held by one read-ahead body; returned on drop.
 pub struct BudgetGuard {
     budget: Arc<BodyBudget>,
+    client: Option<IpAddr>,
     bytes: usize,
 }
 
 impl BodyBudget {
     pub fn new(total: usize) -> Arc<BodyBudget> {
         Arc::new(BodyBudget {
-            used: Mutex::new(0),
+            used: Mutex::new(Used::default()),
             freed: std::sync::Condvar::new(),
             total,
         })
     }
 
-    /// Takes `bytes` of the budget, waiting at most `wait` for them to be free.
-    pub fn acquire(self: &Arc<Self>, bytes: usize, wait: Duration) -> Option<BudgetGuard> {
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    fn fits(&self, used: &Used, client: Option<IpAddr>, bytes: usize) -> bool {
+        if used.total + bytes > self.total {
+            return false;
+        }
+        let mine = client.and_then(|c| used.per_client.get(&c)).copied().unwrap_or(0);
+        mine == 0 || mine + bytes <= self.total / 4
+    }
+
+    /// Takes `bytes` of the budget for a request from `ip`, waiting at most `wait` for
+    /// them to be free.
+    pub fn acquire(
+        self: &Arc<Self>,
+        bytes: usize,
+        ip: Option<IpAddr>,
+        wait: Duration,
+    ) -> Option<BudgetGuard> {
         if bytes > self.total {
             return None;
         }
+        let client = ip.map(client_key);
         let deadline = Instant::now() + wait;
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        while *used + bytes > self.total {
+        while !self.fits(&used, client, bytes) {
             let now = Instant::now();
             if now >= deadline {
                 return None;
@@ -352,9 +398,13 @@ impl BodyBudget {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        *used += bytes;
+        used.total += bytes;
+        if let Some(c) = client {
+            *used.per_client.entry(c).or_insert(0) += bytes;
+        }
         Some(BudgetGuard {
             budget: self.clone(),
+            client,
             bytes,
         })
     }
@@ -363,7 +413,15 @@ impl BodyBudget {
 impl Drop for BudgetGuard {
     fn drop(&mut self) {
         let mut used = self.budget.used.lock().unwrap_or_else(|p| p.into_inner());
-        *used = used.saturating_sub(self.bytes);
+        used.total = used.total.saturating_sub(self.bytes);
+        if let Some(c) = self.client {
+            if let Some(n) = used.per_client.get_mut(&c) {
+                *n = n.saturating_sub(self.bytes);
+                if *n == 0 {
+                    used.per_client.remove(&c);
+                }
+            }
+        }
         self.budget.freed.notify_all();
     }
 }
@@ -545,6 +603,40 @@ mod tests {
             "unread bytes are recorded, not read"
         );
         assert_eq!(src.position(), 7);
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64_prefix() {
+        let key = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("::ffff:192.0.2.7"), key("::ffff:192.0.2.8"));
+        // So the per-IP cap holds across one /64.
+        let limits = Limits {
+            max_connections_per_ip: 2,
+            ..Limits::default()
+        };
+        let counts = Arc::new(ConnectionCounts::default());
+        let a = counts.acquire(Some("2001:db8::1".parse().unwrap()), &limits);
+        let b = counts.acquire(Some("2001:db8::2".parse().unwrap()), &limits);
+        let c = counts.acquire(Some("2001:db8::3".parse().unwrap()), &limits);
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(c.err(), Some(Refusal::PerIp));
+    }
+
+    #[test]
+    fn one_client_takes_at_most_a_quarter_of_the_budget() {
+        let budget = BodyBudget::new(100);
+        let hog: Option<IpAddr> = Some("192.0.2.1".parse().unwrap());
+        let other: Option<IpAddr> = Some("192.0.2.2".parse().unwrap());
+        let first = budget.acquire(60, hog, Duration::ZERO);
+        assert!(first.is_some(), "alone, a client may take more than its share");
+        assert!(budget.acquire(1, hog, Duration::ZERO).is_none());
+        let theirs = budget.acquire(25, other, Duration::ZERO);
+        assert!(theirs.is_some());
+        drop(first);
+        assert!(budget.acquire(25, hog, Duration::ZERO).is_some());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 pub use self::custom_stream::CustomStream;
 pub use self::fused_reader::FusedReader;
 pub use self::limits::{
-    Backoff, BodyBudget, BodyReader, ChunkedDecoder, ConnectionCounts, Prebuffered, Refuser,
+    Backoff, BodyBudget, BudgetGuard, BodyReader, ChunkedDecoder, ConnectionCounts, Prebuffered, Refuser,
 };
 pub use self::messages_queue::MessagesQueue;
 pub use self::refined_tcp_stream::RefinedTcpStream;
