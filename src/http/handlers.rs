@@ -22,7 +22,7 @@ const MAX_WARM_APPS: usize = 8;
 struct AppContext {
     version: i64,
     ctx: Context,
-    /// `module.exports` of each loaded handler file, by path.
+    /// The runner of each loaded handler file, by path (see `js::load_entry`).
     modules: HashMap<String, JsValue>,
     last_used: u64,
 }
@@ -210,7 +210,7 @@ fn call_handler(
     let exports = match entry.modules.get(file) {
         Some(e) => e.clone(),
         None => {
-            let e = js::load_module(ctx, file, source, interrupt)?;
+            let e = js::load_entry(ctx, file, source, js::Kind::Handler, interrupt)?;
             entry.modules.insert(file.to_string(), e.clone());
             e
         }
