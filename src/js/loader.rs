@@ -9,8 +9,7 @@ use std::path::Path;
 
 use boa_engine::object::ObjectInitializer;
 use boa_engine::{
-    js_string, Context, JsNativeError, JsResult, JsString, JsValue, NativeFunction,
-    Script, Source,
+    js_string, Context, JsNativeError, JsResult, JsString, JsValue, NativeFunction, Script, Source,
 };
 
 use super::api_support::{host, plain_error, sleep_for, store_error, str_arg};
@@ -78,8 +77,10 @@ fn install(ctx: &mut Context, kind: Kind, interrupt: &Interrupt) -> Result<JsVal
     let script = Script::parse(Source::from_bytes(COMPAT), None, ctx)
         .map_err(|e| RunError::Thrown(format!("compat.js: {e}")))?;
     let setup = run_script(ctx, &script, interrupt)?;
-    let mut fns: Vec<(&str, Native, usize)> =
-        vec![("readModule", read_module, 1), ("compile", compile_native, 2)];
+    let mut fns: Vec<(&str, Native, usize)> = vec![
+        ("readModule", read_module, 1),
+        ("compile", compile_native, 2),
+    ];
     if kind == Kind::Worker {
         fns.push(("sleep", sleep, 1));
         fns.push(("jobConfig", job_config, 0));
@@ -185,7 +186,10 @@ fn compile_native(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<
 /// The global `sleep(ms)` of workers: `job.sleep`, woken at once by a cancel.
 fn sleep(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
-    let ms = args.first().and_then(JsValue::as_number).unwrap_or(f64::NAN);
+    let ms = args
+        .first()
+        .and_then(JsValue::as_number)
+        .unwrap_or(f64::NAN);
     sleep_for(&host, ms)
 }
 

@@ -4,6 +4,7 @@
 mod util;
 
 mod browser;
+mod compat;
 mod platform;
 mod realtime;
 mod workers;

@@ -1,0 +1,226 @@
+//! Apps as they are written for upstream fazt, run unmodified through the real binary:
+//! the fazt documents' own examples (byte for byte, in `compat/docs/`), every script
+//! form of handlers and workers, `respond`, `sleep`, `require`, `priority`,
+//! `fazt.worker.wait`, the extended `job` object, and the mall demo's upstream
+//! endpoints.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::util::{wait_until, Server};
+
+const DOC_TEST_WORKER: &str = include_str!("compat/docs/test-worker.js");
+const DOC_HELLO: &str = include_str!("compat/docs/hello.js");
+const DOC_START_TICKER: &str = include_str!("compat/docs/start-ticker.js");
+const DOC_TICKER: &str = include_str!("compat/docs/ticker.js");
+const DOC_SPAWN_SYNC: &str = include_str!("compat/docs/spawn-sync.js");
+const DOC_SPAWN_SYNC_DAEMON: &str = include_str!("compat/docs/spawn-sync-daemon.js");
+const DOC_SYNC: &str = include_str!("compat/docs/sync.js");
+const DOC_START_SIM: &str = include_str!("compat/docs/start-sim.js");
+
+/// Jobs of `app`, newest first (system API).
+fn jobs(s: &Server, app: &str) -> Vec<Value> {
+    match s.api_json("GET", &format!("/api/jobs?app={app}")) {
+        Value::Array(a) => a,
+        other => panic!("job list is not an array: {other}"),
+    }
+}
+
+/// The only job of `app` running `path`, once there is one.
+fn job_of(s: &Server, app: &str, path: &str) -> Value {
+    let mut found = Value::Null;
+    let ok = wait_until(10, || {
+        found = jobs(s, app)
+            .into_iter()
+            .find(|j| j["path"] == path)
+            .unwrap_or(Value::Null);
+        !found.is_null()
+    });
+    assert!(ok, "no job for {path} in app {app}");
+    found
+}
+
+fn id(job: &Value) -> String {
+    job["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no job id in {job}"))
+        .to_string()
+}
+
+fn logs(s: &Server, id: &str) -> Vec<String> {
+    match s.api_json("GET", &format!("/api/jobs/{id}/logs")) {
+        Value::Array(a) => a
+            .iter()
+            .map(|l| l["msg"].as_str().unwrap_or_default().to_string())
+            .collect(),
+        other => panic!("logs are not an array: {other}"),
+    }
+}
+
+fn cancel(s: &Server, id: &str) -> Value {
+    s.api_json("POST", &format!("/api/jobs/{id}/cancel"))
+}
+
+/// The next broadcast on `channel`, within `secs`.
+fn next_message(ws: &mut crate::util::Ws, channel: &str, secs: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if let Some(m) = ws.recv_within(500) {
+            if m["type"] == "message" && m["channel"] == channel {
+                return m["data"].clone();
+            }
+        }
+    }
+    panic!("no broadcast on '{channel}' within {secs}s");
+}
+
+#[test]
+fn plan22_basic_job_top_level_handler_and_worker_run_as_written() {
+    let s = Server::start();
+    s.deploy_ok(
+        "docs",
+        &[
+            ("api/test-worker.js", DOC_TEST_WORKER),
+            ("workers/hello.js", DOC_HELLO),
+        ],
+    );
+    // Top-level code with a top-level `return`: the object is the 200 JSON body.
+    let r = s.app("docs", "GET", "/api/test-worker", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    let job = &body["jobId"];
+    assert_eq!(job["path"], "workers/hello.js", "{body}");
+    let done = s.wait_status(&id(job), "done", 20);
+    assert_eq!(done["result"], json!({ "message": "done" }), "{done}");
+    assert_eq!(done["error"], Value::Null);
+}
+
+#[test]
+fn plan22_daemon_ticker_broadcasts_checkpoints_and_resumes_as_written() {
+    let mut s = Server::start();
+    let files = [
+        ("api/start-ticker.js", DOC_START_TICKER),
+        ("workers/ticker.js", DOC_TICKER),
+    ];
+    s.deploy_ok("docs", &files);
+    let mut ws = s.ws("docs");
+    ws.subscribe("tick");
+    // The handler returns nothing: an empty 204.
+    let r = s.app("docs", "POST", "/api/start-ticker", None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(next_message(&mut ws, "tick", 10), json!({ "count": 1 }));
+    assert_eq!(next_message(&mut ws, "tick", 10), json!({ "count": 2 }));
+    let job = job_of(&s, "docs", "workers/ticker.js");
+    assert_eq!(job["status"], "running", "{job}");
+    assert_eq!(job["daemon"], true);
+    drop(ws);
+
+    // A graceful restart keeps the daemon; it resumes from its checkpoint
+    // (`job.getCheckpoint()?.count`), not from zero.
+    assert_eq!(s.stop(), 0);
+    s.restart();
+    let mut ws = s.ws("docs");
+    ws.subscribe("tick");
+    let resumed = next_message(&mut ws, "tick", 15)["count"]
+        .as_i64()
+        .expect("count");
+    assert!(resumed >= 3, "resumed at {resumed}, expected past 2");
+    let stopped = cancel(&s, &id(&job));
+    assert_eq!(stopped["status"], "cancelled", "{stopped}");
+}
+
+#[test]
+fn v0_10_13_sync_worker_uses_global_sleep_and_stops_on_cancel() {
+    let s = Server::start();
+    s.deploy_ok(
+        "docs",
+        &[
+            ("api/spawn-sync.js", DOC_SPAWN_SYNC),
+            ("workers/sync.js", DOC_SYNC),
+        ],
+    );
+    let r = s.app("docs", "POST", "/api/spawn-sync", None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    let job = job_of(&s, "docs", "workers/sync.js");
+    let jid = id(&job);
+    assert_eq!(job["data"], json!({ "userId": 123 }));
+    // `sleep(1000)` between steps: the second step comes about a second later.
+    let j = s.wait_job(&jid, 15, |j| j["progress"].as_i64() >= Some(1));
+    assert_eq!(j["status"], "running", "{j}");
+    let lines = logs(&s, &jid);
+    assert!(lines.iter().all(|l| l == "Processing..."), "{lines:?}");
+    assert!((2..=4).contains(&lines.len()), "{lines:?}");
+    // The same uniqueKey gives the same job.
+    assert_eq!(s.app("docs", "POST", "/api/spawn-sync", None).status, 204);
+    assert_eq!(jobs(&s, "docs").len(), 1);
+    // A cancel wakes `sleep` at once; the loop ends and the result is kept.
+    let t = Instant::now();
+    let done = cancel(&s, &jid);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(done["status"], "cancelled", "{done}");
+    let n = done["result"]["processed"].as_i64().expect("processed");
+    assert!(n >= 2, "{done}");
+}
+
+#[test]
+fn v0_10_13_sync_worker_progress_past_100_is_clamped_not_thrown() {
+    let mut s = Server::start();
+    s.deploy_ok(
+        "docs",
+        &[
+            ("api/spawn-sync.js", DOC_SPAWN_SYNC_DAEMON),
+            ("workers/sync.js", DOC_SYNC),
+        ],
+    );
+    assert_eq!(s.app("docs", "POST", "/api/spawn-sync", None).status, 204);
+    let jid = id(&job_of(&s, "docs", "workers/sync.js"));
+    s.wait_job(&jid, 15, |j| j["progress"].as_i64() >= Some(1));
+    // Fast-forward the daemon's life: stop the server and give it the checkpoint it
+    // would have after 150 s, as if it had run that long (its cursor is the progress).
+    assert_eq!(s.stop(), 0);
+    let db = rusqlite::Connection::open(s.dir.join("fazt.db")).expect("open the store");
+    let n = db
+        .execute(
+            "UPDATE worker_jobs SET checkpoint = '{\"cursor\":150}' WHERE id = ?1",
+            [&jid],
+        )
+        .expect("seed checkpoint");
+    assert_eq!(n, 1);
+    drop(db);
+    s.restart();
+    let j = s.wait_job(&jid, 15, |j| {
+        j["progress"] == 100 && j["status"] == "running"
+    });
+    assert_eq!(j["error"], Value::Null, "{j}");
+    // Still running a second later: progress(151) did not throw.
+    std::thread::sleep(Duration::from_millis(1200));
+    let j = s.job(&jid);
+    assert_eq!(j["status"], "running", "{j}");
+    assert_eq!(j["restarts"], 0, "{j}");
+    let done = cancel(&s, &jid);
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert!(done["result"]["processed"].as_i64() >= Some(151), "{done}");
+}
+
+#[test]
+fn v0_10_14_idle_timeout_spawn_is_accepted_as_written() {
+    let s = Server::start();
+    s.deploy_ok(
+        "docs",
+        &[
+            ("api/start-sim.js", DOC_START_SIM),
+            (
+                "workers/sim.js",
+                "while (!job.cancelled) { fazt.realtime.broadcast('mall', { at: Date.now() }); sleep(50); }",
+            ),
+        ],
+    );
+    let mut ws = s.ws("docs");
+    ws.subscribe("mall");
+    assert_eq!(s.app("docs", "POST", "/api/start-sim", None).status, 204);
+    assert!(next_message(&mut ws, "mall", 10)["at"].is_number());
+    let job = job_of(&s, "docs", "workers/sim.js");
+    assert_eq!(job["daemon"], true);
+    assert_eq!(cancel(&s, &id(&job))["status"], "cancelled");
+}
