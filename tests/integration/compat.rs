@@ -224,3 +224,186 @@ fn v0_10_14_idle_timeout_spawn_is_accepted_as_written() {
     assert_eq!(job["daemon"], true);
     assert_eq!(cancel(&s, &id(&job))["status"], "cancelled");
 }
+
+/// A handler that spawns `body.path` with `body.opts` and returns the job.
+const SPAWN: &str = "return fazt.worker.spawn(request.body.path, request.body.opts || {});";
+
+fn spawn(s: &Server, app: &str, path: &str, opts: Value) -> Value {
+    let body = json!({ "path": path, "opts": opts }).to_string();
+    let r = s.app(app, "POST", "/api/spawn", Some(&body));
+    assert_eq!(r.status, 200, "spawn {path}: {}", r.text());
+    r.json()
+}
+
+#[test]
+fn every_handler_form_runs_commonjs_top_level_exported_and_handler_function() {
+    let s = Server::start();
+    s.deploy_ok(
+        "forms",
+        &[
+            (
+                "api/cjs.js",
+                "module.exports = function (request) { return { form: 'cjs', q: request.query.x }; };",
+            ),
+            ("api/top.js", "return { form: 'top', q: request.query.x };"),
+            (
+                "api/mixed.js",
+                "const form = 'mixed:' + request.method;\nmodule.exports = function (req) { return { form, q: req.query.x }; };",
+            ),
+            (
+                "api/handler.js",
+                "function handler(req) {\n  return { form: 'handler', q: req.query.x };\n}",
+            ),
+            (
+                "api/async.js",
+                "module.exports = async (r) => { await null; return { form: 'async', q: r.query.x }; };",
+            ),
+            ("api/nothing.js", "const a = 1;"),
+        ],
+    );
+    for (route, form) in [
+        ("cjs", "cjs"),
+        ("top", "top"),
+        ("mixed", "mixed:GET"),
+        ("handler", "handler"),
+        ("async", "async"),
+    ] {
+        // Twice each, so the second call runs in a warm context.
+        for x in ["1", "2"] {
+            let got = s.call("forms", &format!("/api/{route}?x={x}"));
+            assert_eq!(got, json!({ "form": form, "q": x }), "/api/{route}");
+        }
+    }
+    assert_eq!(s.app("forms", "GET", "/api/nothing", None).status, 204);
+}
+
+#[test]
+fn every_worker_form_runs_commonjs_top_level_and_handler_function() {
+    let s = Server::start();
+    s.deploy_ok(
+        "forms",
+        &[
+            ("api/spawn.js", SPAWN),
+            (
+                "workers/cjs.js",
+                "module.exports = (job) => ({ form: 'cjs', x: job.data.x });",
+            ),
+            (
+                "workers/top.js",
+                "job.log('top ' + job.data.x);\nreturn { form: 'top', x: job.data.x };",
+            ),
+            (
+                "workers/handler.js",
+                "function handler(job) { return { form: 'handler', x: job.data.x }; }",
+            ),
+        ],
+    );
+    for (path, form) in [
+        ("workers/cjs.js", "cjs"),
+        ("workers/top.js", "top"),
+        ("workers/handler.js", "handler"),
+    ] {
+        for x in [1, 2] {
+            let job = spawn(&s, "forms", path, json!({ "data": { "x": x } }));
+            let done = s.wait_status(&id(&job), "done", 20);
+            assert_eq!(done["result"], json!({ "form": form, "x": x }), "{path}");
+        }
+    }
+}
+
+#[test]
+fn respond_builds_responses_from_body_status_or_both() {
+    let s = Server::start();
+    s.deploy_ok(
+        "resp",
+        &[
+            (
+                "api/r.js",
+                r#"const kind = request.query.kind;
+if (kind === 'body') return respond({ ok: true });
+if (kind === 'status') return respond(204);
+if (kind === 'both') return respond(201, { created: true });
+if (kind === 'text') return respond(200, 'hello');
+if (kind === 'headers') return respond(202, 'h', { 'X-Fazt': 'yes' });
+if (kind === 'bad') return respond(99, 'x');
+return respond();"#,
+            ),
+            (
+                "api/cjs.js",
+                "module.exports = function (request) { return respond(404, { error: 'no ' + request.query.what }); };",
+            ),
+        ],
+    );
+    let r = s.app("resp", "GET", "/api/r?kind=body", None);
+    assert_eq!((r.status, r.json()), (200, json!({ "ok": true })));
+    assert_eq!(s.app("resp", "GET", "/api/r?kind=status", None).status, 204);
+    let r = s.app("resp", "GET", "/api/r?kind=both", None);
+    assert_eq!((r.status, r.json()), (201, json!({ "created": true })));
+    let r = s.app("resp", "GET", "/api/r?kind=text", None);
+    assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+    let r = s.app("resp", "GET", "/api/r?kind=headers", None);
+    assert_eq!((r.status, r.header("x-fazt")), (202, Some("yes")));
+    let r = s.app("resp", "GET", "/api/r?kind=bad", None);
+    assert_eq!(r.status, 500);
+    assert!(
+        r.error().contains("respond: the status must be"),
+        "{}",
+        r.error()
+    );
+    let r = s.app("resp", "GET", "/api/r", None);
+    assert_eq!(r.status, 200);
+    let r = s.app("resp", "GET", "/api/cjs?what=cake", None);
+    assert_eq!((r.status, r.json()), (404, json!({ "error": "no cake" })));
+}
+
+/// Declares everything a top-level scope can hold, and reports whether any of it was
+/// already there: a warm context must not show one run's scope to the next.
+const LEAKY: &str = r#"const seenBefore = typeof secret !== 'undefined' || 'Thing' in globalThis
+  || 'secret' in globalThis || 'remember' in globalThis || 'counter' in globalThis;
+var secret = ARG.data;
+let counter = 0;
+counter++;
+function remember() { return secret; }
+class Thing {}
+return { seenBefore, counter, secret: remember(), thing: typeof Thing };"#;
+
+#[test]
+fn warm_contexts_do_not_leak_top_level_scope_between_runs() {
+    let s = Server::start();
+    let handler = LEAKY.replace("ARG.data", "request.query.s");
+    let worker = LEAKY.replace("ARG.data", "job.data.s");
+    s.deploy_ok(
+        "leak",
+        &[
+            ("api/leak.js", handler.as_str()),
+            ("api/spawn.js", SPAWN),
+            ("workers/leak.js", worker.as_str()),
+        ],
+    );
+    // More requests than HTTP threads: contexts are certainly reused.
+    for i in 0..40 {
+        let s_ = format!("v{i}");
+        let got = s.call("leak", &format!("/api/leak?s={s_}"));
+        assert_eq!(
+            got,
+            json!({ "seenBefore": false, "counter": 1, "secret": s_, "thing": "function" }),
+            "request {i}"
+        );
+    }
+    // Jobs of one app, one after the other, reuse the slot's warm context.
+    for i in 0..6 {
+        let s_ = format!("w{i}");
+        let job = spawn(
+            &s,
+            "leak",
+            "workers/leak.js",
+            json!({ "data": { "s": s_ } }),
+        );
+        let done = s.wait_status(&id(&job), "done", 20);
+        assert_eq!(
+            done["result"],
+            json!({ "seenBefore": false, "counter": 1, "secret": s_, "thing": "function" }),
+            "job {i}"
+        );
+    }
+}
