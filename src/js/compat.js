@@ -130,15 +130,17 @@
 
   // --- where an error came from ----------------------------------------------------
   // Error messages reach users as "TypeError: x"; the file and line are only in the
-  // stack. Append the innermost app-file frame once, as the run leaves user code.
+  // stack. When the innermost app frame is in a required file, append it once, as the
+  // run leaves user code (an error of the entry file itself already names the file
+  // the user called, so its message stays as thrown).
   const located = new WeakSet();
   const FRAME = /\(([^()\s]+\.js(?:on)?):(\d+):\d+\)/;
-  function locate(e) {
+  function locate(e, entryPath) {
     if (!(e instanceof Error) || located.has(e)) return e;
     located.add(e);
     const stack = typeof e.stack === "string" ? e.stack : "";
     const m = FRAME.exec(stack);
-    if (m !== null) {
+    if (m !== null && m[1] !== entryPath) {
       const at = m[1] + ":" + m[2];
       const msg = typeof e.message === "string" ? e.message : "";
       if (msg.indexOf(at) < 0) {
@@ -192,11 +194,11 @@
       try {
         out = exported !== null ? exported(arg) : body(arg);
       } catch (e) {
-        throw locate(e);
+        throw locate(e, path);
       }
       if (out instanceof Promise) {
         return out.then(undefined, (e) => {
-          throw locate(e);
+          throw locate(e, path);
         });
       }
       return out;

@@ -407,3 +407,160 @@ fn warm_contexts_do_not_leak_top_level_scope_between_runs() {
         );
     }
 }
+
+/// An app with library files under `lib/` that handlers and workers require.
+fn require_app(version: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "api/use.js",
+            "const util = require('../lib/util');\nconst cfg = require('../lib/config.json');\nconst again = require('../lib/util.js');\nreturn { greeting: util.greet(request.query.name), version: cfg.version, same: util === again, loads: util.loads };".into(),
+        ),
+        (
+            "lib/util.js",
+            "exports.loads = (globalThis.__utilLoads = (globalThis.__utilLoads || 0) + 1);\nexports.greet = (name) => require('./words/hello.js').word + ', ' + name;".into(),
+        ),
+        ("lib/words/hello.js", "module.exports = { word: 'hello' };".into()),
+        ("lib/config.json", format!("{{ \"version\": \"{version}\" }}")),
+        (
+            "api/cycle.js",
+            "const a = require('../lib/a');\nreturn { a: a.name, b: a.b(), bSawA: a.bSawA() };".into(),
+        ),
+        (
+            "lib/a.js",
+            "exports.name = 'a';\nconst b = require('./b');\nexports.b = () => b.name;\nexports.bSawA = () => b.sawA;".into(),
+        ),
+        (
+            "lib/b.js",
+            "const a = require('./a');\nexports.name = 'b';\nexports.sawA = a.name;".into(),
+        ),
+        (
+            "api/bad.js",
+            "return { out: require(request.query.p) };".into(),
+        ),
+        ("lib/syntax.js", "const ok = 1;\nconst = 2;\n".into()),
+        (
+            "lib/throws.js",
+            "const fine = 1;\n\nthrow new TypeError('lib refuses');\n".into(),
+        ),
+        (
+            "lib/later.js",
+            "module.exports = function () {\n  return JSON.parse('{broken');\n};".into(),
+        ),
+        (
+            "api/later.js",
+            "const later = require('../lib/later');\nreturn later();".into(),
+        ),
+        ("lib/notes.txt", "not code".into()),
+        ("api/spawn.js", SPAWN.into()),
+        (
+            "workers/use.js",
+            "const util = require('../lib/util');\nreturn util.greet(job.data.name);".into(),
+        ),
+    ]
+}
+
+fn deploy_owned(s: &Server, app: &str, files: &[(&'static str, String)]) {
+    let files: Vec<(&str, &str)> = files.iter().map(|(p, c)| (*p, c.as_str())).collect();
+    s.deploy_ok(app, &files);
+}
+
+#[test]
+fn require_loads_app_files_js_and_json_cached_per_context() {
+    let s = Server::start();
+    deploy_owned(&s, "req", &require_app("1"));
+    for _ in 0..20 {
+        let got = s.call("req", "/api/use?name=ann");
+        assert_eq!(got["greeting"], "hello, ann", "{got}");
+        assert_eq!(got["version"], "1");
+        assert_eq!(got["same"], true, "one module instance per context");
+        // Loaded once per context, not once per request.
+        assert_eq!(got["loads"], 1, "{got}");
+    }
+    let job = spawn(
+        &s,
+        "req",
+        "workers/use.js",
+        json!({ "data": { "name": "bo" } }),
+    );
+    assert_eq!(s.wait_status(&id(&job), "done", 20)["result"], "hello, bo");
+}
+
+#[test]
+fn require_cycle_behaves_as_in_node() {
+    let s = Server::start();
+    deploy_owned(&s, "req", &require_app("1"));
+    // b requires a while a is still loading: it sees a's exports as far as they got.
+    assert_eq!(
+        s.call("req", "/api/cycle"),
+        json!({ "a": "a", "b": "b", "bSawA": "a" })
+    );
+}
+
+#[test]
+fn redeploy_invalidates_required_modules() {
+    let s = Server::start();
+    deploy_owned(&s, "req", &require_app("1"));
+    for _ in 0..20 {
+        assert_eq!(s.call("req", "/api/use?name=x")["version"], "1");
+    }
+    deploy_owned(&s, "req", &require_app("2"));
+    for _ in 0..20 {
+        assert_eq!(s.call("req", "/api/use?name=x")["version"], "2");
+    }
+}
+
+fn require_error(s: &Server, spec: &str) -> String {
+    let q: String = spec
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let r = s.app("req", "GET", &format!("/api/bad?p={q}"), None);
+    assert_eq!(r.status, 500, "require({spec}): {}", r.text());
+    r.error()
+}
+
+#[test]
+fn require_refuses_paths_outside_the_app_with_clear_errors() {
+    let s = Server::start();
+    deploy_owned(&s, "req", &require_app("1"));
+    for (spec, needle) in [
+        ("../../etc/passwd", "leads outside the app"),
+        ("../../../x.js", "leads outside the app"),
+        ("/etc/passwd", "absolute paths are not allowed"),
+        ("node:fs", "Node's built-in modules are not available"),
+        ("fs", "packages are not available"),
+        ("./nope", "no file api/nope.js or api/nope.json"),
+        ("../lib/notes.txt", "no file lib/notes.txt.js"),
+    ] {
+        let e = require_error(&s, spec);
+        assert!(e.contains(needle), "require({spec}): {e}");
+        assert!(e.contains(spec), "the error names the path: {e}");
+        assert!(
+            e.contains("api/bad.js"),
+            "the error names the requiring file: {e}"
+        );
+    }
+}
+
+#[test]
+fn require_errors_carry_the_required_files_name_and_line() {
+    let s = Server::start();
+    deploy_owned(&s, "req", &require_app("1"));
+    let e = require_error(&s, "../lib/syntax.js");
+    assert!(e.starts_with("SyntaxError"), "{e}");
+    assert!(e.contains("lib/syntax.js"), "{e}");
+    assert!(e.contains("line 2"), "{e}");
+    let e = require_error(&s, "../lib/throws");
+    assert!(e.starts_with("TypeError: lib refuses"), "{e}");
+    assert!(e.contains("lib/throws.js:3"), "{e}");
+    // Thrown later, from a function of a required file.
+    let r = s.app("req", "GET", "/api/later", None);
+    assert_eq!(r.status, 500);
+    assert!(r.error().contains("lib/later.js:2"), "{}", r.error());
+    // A failed load is not cached: the next require tries again (and fails again).
+    let e = require_error(&s, "../lib/throws");
+    assert!(e.contains("lib refuses"), "{e}");
+}
