@@ -564,3 +564,234 @@ fn require_errors_carry_the_required_files_name_and_line() {
     let e = require_error(&s, "../lib/throws");
     assert!(e.contains("lib refuses"), "{e}");
 }
+
+#[test]
+fn priority_high_jobs_of_an_app_start_before_queued_lower_ones() {
+    let s = Server::start();
+    s.deploy_ok(
+        "prio",
+        &[
+            ("api/spawn.js", SPAWN),
+            (
+                "api/go.js",
+                "fazt.storage.kv.set('go-' + request.query.n, true);\nreturn respond(204);",
+            ),
+            ("api/order.js", "return fazt.storage.kv.get('order') || [];"),
+            (
+                "workers/block.js",
+                "while (fazt.storage.kv.get('go-' + job.data.n) !== true) sleep(20);\nreturn job.data.n;",
+            ),
+            (
+                "workers/task.js",
+                "const order = fazt.storage.kv.get('order') || [];\norder.push(job.data.name);\nfazt.storage.kv.set('order', order);\nreturn job.data.name;",
+            ),
+        ],
+    );
+    // Five blockers fill the app's five running places.
+    let blockers: Vec<String> = (0..5)
+        .map(|n| {
+            id(&spawn(
+                &s,
+                "prio",
+                "workers/block.js",
+                json!({ "data": { "n": n } }),
+            ))
+        })
+        .collect();
+    for b in &blockers {
+        s.wait_status(b, "running", 10);
+    }
+    let mut tasks = Vec::new();
+    for p in ["low", "normal", "high"] {
+        let job = spawn(
+            &s,
+            "prio",
+            "workers/task.js",
+            json!({ "data": { "name": p }, "priority": p }),
+        );
+        assert_eq!(job["status"], "queued", "{job}");
+        tasks.push(id(&job));
+    }
+    // One place frees up: the three run one after the other in it, high first.
+    assert_eq!(s.app("prio", "POST", "/api/go?n=0", None).status, 204);
+    for t in &tasks {
+        s.wait_status(t, "done", 10);
+    }
+    assert_eq!(
+        s.call("prio", "/api/order"),
+        json!(["high", "normal", "low"])
+    );
+    for n in 1..5 {
+        s.app("prio", "POST", &format!("/api/go?n={n}"), None);
+    }
+    // A bad priority is a clear error.
+    let body = json!({ "path": "workers/task.js", "opts": { "priority": "urgent" } }).to_string();
+    let r = s.app("prio", "POST", "/api/spawn", Some(&body));
+    assert_eq!(r.status, 500);
+    assert!(
+        r.error()
+            .contains("priority must be 'low', 'normal' or 'high'"),
+        "{}",
+        r.error()
+    );
+}
+
+const WAIT_APP: &[(&str, &str)] = &[
+    ("api/spawn.js", SPAWN),
+    (
+        "api/wait.js",
+        r#"const j = fazt.worker.spawn('workers/slow.js', { data: { ms: Number(request.query.ms) } });
+try {
+  return fazt.worker.wait(j.id, { timeout: request.query.t });
+} catch (e) {
+  return respond(408, { error: String(e), id: j.id });
+}"#,
+    ),
+    (
+        "api/waitfor.js",
+        "return fazt.worker.wait(request.query.id, { timeout: '1s' });",
+    ),
+    (
+        "workers/slow.js",
+        "sleep(job.data.ms);\nreturn { slept: job.data.ms };",
+    ),
+    (
+        "workers/waiter.js",
+        r#"const other = fazt.worker.spawn('workers/slow.js', { data: { ms: job.data.ms } });
+job.log('waiting for ' + other.id);
+const ended = fazt.worker.wait(other.id, { timeout: '1m' });
+return { status: ended.status, result: ended.result, other: other.id };"#,
+    ),
+];
+
+#[test]
+fn wait_returns_the_ended_job_or_throws_on_timeout() {
+    let s = Server::start();
+    s.deploy_ok("wait", WAIT_APP);
+    let r = s.app("wait", "GET", "/api/wait?ms=100&t=5s", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["status"], "done", "{j}");
+    assert_eq!(j["result"], json!({ "slept": 100 }));
+
+    let r = s.app("wait", "GET", "/api/wait?ms=60000&t=200ms", None);
+    assert_eq!(r.status, 408, "{}", r.text());
+    let e = r.json();
+    assert!(
+        e["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("is still running after 200ms")
+                || m.contains("is still queued after 200ms")),
+        "{e}"
+    );
+    cancel(&s, e["id"].as_str().expect("id"));
+
+    // In a worker: waits for the other job, then carries on.
+    let w = spawn(
+        &s,
+        "wait",
+        "workers/waiter.js",
+        json!({ "data": { "ms": 50 } }),
+    );
+    let done = s.wait_status(&id(&w), "done", 20);
+    assert_eq!(done["result"]["status"], "done", "{done}");
+    assert_eq!(done["result"]["result"], json!({ "slept": 50 }));
+}
+
+#[test]
+fn wait_in_a_worker_wakes_on_cancel_and_in_a_handler_ends_at_its_deadline() {
+    let s = Server::start();
+    s.deploy_ok("wait", WAIT_APP);
+    let w = id(&spawn(
+        &s,
+        "wait",
+        "workers/waiter.js",
+        json!({ "data": { "ms": 60000 } }),
+    ));
+    s.wait_job(&w, 10, |_| {
+        logs(&s, &w).iter().any(|l| l.starts_with("waiting for "))
+    });
+    let t = Instant::now();
+    let stopped = cancel(&s, &w);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(stopped["status"], "cancelled", "{stopped}");
+    let other = logs(&s, &w)[0]
+        .trim_start_matches("waiting for ")
+        .to_string();
+    assert_eq!(cancel(&s, &other)["status"], "cancelled");
+
+    // A handler cannot outwait its own 5 s deadline.
+    let t = Instant::now();
+    let r = s.app("wait", "GET", "/api/wait?ms=60000&t=1m", None);
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+}
+
+#[test]
+fn wait_sees_only_jobs_of_its_own_app() {
+    let s = Server::start();
+    s.deploy_ok("wait", WAIT_APP);
+    s.deploy_ok("other", WAIT_APP);
+    let mine = spawn(
+        &s,
+        "wait",
+        "workers/slow.js",
+        json!({ "data": { "ms": 1 } }),
+    );
+    s.wait_status(&id(&mine), "done", 10);
+    let ok = s.call("wait", &format!("/api/waitfor?id={}", id(&mine)));
+    assert_eq!(ok["status"], "done");
+    let r = s.app(
+        "other",
+        "GET",
+        &format!("/api/waitfor?id={}", id(&mine)),
+        None,
+    );
+    assert_eq!(r.status, 500);
+    assert!(r.error().contains("no job"), "{}", r.error());
+}
+
+#[test]
+fn job_object_has_memory_daemon_checkpoint_getter_and_checked_progress() {
+    let s = Server::start();
+    s.deploy_ok(
+        "jobobj",
+        &[
+            ("api/spawn.js", SPAWN),
+            (
+                "workers/info.js",
+                r#"const before = job.checkpoint();
+job.checkpoint({ step: 1 });
+const after = job.checkpoint();
+const errors = [];
+for (const bad of ['50', NaN, Infinity, undefined, null, {}]) {
+  try { job.progress(bad); errors.push('accepted'); } catch (e) { errors.push(e.name); }
+}
+job.progress(-5);
+job.progress(42.4);
+job.memory = 1;
+return { memory: job.memory, daemon: job.daemon, before, after, errors, progress: fazt.worker.get(job.id).progress };"#,
+            ),
+            (
+                "workers/progress.js",
+                "job.progress(250);\nwhile (fazt.storage.kv.get('go') !== true) sleep(20);\njob.progress(-3);\nwhile (fazt.storage.kv.get('go2') !== true) sleep(20);",
+            ),
+            ("api/go.js", "fazt.storage.kv.set(request.query.k, true); return respond(204);"),
+        ],
+    );
+    let job = spawn(&s, "jobobj", "workers/info.js", json!({ "memory": "64MB" }));
+    let done = s.wait_status(&id(&job), "done", 10);
+    let r = &done["result"];
+    assert_eq!(r["memory"], 64 << 20, "{done}");
+    assert_eq!(r["daemon"], false);
+    assert_eq!(r["before"], Value::Null);
+    assert_eq!(r["after"], json!({ "step": 1 }));
+    assert_eq!(r["errors"], json!(vec!["TypeError"; 6]), "{done}");
+
+    let p = id(&spawn(&s, "jobobj", "workers/progress.js", json!({})));
+    s.wait_job(&p, 10, |j| j["progress"] == 100 && j["status"] == "running");
+    s.app("jobobj", "POST", "/api/go?k=go", None);
+    s.wait_job(&p, 10, |j| j["progress"] == 0 && j["status"] == "running");
+    s.app("jobobj", "POST", "/api/go?k=go2", None);
+    s.wait_status(&p, "done", 10);
+}
