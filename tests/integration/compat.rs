@@ -795,3 +795,58 @@ return { memory: job.memory, daemon: job.daemon, before, after, errors, progress
     s.app("jobobj", "POST", "/api/go?k=go2", None);
     s.wait_status(&p, "done", 10);
 }
+
+#[test]
+fn mall_demo_answers_upstreams_simulate_start_status_and_stop() {
+    let s = Server::start();
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/mall"));
+    let files = fazt::apps::read_dir_files(dir).expect("read examples/mall");
+    let r = s.api(
+        "PUT",
+        "/api/apps/mall",
+        Some(&fazt::apps::encode_upload(&files)),
+    );
+    assert_eq!(r.status, 200, "deploy mall: {}", r.text());
+
+    let st = s.call("mall", "/api/simulate/status");
+    assert_eq!(st["running"], false, "{st}");
+    assert_eq!(
+        s.app("mall", "GET", "/api/simulate/start", None).status,
+        405
+    );
+
+    let mut ws = s.ws("mall");
+    ws.subscribe("mall");
+    let r = s.app("mall", "POST", "/api/simulate/start", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let started = r.json();
+    let jid = id(&started["job"]);
+    assert_eq!(started["job"]["daemon"], true, "{started}");
+    // The old route and a second start give the same simulator.
+    assert_eq!(id(&s.app("mall", "POST", "/api/start", None).json()), jid);
+    assert_eq!(
+        id(&s.app("mall", "POST", "/api/simulate/start", None).json()["job"]),
+        jid
+    );
+    let tick = next_message(&mut ws, "mall", 10);
+    assert!(tick["zones"].is_array(), "{tick}");
+
+    let mut st = Value::Null;
+    assert!(
+        wait_until(10, || {
+            st = s.call("mall", "/api/simulate/status");
+            st["running"] == true && st["progress"].as_i64() > Some(0)
+        }),
+        "{st}"
+    );
+    assert_eq!(id(&st["job"]), jid);
+    assert_eq!(st["job"]["status"], "running");
+    assert_eq!(st["viewers"], 1, "{st}");
+
+    let r = s.app("mall", "POST", "/api/simulate/stop", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let stopped = r.json();
+    assert_eq!(stopped["stopped"]["id"], jid.as_str(), "{stopped}");
+    assert_eq!(stopped["stopped"]["status"], "cancelled", "{stopped}");
+    assert_eq!(s.call("mall", "/api/simulate/status")["running"], false);
+}
