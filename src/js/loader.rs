@@ -33,16 +33,12 @@ impl Kind {
             Kind::Worker => "job",
         }
     }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Handler => "handler",
-            Kind::Worker => "worker",
-        }
-    }
 }
 
 const COMPAT: &str = include_str!("compat.js");
+const REQUIRE: &str = include_str!("require.js");
+const HANDLER_HELPERS: &str = include_str!("compat_handler.js");
+const WORKER_HELPERS: &str = include_str!("compat_worker.js");
 
 /// The object `compat.js` returned, kept in the context's host data (which roots it).
 struct Compat {
@@ -72,14 +68,26 @@ pub fn load_entry(
     )
 }
 
-/// Evaluates `compat.js` in `ctx` with the loader's natives.
+/// Evaluates one of the loader's JS files: each is a function expression.
+fn evaluate(
+    ctx: &mut Context,
+    name: &str,
+    source: &str,
+    interrupt: &Interrupt,
+) -> Result<JsValue, RunError> {
+    // Parsing is most of what a fresh context pays for these files.
+    let script = Script::parse(Source::from_bytes(source), None, ctx)
+        .map_err(|e| RunError::Thrown(format!("{name}: {e}")))?;
+    run_script(ctx, &script, interrupt)
+}
+
+/// Evaluates `compat.js` and the helpers of `kind` in `ctx`, with the loader's natives.
 fn install(ctx: &mut Context, kind: Kind, interrupt: &Interrupt) -> Result<JsValue, RunError> {
-    let script = Script::parse(Source::from_bytes(COMPAT), None, ctx)
-        .map_err(|e| RunError::Thrown(format!("compat.js: {e}")))?;
-    let setup = run_script(ctx, &script, interrupt)?;
+    let setup = evaluate(ctx, "compat.js", COMPAT, interrupt)?;
     let mut fns: Vec<(&str, Native, usize)> = vec![
         ("readModule", read_module, 1),
         ("compile", compile_native, 2),
+        ("requireSupport", require_support, 0),
     ];
     if kind == Kind::Worker {
         fns.push(("sleep", sleep, 1));
@@ -90,12 +98,13 @@ fn install(ctx: &mut Context, kind: Kind, interrupt: &Interrupt) -> Result<JsVal
         init.function(NativeFunction::from_fn_ptr(f), JsString::from(name), len);
     }
     let natives = init.build();
-    let api = call(
-        ctx,
-        &setup,
-        &[natives.into(), JsString::from(kind.as_str()).into()],
-        interrupt,
-    )?;
+    let natives: JsValue = natives.into();
+    let api = call(ctx, &setup, std::slice::from_ref(&natives), interrupt)?;
+    let helpers = match kind {
+        Kind::Handler => evaluate(ctx, "compat_handler.js", HANDLER_HELPERS, interrupt)?,
+        Kind::Worker => evaluate(ctx, "compat_worker.js", WORKER_HELPERS, interrupt)?,
+    };
+    call(ctx, &helpers, &[natives], interrupt)?;
     let entry = api
         .as_object()
         .map(|o| o.get(js_string!("entry"), ctx))
@@ -179,6 +188,15 @@ fn compile_native(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<
     let source = str_arg(args, 1, "compile: source")?;
     compile(ctx, &path, &source, None, &host.interrupt).map_err(|e| match e {
         RunError::Thrown(m) => JsNativeError::syntax().with_message(m).into(),
+        RunError::Interrupted(r) => super::api::stopped(r),
+    })
+}
+
+/// `requireSupport()`: the function in `require.js`, compiled on the first `require`.
+fn require_support(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let host = host(ctx)?;
+    evaluate(ctx, "require.js", REQUIRE, &host.interrupt).map_err(|e| match e {
+        RunError::Thrown(m) => plain_error(m),
         RunError::Interrupted(r) => super::api::stopped(r),
     })
 }
