@@ -118,17 +118,20 @@ fn install(ctx: &mut Context, kind: Kind, interrupt: &Interrupt) -> Result<JsVal
     Ok(entry)
 }
 
-/// The source text a file is compiled from: its body inside a function, all on the
-/// first line so that error positions keep the file's own line numbers. Entry files
-/// get the run's argument and a tail that reports a body that ran to its end.
+/// The source text a file is compiled from: its body as a function body, with the
+/// wrapper all on the first line so that error positions keep the file's own line
+/// numbers. The names the wrapper provides are parameters of an outer function and the
+/// body is an inner arrow function, so a file may redeclare any of them (`const job =
+/// fazt.worker.spawn(...)`, as upstream's globals allowed). Entry files get the run's
+/// argument and a tail that reports a body that ran to its end.
 fn wrap(source: &str, kind: Option<Kind>) -> String {
     match kind {
         Some(k) => format!(
-            "(function (exports, require, module, __filename, __dirname, {}, __faztEnd) {{{source}\n;return __faztEnd(typeof handler === \"function\" ? handler : undefined);\n}})",
+            "(function (exports, require, module, __filename, __dirname, {}, __faztEnd) {{ return (() => {{{source}\n;return __faztEnd(typeof handler === \"function\" ? handler : undefined);\n}})(); }})",
             k.arg_name()
         ),
         None => format!(
-            "(function (exports, require, module, __filename, __dirname) {{{source}\n}})"
+            "(function (exports, require, module, __filename, __dirname) {{ return (() => {{{source}\n}})(); }})"
         ),
     }
 }
@@ -243,6 +246,8 @@ mod tests {
             assert!(!w.lines().next().unwrap_or_default().contains('\n'));
         }
         assert!(wrap("x", Some(Kind::Handler)).contains(", request, __faztEnd)"));
+        // The body is its own scope inside the one that holds the provided names.
+        assert!(wrap("x", None).contains("{ return (() => {x\n}"));
         assert!(wrap("x", Some(Kind::Worker)).contains(", job, __faztEnd)"));
     }
 }
