@@ -149,16 +149,25 @@ fn compile(
     let wrapped = wrap(source, kind);
     // The path names the file in error stacks (`at f (lib/x.js:3:9)`).
     let src = Source::from_bytes(wrapped.as_bytes()).with_path(Path::new(path));
-    let script = Script::parse(src, None, ctx)
-        .map_err(|e| RunError::Thrown(format!("SyntaxError in {path}: {e}")))?;
+    let script = Script::parse(src, None, ctx).map_err(|e| {
+        // boa's parse errors read "expected ... at line 2, col 7".
+        let msg = match e.as_native() {
+            Some(native) => native.message().to_string(),
+            None => e.to_string(),
+        };
+        RunError::Thrown(format!("{SYNTAX}{path}: {msg}"))
+    })?;
     let f = run_script(ctx, &script, interrupt)?;
     if !f.is_callable() {
         return Err(RunError::Thrown(format!(
-            "SyntaxError in {path}: the file closes its module wrapper early (unbalanced braces)"
+            "{SYNTAX}{path}: the file closes its module wrapper early (unbalanced braces)"
         )));
     }
     Ok(f)
 }
+
+/// How a compile error starts, so a required file's error can become a SyntaxError.
+const SYNTAX: &str = "SyntaxError: ";
 
 type Native = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
 
@@ -190,7 +199,10 @@ fn compile_native(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<
     let path = str_arg(args, 0, "compile: path")?;
     let source = str_arg(args, 1, "compile: source")?;
     compile(ctx, &path, &source, None, &host.interrupt).map_err(|e| match e {
-        RunError::Thrown(m) => JsNativeError::syntax().with_message(m).into(),
+        RunError::Thrown(m) => match m.strip_prefix(SYNTAX) {
+            Some(m) => JsNativeError::syntax().with_message(m.to_string()).into(),
+            None => plain_error(m),
+        },
         RunError::Interrupted(r) => super::api::stopped(r),
     })
 }
