@@ -890,3 +890,40 @@ fn files_may_redeclare_the_names_the_loader_provides() {
         "{done}"
     );
 }
+
+#[test]
+fn a_file_that_closes_its_wrapper_early_is_still_stopped_at_the_deadline() {
+    let s = Server::start();
+    s.deploy_ok(
+        "escape",
+        &[
+            // Closes the loader's wrapper and loops at the top level of the script.
+            (
+                "api/escape.js",
+                "})(); }); while (true) {} (function () { return (() => {",
+            ),
+            (
+                "lib/escape.js",
+                "})(); }); while (true) {} (function () { return (() => {",
+            ),
+            ("api/req.js", "return require('../lib/escape.js');"),
+            ("api/ok.js", "return { ok: true };"),
+        ],
+    );
+    std::thread::scope(|sc| {
+        for route in ["/api/escape", "/api/req"] {
+            let s = &s;
+            sc.spawn(move || {
+                let t = Instant::now();
+                let r = s.app("escape", "GET", route, None);
+                assert_eq!(r.status, 504, "{route}: {}", r.text());
+                assert!(
+                    t.elapsed() < Duration::from_secs(8),
+                    "{route}: {:?}",
+                    t.elapsed()
+                );
+            });
+        }
+    });
+    assert_eq!(s.call("escape", "/api/ok"), json!({ "ok": true }));
+}
