@@ -33,7 +33,7 @@ struct AppContext {
     /// The deploy id whose code this context loaded.
     deploy: i64,
     ctx: Context,
-    /// `module.exports` of each loaded handler file, by path.
+    /// The runner of each loaded handler file, by path (see `js::load_entry`).
     modules: HashMap<String, JsValue>,
     last_used: u64,
     /// Heap growth of this thread across the calls this context served.
@@ -293,7 +293,7 @@ fn call_handler(
         Some(e) => e.clone(),
         None => {
             let start = heap.load(Ordering::Relaxed);
-            let e = js::load_module(ctx, file, source, interrupt)?;
+            let e = js::load_entry(ctx, file, source, js::Kind::Handler, interrupt)?;
             entry.modules.insert(file.to_string(), e.clone());
             *grown += heap.load(Ordering::Relaxed) - start;
             e

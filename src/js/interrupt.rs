@@ -172,7 +172,10 @@ impl Interrupt {
         };
         let mut guard = self.inner.lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(r) = self.check() {
+            // Only the flag while the lock is held: `check` may `stop`, which takes
+            // the lock too. A passed deadline is seen below, since `end` is at or
+            // before it.
+            if let Some(r) = self.check_flag() {
                 return Some(r);
             }
             if self.inner.cancel_requested.load(Ordering::SeqCst) {
@@ -180,6 +183,7 @@ impl Interrupt {
             }
             let now = Instant::now();
             if now >= end {
+                drop(guard);
                 return self.check();
             }
             guard = self
@@ -465,6 +469,19 @@ mod tests {
         assert!(!i.flag().load(Ordering::SeqCst));
         i.stop(Reason::Cancelled);
         assert!(i.flag().load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn sleep_past_the_deadline_returns_timeout_instead_of_deadlocking() {
+        // The sleeper itself notices the deadline (nobody else stops it): before, its
+        // `check` called `stop` while holding the lock `stop` takes, and hung.
+        let i = Interrupt::new(Some(Duration::from_millis(20)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(i.sleep(Duration::from_secs(30)));
+        });
+        let r = rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(r, Ok(Some(Reason::Timeout)));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Running user JavaScript with boa: context set-up, the `fazt.*` host API, module
-//! loading (CommonJS `module.exports`), interruptible calls, and value conversion.
+//! loading (every script form, `require`: see `loader.rs`), interruptible calls, and value conversion.
 //! Nothing here touches sockets or files; host functions reach the rest of the
 //! server only through [`Services`](crate::services::Services).
 
@@ -12,9 +12,11 @@ pub(crate) mod api_support {
 }
 pub mod interrupt;
 mod jobs;
+mod loader;
 mod runtime;
 
 pub use interrupt::{Interrupt, Reason};
+pub use loader::{load_entry, Kind};
 pub use runtime::{
     call, from_json, load_module, new_context, to_json, Host, JobHost, LogSink, RunError,
 };

@@ -34,6 +34,7 @@
     get: (id) => host.workerGet(id),
     list: (filter) => host.workerList(filter === undefined ? {} : filter),
     cancel: (id) => host.workerCancel(id),
+    wait: (id, opts) => host.workerWait(id, opts === undefined ? {} : opts),
   });
 
   const realtime = Object.freeze({

@@ -240,7 +240,7 @@ fn settle(ctx: &mut Context, value: JsValue, interrupt: &Interrupt) -> Result<Js
 }
 
 /// Runs a parsed script in budget slices, checking the interrupt between slices.
-fn run_script(
+pub(crate) fn run_script(
     ctx: &mut Context,
     script: &Script,
     interrupt: &Interrupt,

@@ -4,6 +4,7 @@
 mod budget;
 mod options;
 mod pool;
+pub mod queue;
 mod slot;
 
 pub use budget::{rss_bytes, watch_this_thread, Budget, CountingAlloc};
@@ -210,6 +211,7 @@ pub(crate) fn js_natives() -> Vec<(&'static str, Native, usize)> {
         ("workerGet", worker_get, 1),
         ("workerList", worker_list, 1),
         ("workerCancel", worker_cancel, 1),
+        ("workerWait", worker_wait, 2),
     ]
 }
 
@@ -315,6 +317,90 @@ fn worker_cancel(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<J
     {
         Some(row) => job_value(&row, ctx),
         None => Ok(JsValue::null()),
+    }
+}
+
+/// How long `fazt.worker.wait` waits when not told (upstream's default).
+const WAIT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// `fazt.worker.wait(id, {timeout})`: the job once it ended. It polls the store,
+/// sleeping on the run's interrupt: a cancel of the waiting job wakes it, and a
+/// handler's deadline bounds it (the handler then ends with its usual 504).
+fn worker_wait(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let host = host(ctx)?;
+    let id = str_arg(args, 0, "fazt.worker.wait: id")?;
+    let mut timeout = WAIT_DEFAULT;
+    if let Some(opts) = args.get(1).filter(|v| !v.is_undefined() && !v.is_null()) {
+        if !opts.is_object() || opts.is_callable() {
+            return Err(type_error("fazt.worker.wait: options must be an object"));
+        }
+        let opts = opts.to_json(ctx)?.unwrap_or(serde_json::Value::Null);
+        for (k, v) in opts.as_object().into_iter().flatten() {
+            match (k.as_str(), v) {
+                ("timeout", serde_json::Value::String(s)) => {
+                    timeout = std::time::Duration::from_millis(
+                        parse_duration(s).map_err(|e| type_error(format!("fazt.worker.wait: {e}")))?,
+                    )
+                }
+                ("timeout", serde_json::Value::Number(n)) => {
+                    timeout = n
+                        .as_f64()
+                        .filter(|ms| ms.is_finite() && *ms >= 0.0 && *ms <= 1e12)
+                        .map(|ms| std::time::Duration::from_millis(ms as u64))
+                        .ok_or_else(|| {
+                            type_error("fazt.worker.wait: timeout must be 0 or more milliseconds")
+                        })?
+                }
+                ("timeout", _) => {
+                    return Err(type_error(
+                        "fazt.worker.wait: timeout must be a duration such as '30s' or a number of milliseconds",
+                    ))
+                }
+                (other, _) => {
+                    return Err(type_error(format!(
+                        "fazt.worker.wait: unknown option '{other}' (known: timeout)"
+                    )))
+                }
+            }
+        }
+    }
+    if host.job.as_ref().is_some_and(|j| j.id == id) {
+        return Err(plain_error(
+            "fazt.worker.wait: a job cannot wait for itself",
+        ));
+    }
+    let started = std::time::Instant::now();
+    let mut poll = std::time::Duration::from_millis(5);
+    loop {
+        let row = host.services.store.get_job(&id).map_err(store_error)?;
+        let row = match row {
+            // Another app's job reads as not found.
+            Some(row) if *row.app == *host.app => row,
+            _ => {
+                return Err(plain_error(format!(
+                    "fazt.worker.wait: no job '{id}' in this app"
+                )))
+            }
+        };
+        if row.status.is_final() {
+            return job_value(&row, ctx);
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(plain_error(format!(
+                "fazt.worker.wait: job {id} is still {} after {}",
+                row.status.as_str(),
+                options::format_ms(timeout.as_millis() as u64)
+            )));
+        }
+        // Returns early with an uncatchable error when this run is stopped.
+        sleep_for(&host, poll.min(left).as_millis() as f64)?;
+        if host.interrupt.cancel_requested() {
+            return Err(plain_error(format!(
+                "fazt.worker.wait: this job was cancelled while waiting for job {id}"
+            )));
+        }
+        poll = (poll * 2).min(std::time::Duration::from_millis(100));
     }
 }
 

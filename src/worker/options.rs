@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::queue::Priority;
 use super::{DEFAULT_MEMORY, MEMORY_BUDGET};
 
 /// Validated spawn options, stored as the job's `config` JSON.
@@ -20,6 +21,9 @@ pub struct JobConfig {
     pub unique_key: Option<String>,
     pub idle_timeout_ms: Option<u64>,
     pub idle_channel: Option<String>,
+    /// Order among the app's queued jobs; configs stored before it existed read as normal.
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 impl Default for JobConfig {
@@ -33,6 +37,7 @@ impl Default for JobConfig {
             unique_key: None,
             idle_timeout_ms: None,
             idle_channel: None,
+            priority: Priority::Normal,
         }
     }
 }
@@ -199,10 +204,18 @@ pub fn parse_options(opts: &serde_json::Value) -> Result<(JobConfig, Option<Stri
                     cfg.idle_channel = Some(s.to_string());
                 }
             }
+            "priority" => {
+                if !null {
+                    cfg.priority = v
+                        .as_str()
+                        .and_then(Priority::parse)
+                        .ok_or("priority must be 'low', 'normal' or 'high'")?;
+                }
+            }
             other => {
                 return Err(format!(
                     "unknown spawn option '{other}' (known: data, memory, timeout, daemon, retry, \
-                     retryDelay, uniqueKey, idleTimeout, idleChannel)"
+                     retryDelay, uniqueKey, idleTimeout, idleChannel, priority)"
                 ))
             }
         }
@@ -284,6 +297,15 @@ mod tests {
         assert_eq!(cfg.timeout_ms, None, "daemons default to no timeout");
         let (cfg, _) = parse_options(&json!({"timeout": null})).expect("no timeout");
         assert_eq!(cfg.timeout_ms, None);
+        let (cfg, _) = parse_options(&json!({"priority": "high"})).expect("priority");
+        assert_eq!(cfg.priority, Priority::High);
+        // Configs stored before `priority` existed still load.
+        let old: JobConfig = serde_json::from_value(json!({
+            "memory_bytes": 1, "timeout_ms": null, "daemon": false, "retry": 0,
+            "retry_delay_ms": 1, "unique_key": null, "idle_timeout_ms": null, "idle_channel": null
+        }))
+        .expect("old config");
+        assert_eq!(old.priority, Priority::Normal);
 
         for (bad, needle) in [
             (json!({"memroy": "1MB"}), "unknown spawn option 'memroy'"),
@@ -295,6 +317,8 @@ mod tests {
             (json!({"daemon": "yes"}), "daemon must be"),
             (json!({"idleTimeout": "1m"}), "go together"),
             (json!({"idleChannel": "c"}), "go together"),
+            (json!({"priority": "urgent"}), "priority must be"),
+            (json!({"priority": 2}), "priority must be"),
             (json!([1]), "must be an object"),
         ] {
             let err = parse_options(&bad).expect_err(&bad.to_string());

@@ -97,6 +97,8 @@ pub(crate) struct Queued {
     pub data: Option<String>,
     pub attempt: i64,
     pub restarts: i64,
+    /// When it joined the queue, for priority aging (see `queue.rs`).
+    pub since: Instant,
 }
 
 impl Queued {
@@ -110,6 +112,7 @@ impl Queued {
             data: None,
             attempt: r.attempt,
             restarts: r.restarts,
+            since: Instant::now(),
         }
     }
 }
@@ -443,6 +446,7 @@ impl Scheduler {
         // Up to 1 MB per job and 1,000 jobs per app: waiting jobs keep their data in
         // the store, not here; dispatch reads it back.
         job.data = None;
+        job.since = Instant::now();
         self.seq += 1;
         self.queue.insert(self.seq, job);
     }
@@ -704,10 +708,24 @@ impl Scheduler {
             .filter(|r| r.job.config.daemon || r.job.config.timeout_ms.is_none())
             .map(|r| r.job.config.memory_bytes)
             .sum();
-        for (&seq, job) in &self.queue {
+        let waiting: Vec<super::queue::Waiting<'_>> = self
+            .queue
+            .iter()
+            .map(|(&seq, j)| super::queue::Waiting {
+                seq,
+                app: &j.app,
+                priority: j.config.priority,
+                since: j.since,
+            })
+            .collect();
+        let order = super::queue::order(&waiting, Instant::now());
+        for seq in order {
             if free == 0 {
                 break;
             }
+            let Some(job) = self.queue.get(&seq) else {
+                continue;
+            };
             let counts = self.apps.get(&job.app);
             let running = counts.map_or(0, |c| c.running);
             let daemons = counts.map_or(0, |c| c.daemons);

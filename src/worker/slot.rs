@@ -43,7 +43,7 @@ pub(crate) enum Outcome {
 struct Warm {
     app: String,
     ctx: Context,
-    /// `module.exports` of each worker file loaded, by path.
+    /// The runner of each worker file loaded, by path (see `js::load_entry`).
     modules: HashMap<String, JsValue>,
     /// The deploy id whose code this context loaded: a redeploy, or a new app under
     /// the old name, gets a fresh context.
@@ -177,7 +177,8 @@ fn run_job(
         let exports = match w.modules.get(&job.path) {
             Some(e) => e.clone(),
             None => {
-                let e = js::load_module(&mut w.ctx, &job.path, &source, interrupt)?;
+                let e =
+                    js::load_entry(&mut w.ctx, &job.path, &source, js::Kind::Worker, interrupt)?;
                 w.modules.insert(job.path.clone(), e.clone());
                 e
             }

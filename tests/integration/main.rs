@@ -4,6 +4,7 @@
 mod util;
 
 mod browser;
+mod compat;
 mod disk;
 mod hostile;
 mod hostile_js;

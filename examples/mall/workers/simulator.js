@@ -73,6 +73,8 @@ module.exports = function (job) {
       total: zones.reduce((sum, z) => sum + z.visitors, 0),
       zones: zones,
     });
+    // Progress is how far the mall's day has got, opening to closing.
+    job.progress(((state.minute - OPEN) / (CLOSE - OPEN)) * 100);
     job.checkpoint(state);
     fazt.storage.kv.set("state", state);
     job.sleep(1000);

@@ -1,0 +1,5 @@
+// Start daemon
+fazt.worker.spawn('workers/ticker.js', {
+    daemon: true,
+    timeout: null
+});

@@ -1,0 +1,3 @@
+// api/test-worker.js
+const jobId = fazt.worker.spawn('workers/hello.js', {});
+return { jobId };
