@@ -86,8 +86,59 @@ pub(crate) fn opt_str_arg(args: &[JsValue], i: usize, what: &str) -> JsResult<Op
     }
 }
 
+/// Why a host call failed when the script did nothing wrong. It rides on the thrown
+/// Error as its `cause`, an object only the host can make, so a handler that does not
+/// catch it ends typed ([`RunError::Failed`](super::RunError::Failed): 503 or 429) rather
+/// than as a 500 "the handler threw"; and an error the script throws with that cause
+/// (wrapping it) keeps the type.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, boa_gc::Trace, boa_gc::Finalize, boa_engine::JsData,
+)]
+#[boa_gc(empty_trace)]
+pub enum Failure {
+    /// The store cannot write (or is shutting down): try again later.
+    Unavailable,
+    /// A bounded queue is full: try again later.
+    Busy,
+}
+
+/// A plain `Error` carrying `failure` as its cause (see [`Failure`]).
+pub(crate) fn failure_error(failure: Failure, msg: impl Into<String>) -> JsError {
+    let marker = JsObject::from_proto_and_data(None, failure);
+    JsNativeError::error()
+        .with_message(msg.into())
+        .with_cause(JsError::from_opaque(marker.into()))
+        .into()
+}
+
+/// The [`Failure`] a thrown value carries, read without running any script: only
+/// built-in Error objects are looked at, and only their own `cause` data property.
+pub(crate) fn failure_of(err: &JsError) -> Option<Failure> {
+    let cause = match err.as_native() {
+        Some(native) => native.cause()?.as_opaque()?.clone(),
+        None => {
+            let obj = err.as_opaque()?.as_object()?;
+            if !obj.is::<boa_engine::builtins::error::Error>() {
+                return None;
+            }
+            let key = boa_engine::property::PropertyKey::from(js_string!("cause"));
+            let desc = obj.borrow().properties().get(&key)?;
+            desc.value()?.clone()
+        }
+    };
+    let marker = cause.as_object()?;
+    let failure = marker.downcast_ref::<Failure>().map(|f| *f);
+    failure
+}
+
+/// A store error as a JS error: one the server cannot help now (cannot write, shutting
+/// down) carries [`Failure::Unavailable`]; the rest (quota, not found) are plain.
 pub(crate) fn store_error(e: crate::store::Error) -> JsError {
-    plain_error(e.to_string())
+    if e.is_transient() || matches!(e, crate::store::Error::Closed) {
+        failure_error(Failure::Unavailable, e.to_string())
+    } else {
+        plain_error(e.to_string())
+    }
 }
 
 fn log(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {

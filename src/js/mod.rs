@@ -7,7 +7,7 @@ mod api;
 /// Helpers for host functions defined outside `js/` (worker, realtime).
 pub(crate) mod api_support {
     pub(crate) use super::api::{
-        host, opt_str_arg, plain_error, sleep_for, store_error, str_arg, type_error,
+        failure_error, host, opt_str_arg, plain_error, sleep_for, store_error, str_arg, type_error,
     };
 }
 pub mod interrupt;
@@ -15,6 +15,7 @@ mod jobs;
 mod loader;
 mod runtime;
 
+pub use api::Failure;
 pub use interrupt::{Interrupt, Reason};
 pub use loader::{load_entry, Kind};
 pub use runtime::{

@@ -42,6 +42,17 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
+    /// A file or thread operation failed (creating a backup file, starting the writer
+    /// thread); the string says what we were doing. Not the caller's fault: HTTP 500.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bug: the store could not encode its own data. HTTP 500.
+    #[error("internal store error: {0}")]
+    Internal(String),
     /// The writer thread is gone (the server is shutting down).
     #[error("the store is shut down")]
     Closed,
@@ -168,7 +179,10 @@ impl Store {
         let writer_thread = std::thread::Builder::new()
             .name("fazt-store-writer".into())
             .spawn(move || w.run())
-            .map_err(|e| Error::Invalid(format!("cannot start the store writer thread: {e}")))?;
+            .map_err(|source| Error::Io {
+                context: "starting the store writer thread".into(),
+                source,
+            })?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path,

@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use boa_engine::{Context, JsResult, JsString, JsValue};
 
-use crate::js::api_support::{host, plain_error, sleep_for, store_error, str_arg, type_error};
+use crate::js::api_support::{
+    failure_error, host, plain_error, sleep_for, store_error, str_arg, type_error,
+};
 use crate::services::Services;
 use crate::store::JobRow;
 
@@ -108,12 +110,19 @@ impl ListFilter {
     }
 }
 
-/// Why a spawn was refused.
+/// Why a spawn was refused. Callers branch on it: HTTP maps it to a status in one place
+/// (`http::util`, `From<SpawnError> for HttpError`: 400, 429, 503 or 500), and
+/// `fazt.worker.spawn` throws an error a handler's caller sees the same way.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    /// Bad path or options: the caller's mistake, with the reason.
+    /// Bad path or options, or no such worker file: the caller's mistake, with the
+    /// reason. HTTP 400.
     #[error("{0}")]
     Invalid(String),
+    /// The app already has `limit` jobs waiting: try again later. HTTP 429.
+    #[error("the job queue of app '{app}' is full ({limit} jobs waiting): try again later")]
+    QueueFull { app: String, limit: i64 },
+    /// The store failed: HTTP 503 when it cannot write now, 500 otherwise.
     #[error(transparent)]
     Store(#[from] crate::store::Error),
 }
@@ -144,24 +153,26 @@ pub fn spawn(
     let check = (pool_waiting >= limit / 2).then_some(limit);
     let inserted = services
         .store
-        .insert_job(new_job_id(), app, path, &config, data, check);
+        .insert_job(new_job_id(), app, path, &config, data, check)?;
     match inserted {
-        Ok(crate::store::Inserted::New(row)) => {
+        crate::store::Inserted::New(row) => {
             services.pool.enqueue(pool::Queued::from_row(&row));
             Ok(row)
         }
-        Ok(crate::store::Inserted::Existing(row)) => Ok(row),
-        Err(crate::store::Error::Invalid(m)) => Err(SpawnError::Invalid(m)),
-        Err(e) => Err(e.into()),
+        crate::store::Inserted::Existing(row) => Ok(row),
+        crate::store::Inserted::QueueFull { limit } => Err(SpawnError::QueueFull {
+            app: app.to_string(),
+            limit,
+        }),
     }
 }
 
 /// `workers/<...>.js`, with no `..`, absolute or odd segments.
 pub fn check_worker_path(path: &str) -> Result<(), String> {
-    crate::apps::check_path(path).map_err(|e| format!("fazt.worker.spawn: {e}"))?;
+    crate::apps::check_path(path)?;
     if !path.starts_with("workers/") || !path.ends_with(".js") {
         return Err(format!(
-            "fazt.worker.spawn: path '{path}' must name a .js file under workers/ (e.g. 'workers/sync.js')"
+            "path '{path}' must name a .js file under workers/ (e.g. 'workers/sync.js')"
         ));
     }
     Ok(())
@@ -243,11 +254,11 @@ fn worker_spawn(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<Js
     };
     match spawn(&host.services, &host.app, &path, &opts) {
         Ok(row) => job_value(&row, ctx),
-        Err(SpawnError::Invalid(m)) => Err(plain_error(if m.starts_with("fazt.worker.spawn") {
-            m
-        } else {
-            format!("fazt.worker.spawn: {m}")
-        })),
+        Err(e @ SpawnError::Invalid(_)) => Err(plain_error(format!("fazt.worker.spawn: {e}"))),
+        Err(e @ SpawnError::QueueFull { .. }) => Err(failure_error(
+            crate::js::Failure::Busy,
+            format!("fazt.worker.spawn: {e}"),
+        )),
         Err(SpawnError::Store(e)) => Err(store_error(e)),
     }
 }

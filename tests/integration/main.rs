@@ -6,6 +6,7 @@ mod util;
 mod browser;
 mod compat;
 mod disk;
+mod errors;
 mod hostile;
 mod hostile_js;
 mod isolation;
