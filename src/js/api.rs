@@ -232,3 +232,40 @@ pub(crate) fn sleep_for(host: &Host, ms: f64) -> JsResult<JsValue> {
         None => Ok(JsValue::undefined()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thrown_by(ctx: &mut Context, src: &str) -> JsError {
+        match ctx.eval(boa_engine::Source::from_bytes(src)) {
+            Err(e) => e,
+            Ok(v) => panic!("{src} returned {v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_host_failure_survives_a_throw_and_cannot_be_forged() {
+        let mut ctx = Context::default();
+        let native = failure_error(Failure::Unavailable, "cannot write");
+        assert_eq!(failure_of(&native), Some(Failure::Unavailable));
+        // As JS sees it once thrown: an Error object whose cause the host made.
+        let opaque = JsError::from_opaque(native.into_opaque(&mut ctx).expect("an object"));
+        assert_eq!(failure_of(&opaque), Some(Failure::Unavailable));
+        let caught = opaque.into_opaque(&mut ctx).expect("an object");
+        ctx.register_global_property(js_string!("caught"), caught, Attribute::all())
+            .expect("global");
+        // Wrapping keeps the type; a look-alike made in JS does not get one.
+        let wrapped = thrown_by(&mut ctx, "throw new Error('w', { cause: caught.cause })");
+        assert_eq!(failure_of(&wrapped), Some(Failure::Unavailable));
+        for forged in [
+            "throw new Error('x', { cause: {} })",
+            "throw { cause: caught.cause }",
+            "throw new Error('x', { cause: 'Unavailable' })",
+            "throw 'Unavailable'",
+        ] {
+            assert_eq!(failure_of(&thrown_by(&mut ctx, forged)), None, "{forged}");
+        }
+        assert_eq!(failure_of(&plain_error("x")), None);
+    }
+}
