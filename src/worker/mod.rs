@@ -127,6 +127,28 @@ pub enum SpawnError {
     Store(#[from] crate::store::Error),
 }
 
+/// Why the pool did not start (or could not replace a slot).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Reading the jobs to recover or resume failed.
+    #[error("{what}: {source}")]
+    Store {
+        what: &'static str,
+        #[source]
+        source: crate::store::Error,
+    },
+    /// A thread could not be started (the process is out of memory or threads).
+    #[error("starting {what}: {source}")]
+    Thread {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A slot thread ended before it reported its heap counter.
+    #[error("worker slot {0} died at start")]
+    SlotDied(usize),
+}
+
 /// Validates and enqueues a job of `app`. With a uniqueKey that matches a live job, the
 /// live job is returned instead.
 pub fn spawn(
