@@ -21,14 +21,7 @@ use std::time::Duration;
 
 use crate::services::Services;
 
-/// A JSON error response (for code that answers a raw request itself).
-pub fn error_reply(status: u16, msg: &str) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    util::error_response(status, msg)
-}
-
-/// Stack for threads that run user JS: boa recurses on the native stack for calls made
-/// from native code, so the 2 MB default is too tight for deep but legal programs.
-pub const JS_STACK_BYTES: usize = 16 << 20;
+pub use crate::js::JS_STACK_BYTES;
 
 /// Limits on what clients may send and hold (flags in `cli.rs`, defaults in the README).
 #[derive(Debug, Clone)]

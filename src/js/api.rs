@@ -15,7 +15,20 @@ use boa_engine::{
 use super::runtime::{Host, LogSink};
 use boa_engine::error::PanicError;
 
-type Native = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
+/// A host function as boa calls it.
+pub type Native = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
+
+/// Host functions defined outside `js/` (`fazt.worker.*`, `job.*`, `fazt.realtime.*`),
+/// each as (name on `__host`, function, arity). The composition root (`app::start`)
+/// puts them in [`Services`](crate::services::Services), so `js` depends on none of
+/// the modules that define them.
+#[derive(Clone, Default)]
+pub struct Natives {
+    /// In every context.
+    pub api: Vec<(&'static str, Native, usize)>,
+    /// Only in job contexts.
+    pub job: Vec<(&'static str, Native, usize)>,
+}
 
 pub(super) fn natives(ctx: &mut Context) -> JsObject {
     let host = host(ctx).expect("host is inserted before natives are built");
@@ -26,10 +39,10 @@ pub(super) fn natives(ctx: &mut Context) -> JsObject {
         ("kvDelete", kv_delete, 1),
         ("kvList", kv_list, 1),
     ];
-    fns.extend(crate::worker::js_natives());
-    fns.extend(crate::realtime::js_natives());
+    let wired = &host.services.natives;
+    fns.extend(wired.api.iter().copied());
     if host.job.is_some() {
-        fns.extend(crate::worker::job_natives());
+        fns.extend(wired.job.iter().copied());
     }
     let app = JsString::from(&*host.app);
     let mut init = ObjectInitializer::new(ctx);
@@ -147,10 +160,13 @@ fn log(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let msg = str_arg(args, 1, "log message")?;
     match (&host.sink, &host.job) {
         (LogSink::Job, Some(job)) => {
-            crate::worker::append_log(&host.services, &job.id, &level, &msg);
+            let line = crate::job::truncate_log_line(&msg).into_owned();
+            host.services
+                .store
+                .job_log(&job.id, &level, line, crate::job::LOG_KEEP);
         }
         // Cut like job log lines: one call must not put megabytes into the server log.
-        _ => match (level.as_str(), crate::worker::truncate_log_line(&msg)) {
+        _ => match (level.as_str(), crate::job::truncate_log_line(&msg)) {
             ("error", msg) => log::error!(target: "app", "[{}] {msg}", host.app),
             ("warn", msg) => log::warn!(target: "app", "[{}] {msg}", host.app),
             ("debug", msg) => log::debug!(target: "app", "[{}] {msg}", host.app),

@@ -4,7 +4,7 @@
 //! also polled in budget slices so the host looks at the interrupt between slices.
 //!
 //! Native stack arithmetic (why no JS input overflows a thread's stack). JS threads
-//! have 16 MiB (`http::JS_STACK_BYTES`). JS-to-JS calls use heap frames (at most
+//! have 16 MiB (`js::JS_STACK_BYTES`). JS-to-JS calls use heap frames (at most
 //! `RECURSION_LIMIT` of them), not the native stack. What does recurse natively, and
 //! its guard (all in the patched engine, see vendor/PATCHES.md):
 //! - natives that call back into JS (`map`, getters, `toString`, Proxy traps, revivers):

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::writer::Kind;
 use super::{now_ms, query_all, Error, Result, SqlContext, Store};
-use crate::worker::{JobConfig, ListFilter, Status};
+use crate::job::{JobConfig, ListFilter, Status};
 
 /// A job as stored.
 #[derive(Debug, Clone)]

@@ -431,10 +431,11 @@ mod tests {
         store.close();
     }
 
-    use crate::worker::{JobConfig, Status};
+    use crate::job::{JobConfig, Status};
 
     fn new_job(store: &Store, app: &str) -> String {
-        let id = crate::worker::new_job_id();
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = format!("job-{}", N.fetch_add(1, Ordering::Relaxed));
         store
             .insert_job(
                 id.clone(),

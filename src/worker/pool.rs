@@ -382,7 +382,7 @@ impl Slot {
         let services = services.clone();
         let handle = std::thread::Builder::new()
             .name(format!("fazt-slot-{index}"))
-            .stack_size(crate::http::JS_STACK_BYTES)
+            .stack_size(crate::js::JS_STACK_BYTES)
             .spawn(move || {
                 let heap = budget::watch_this_thread();
                 let _ = heap_tx.send(heap);

@@ -13,4 +13,5 @@ mod isolation;
 mod platform;
 mod quotas;
 mod realtime;
+mod tidy;
 mod workers;
