@@ -1,5 +1,6 @@
-//! The worker system: job model and options, the pool (scheduler, slots, memory
-//! monitor), and the `fazt.worker.*` and `job.*` host functions.
+//! The worker system: spawn (option parsing, [`SpawnError`]), the pool (scheduler,
+//! slots, memory monitor), and the `fazt.worker.*` and `job.*` host functions. The job
+//! model itself (status, config, filters) is the leaf [`crate::job`].
 
 mod budget;
 mod options;
