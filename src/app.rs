@@ -58,6 +58,11 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
         started: Instant::now(),
         listen_port: addr.port(),
         apps: Default::default(),
+        // The composition root hands `js` the host functions other modules define.
+        natives: crate::js::Natives {
+            api: [crate::worker::js_natives(), crate::realtime::js_natives()].concat(),
+            job: crate::worker::job_natives(),
+        },
     });
     runner.start(services.clone())?;
     let http = HttpServer::start(

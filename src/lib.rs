@@ -8,6 +8,7 @@
 //! - [`js`]: boa contexts, the `fazt.*` host API, interruptible execution.
 //! - [`worker`]: jobs, the pool (scheduler, slots, memory budget), daemons.
 //! - [`realtime`]: WebSocket hubs, channels, listener counts.
+//! - [`job`]: the job model (status, options, filters), a leaf every layer shares.
 //! - [`store`]: the only module that touches SQLite.
 //! - [`apps`]: app name, path and upload rules shared by server and CLI.
 
@@ -16,6 +17,7 @@ pub mod apps;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod job;
 pub mod js;
 pub mod realtime;
 pub mod services;

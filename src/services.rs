@@ -93,6 +93,8 @@ pub struct Services {
     pub listen_port: u16,
     /// Live deployments and runs in progress: see [`Registry`].
     pub apps: Registry<crate::js::Interrupt>,
+    /// Host functions of the worker and realtime modules, wired in by `app::start`.
+    pub natives: crate::js::Natives,
 }
 
 impl Services {

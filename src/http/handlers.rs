@@ -389,6 +389,10 @@ fn run_error(e: RunError, app: &str) -> HttpError {
             log::info!(target: "app", "[{app}] handler threw: {m}");
             HttpError::internal(m)
         }
+        RunError::Failed(f, m) => {
+            log::warn!(target: "app", "[{app}] handler failed: {m}");
+            HttpError::new(super::util::failure_status(f), m)
+        }
         RunError::Interrupted(Reason::Timeout) => HttpError::new(
             504,
             format!(

@@ -21,14 +21,7 @@ use std::time::Duration;
 
 use crate::services::Services;
 
-/// A JSON error response (for code that answers a raw request itself).
-pub fn error_reply(status: u16, msg: &str) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    util::error_response(status, msg)
-}
-
-/// Stack for threads that run user JS: boa recurses on the native stack for calls made
-/// from native code, so the 2 MB default is too tight for deep but legal programs.
-pub const JS_STACK_BYTES: usize = 16 << 20;
+pub use crate::js::JS_STACK_BYTES;
 
 /// Limits on what clients may send and hold (flags in `cli.rs`, defaults in the README).
 #[derive(Debug, Clone)]
@@ -128,17 +121,31 @@ struct Shared {
 /// place (the pool serves with one thread less) instead of adding another spinner.
 static ABANDONED_LIVE: AtomicUsize = AtomicUsize::new(0);
 
+/// Why the HTTP server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// tiny_http refused the listener.
+    #[error("starting the HTTP server: {0}")]
+    Server(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// A thread could not be started (the process is out of memory or threads).
+    #[error("starting {what}: {source}")]
+    Thread {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl HttpServer {
     pub fn start(
         listener: TcpListener,
         threads: usize,
         limits: HttpLimits,
         services: Arc<Services>,
-    ) -> anyhow::Result<HttpServer> {
-        use anyhow::Context as _;
+    ) -> Result<HttpServer, StartError> {
         let server =
             tiny_http::Server::from_listener_with_limits(listener, None, limits.to_tiny_http())
-                .map_err(|e| anyhow::anyhow!("starting the HTTP server: {e}"))?;
+                .map_err(StartError::Server)?;
         let shared = Arc::new(Shared {
             server,
             stopping: AtomicBool::new(false),
@@ -156,7 +163,10 @@ impl HttpServer {
             std::thread::Builder::new()
                 .name("fazt-http-watchdog".into())
                 .spawn(move || watch(&shared, &workers, threads))
-                .context("spawning the HTTP watchdog")?
+                .map_err(|source| StartError::Thread {
+                    what: "the HTTP watchdog".into(),
+                    source,
+                })?
         };
         Ok(HttpServer {
             shared,
@@ -192,8 +202,7 @@ impl HttpServer {
     }
 }
 
-fn spawn_worker(i: usize, shared: &Arc<Shared>) -> anyhow::Result<Worker> {
-    use anyhow::Context as _;
+fn spawn_worker(i: usize, shared: &Arc<Shared>) -> Result<Worker, StartError> {
     let js_since = Arc::new(AtomicI64::new(0));
     let abandoned = Arc::new(AtomicBool::new(false));
     let shared = shared.clone();
@@ -202,7 +211,10 @@ fn spawn_worker(i: usize, shared: &Arc<Shared>) -> anyhow::Result<Worker> {
         .name(format!("fazt-http-{i}"))
         .stack_size(JS_STACK_BYTES)
         .spawn(move || serve(&shared, js, &gone))
-        .context("spawning an HTTP thread")?;
+        .map_err(|source| StartError::Thread {
+            what: format!("HTTP thread {i}"),
+            source,
+        })?;
     Ok(Worker {
         handle,
         js_since,

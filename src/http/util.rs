@@ -73,6 +73,27 @@ impl From<crate::store::Error> for HttpError {
     }
 }
 
+/// The status of a host failure a handler let through (see [`crate::js::Failure`]).
+pub fn failure_status(f: crate::js::Failure) -> u16 {
+    match f {
+        crate::js::Failure::Unavailable => 503,
+        crate::js::Failure::Busy => 429,
+    }
+}
+
+impl From<crate::worker::SpawnError> for HttpError {
+    fn from(e: crate::worker::SpawnError) -> HttpError {
+        use crate::worker::SpawnError;
+        match e {
+            SpawnError::Invalid(m) => HttpError::bad_request(m),
+            e @ SpawnError::QueueFull { .. } => {
+                HttpError::new(failure_status(crate::js::Failure::Busy), e.to_string())
+            }
+            SpawnError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::apps::AppError> for HttpError {
     fn from(e: crate::apps::AppError) -> HttpError {
         match e {
@@ -250,6 +271,25 @@ pub fn query_get<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spawn_errors_map_to_statuses() {
+        use crate::worker::SpawnError;
+        let status = |e: SpawnError| HttpError::from(e).status;
+        assert_eq!(status(SpawnError::Invalid("bad path".into())), 400);
+        let full = SpawnError::QueueFull {
+            app: "a".into(),
+            limit: 3,
+        };
+        assert_eq!(status(full), 429);
+        let unavailable = crate::store::Error::Unavailable("disk full".into());
+        assert_eq!(status(SpawnError::Store(unavailable)), 503);
+        assert_eq!(status(SpawnError::Store(crate::store::Error::Closed)), 503);
+        let internal = crate::store::Error::Internal("bug".into());
+        assert_eq!(status(SpawnError::Store(internal)), 500);
+        assert_eq!(failure_status(crate::js::Failure::Unavailable), 503);
+        assert_eq!(failure_status(crate::js::Failure::Busy), 429);
+    }
 
     #[test]
     fn routes_by_host() {

@@ -15,7 +15,20 @@ use boa_engine::{
 use super::runtime::{Host, LogSink};
 use boa_engine::error::PanicError;
 
-type Native = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
+/// A host function as boa calls it.
+pub type Native = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
+
+/// Host functions defined outside `js/` (`fazt.worker.*`, `job.*`, `fazt.realtime.*`),
+/// each as (name on `__host`, function, arity). The composition root (`app::start`)
+/// puts them in [`Services`](crate::services::Services), so `js` depends on none of
+/// the modules that define them.
+#[derive(Clone, Default)]
+pub struct Natives {
+    /// In every context.
+    pub api: Vec<(&'static str, Native, usize)>,
+    /// Only in job contexts.
+    pub job: Vec<(&'static str, Native, usize)>,
+}
 
 pub(super) fn natives(ctx: &mut Context) -> JsObject {
     let host = host(ctx).expect("host is inserted before natives are built");
@@ -26,10 +39,10 @@ pub(super) fn natives(ctx: &mut Context) -> JsObject {
         ("kvDelete", kv_delete, 1),
         ("kvList", kv_list, 1),
     ];
-    fns.extend(crate::worker::js_natives());
-    fns.extend(crate::realtime::js_natives());
+    let wired = &host.services.natives;
+    fns.extend(wired.api.iter().copied());
     if host.job.is_some() {
-        fns.extend(crate::worker::job_natives());
+        fns.extend(wired.job.iter().copied());
     }
     let app = JsString::from(&*host.app);
     let mut init = ObjectInitializer::new(ctx);
@@ -86,8 +99,59 @@ pub(crate) fn opt_str_arg(args: &[JsValue], i: usize, what: &str) -> JsResult<Op
     }
 }
 
+/// Why a host call failed when the script did nothing wrong. It rides on the thrown
+/// Error as its `cause`, an object only the host can make, so a handler that does not
+/// catch it ends typed ([`RunError::Failed`](super::RunError::Failed): 503 or 429) rather
+/// than as a 500 "the handler threw"; and an error the script throws with that cause
+/// (wrapping it) keeps the type.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, boa_gc::Trace, boa_gc::Finalize, boa_engine::JsData,
+)]
+#[boa_gc(empty_trace)]
+pub enum Failure {
+    /// The store cannot write (or is shutting down): try again later.
+    Unavailable,
+    /// A bounded queue is full: try again later.
+    Busy,
+}
+
+/// A plain `Error` carrying `failure` as its cause (see [`Failure`]).
+pub(crate) fn failure_error(failure: Failure, msg: impl Into<String>) -> JsError {
+    let marker = JsObject::from_proto_and_data(None, failure);
+    JsNativeError::error()
+        .with_message(msg.into())
+        .with_cause(JsError::from_opaque(marker.into()))
+        .into()
+}
+
+/// The [`Failure`] a thrown value carries, read without running any script: only
+/// built-in Error objects are looked at, and only their own `cause` data property.
+pub(crate) fn failure_of(err: &JsError) -> Option<Failure> {
+    let cause = match err.as_native() {
+        Some(native) => native.cause()?.as_opaque()?.clone(),
+        None => {
+            let obj = err.as_opaque()?.as_object()?;
+            if !obj.is::<boa_engine::builtins::error::Error>() {
+                return None;
+            }
+            let key = boa_engine::property::PropertyKey::from(js_string!("cause"));
+            let desc = obj.borrow().properties().get(&key)?;
+            desc.value()?.clone()
+        }
+    };
+    let marker = cause.as_object()?;
+    let failure = marker.downcast_ref::<Failure>().map(|f| *f);
+    failure
+}
+
+/// A store error as a JS error: one the server cannot help now (cannot write, shutting
+/// down) carries [`Failure::Unavailable`]; the rest (quota, not found) are plain.
 pub(crate) fn store_error(e: crate::store::Error) -> JsError {
-    plain_error(e.to_string())
+    if e.is_transient() || matches!(e, crate::store::Error::Closed) {
+        failure_error(Failure::Unavailable, e.to_string())
+    } else {
+        plain_error(e.to_string())
+    }
 }
 
 fn log(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
@@ -96,10 +160,13 @@ fn log(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let msg = str_arg(args, 1, "log message")?;
     match (&host.sink, &host.job) {
         (LogSink::Job, Some(job)) => {
-            crate::worker::append_log(&host.services, &job.id, &level, &msg);
+            let line = crate::job::truncate_log_line(&msg).into_owned();
+            host.services
+                .store
+                .job_log(&job.id, &level, line, crate::job::LOG_KEEP);
         }
         // Cut like job log lines: one call must not put megabytes into the server log.
-        _ => match (level.as_str(), crate::worker::truncate_log_line(&msg)) {
+        _ => match (level.as_str(), crate::job::truncate_log_line(&msg)) {
             ("error", msg) => log::error!(target: "app", "[{}] {msg}", host.app),
             ("warn", msg) => log::warn!(target: "app", "[{}] {msg}", host.app),
             ("debug", msg) => log::debug!(target: "app", "[{}] {msg}", host.app),
@@ -179,5 +246,42 @@ pub(crate) fn sleep_for(host: &Host, ms: f64) -> JsResult<JsValue> {
     match host.interrupt.sleep(Duration::from_millis(ms as u64)) {
         Some(reason) => Err(stopped(reason)),
         None => Ok(JsValue::undefined()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thrown_by(ctx: &mut Context, src: &str) -> JsError {
+        match ctx.eval(boa_engine::Source::from_bytes(src)) {
+            Err(e) => e,
+            Ok(v) => panic!("{src} returned {v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_host_failure_survives_a_throw_and_cannot_be_forged() {
+        let mut ctx = Context::default();
+        let native = failure_error(Failure::Unavailable, "cannot write");
+        assert_eq!(failure_of(&native), Some(Failure::Unavailable));
+        // As JS sees it once thrown: an Error object whose cause the host made.
+        let opaque = JsError::from_opaque(native.into_opaque(&mut ctx).expect("an object"));
+        assert_eq!(failure_of(&opaque), Some(Failure::Unavailable));
+        let caught = opaque.into_opaque(&mut ctx).expect("an object");
+        ctx.register_global_property(js_string!("caught"), caught, Attribute::all())
+            .expect("global");
+        // Wrapping keeps the type; a look-alike made in JS does not get one.
+        let wrapped = thrown_by(&mut ctx, "throw new Error('w', { cause: caught.cause })");
+        assert_eq!(failure_of(&wrapped), Some(Failure::Unavailable));
+        for forged in [
+            "throw new Error('x', { cause: {} })",
+            "throw { cause: caught.cause }",
+            "throw new Error('x', { cause: 'Unavailable' })",
+            "throw 'Unavailable'",
+        ] {
+            assert_eq!(failure_of(&thrown_by(&mut ctx, forged)), None, "{forged}");
+        }
+        assert_eq!(failure_of(&plain_error("x")), None);
     }
 }

@@ -59,7 +59,7 @@ pub fn load_entry(
         Some(c) => c.entry.clone(),
         None => install(ctx, kind, interrupt)?,
     };
-    let factory = compile(ctx, path, source, Some(kind), interrupt)?;
+    let factory = compile(ctx, path, source, Some(kind), interrupt).map_err(RunError::from)?;
     call(
         ctx,
         &entry,
@@ -145,7 +145,7 @@ fn compile(
     source: &str,
     kind: Option<Kind>,
     interrupt: &Interrupt,
-) -> Result<JsValue, RunError> {
+) -> Result<JsValue, CompileError> {
     let wrapped = wrap(source, kind);
     // The path names the file in error stacks (`at f (lib/x.js:3:9)`).
     let src = Source::from_bytes(wrapped.as_bytes()).with_path(Path::new(path));
@@ -155,19 +155,43 @@ fn compile(
             Some(native) => native.message().to_string(),
             None => e.to_string(),
         };
-        RunError::Thrown(format!("{SYNTAX}{path}: {msg}"))
+        CompileError::Syntax(format!("{path}: {msg}"))
     })?;
-    let f = run_script(ctx, &script, interrupt)?;
+    let f = run_script(ctx, &script, interrupt).map_err(CompileError::Run)?;
     if !f.is_callable() {
-        return Err(RunError::Thrown(format!(
-            "{SYNTAX}{path}: the file closes its module wrapper early (unbalanced braces)"
+        return Err(CompileError::Syntax(format!(
+            "{path}: the file closes its module wrapper early (unbalanced braces)"
         )));
     }
     Ok(f)
 }
 
-/// How a compile error starts, so a required file's error can become a SyntaxError.
-const SYNTAX: &str = "SyntaxError: ";
+/// Why a file did not compile: a syntax error (a catchable SyntaxError for `require`)
+/// or what running the wrapper did.
+enum CompileError {
+    /// "<file>: <what> at line L, col C".
+    Syntax(String),
+    Run(RunError),
+}
+
+impl From<CompileError> for RunError {
+    fn from(e: CompileError) -> RunError {
+        match e {
+            CompileError::Syntax(m) => RunError::Thrown(format!("SyntaxError: {m}")),
+            CompileError::Run(e) => e,
+        }
+    }
+}
+
+/// A `RunError` raised inside a native call: a stop stays uncatchable, a host failure
+/// keeps its type.
+fn rethrow(e: RunError) -> boa_engine::JsError {
+    match e {
+        RunError::Thrown(m) => plain_error(m),
+        RunError::Failed(f, m) => super::api::failure_error(f, m),
+        RunError::Interrupted(r) => super::api::stopped(r),
+    }
+}
 
 type Native = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
 
@@ -199,21 +223,15 @@ fn compile_native(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<
     let path = str_arg(args, 0, "compile: path")?;
     let source = str_arg(args, 1, "compile: source")?;
     compile(ctx, &path, &source, None, &host.interrupt).map_err(|e| match e {
-        RunError::Thrown(m) => match m.strip_prefix(SYNTAX) {
-            Some(m) => JsNativeError::syntax().with_message(m.to_string()).into(),
-            None => plain_error(m),
-        },
-        RunError::Interrupted(r) => super::api::stopped(r),
+        CompileError::Syntax(m) => JsNativeError::syntax().with_message(m).into(),
+        CompileError::Run(e) => rethrow(e),
     })
 }
 
 /// `requireSupport()`: the function in `require.js`, compiled on the first `require`.
 fn require_support(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
-    evaluate(ctx, "require.js", REQUIRE, &host.interrupt).map_err(|e| match e {
-        RunError::Thrown(m) => plain_error(m),
-        RunError::Interrupted(r) => super::api::stopped(r),
-    })
+    evaluate(ctx, "require.js", REQUIRE, &host.interrupt).map_err(rethrow)
 }
 
 /// The global `sleep(ms)` of workers: `job.sleep`, woken at once by a cancel.

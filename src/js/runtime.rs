@@ -4,7 +4,7 @@
 //! also polled in budget slices so the host looks at the interrupt between slices.
 //!
 //! Native stack arithmetic (why no JS input overflows a thread's stack). JS threads
-//! have 16 MiB (`http::JS_STACK_BYTES`). JS-to-JS calls use heap frames (at most
+//! have 16 MiB (`js::JS_STACK_BYTES`). JS-to-JS calls use heap frames (at most
 //! `RECURSION_LIMIT` of them), not the native stack. What does recurse natively, and
 //! its guard (all in the patched engine, see vendor/PATCHES.md):
 //! - natives that call back into JS (`map`, getters, `toString`, Proxy traps, revivers):
@@ -55,6 +55,10 @@ const VALUE_STACK_LIMIT: usize = 256 * 1024;
 pub enum RunError {
     /// The user's code threw (or a promise rejected); the string is what it threw.
     Thrown(String),
+    /// A host call failed for a reason that is not the script's (see
+    /// [`Failure`](super::Failure)) and the script let it through; the string is the
+    /// message.
+    Failed(super::Failure, String),
     /// The host stopped it (cancel, timeout, memory, shutdown, idle).
     Interrupted(Reason),
 }
@@ -62,7 +66,7 @@ pub enum RunError {
 impl std::fmt::Display for RunError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RunError::Thrown(m) => f.write_str(m),
+            RunError::Thrown(m) | RunError::Failed(_, m) => f.write_str(m),
             RunError::Interrupted(r) => write!(f, "interrupted ({r:?})"),
         }
     }
@@ -220,9 +224,7 @@ fn settle(ctx: &mut Context, value: JsValue, interrupt: &Interrupt) -> Result<Js
         }
         match promise.state() {
             PromiseState::Fulfilled(v) => return Ok(v),
-            PromiseState::Rejected(e) => {
-                return Err(RunError::Thrown(describe(&JsError::from_opaque(e), ctx)))
-            }
+            PromiseState::Rejected(e) => return Err(thrown(JsError::from_opaque(e), ctx)),
             PromiseState::Pending => {}
         }
         ctx.run_jobs().map_err(|e| classify(e, ctx, interrupt))?;
@@ -274,11 +276,16 @@ fn classify(err: JsError, ctx: &mut Context, interrupt: &Interrupt) -> RunError 
             return RunError::Interrupted(r);
         }
     }
-    RunError::Thrown(describe(&err, ctx))
+    thrown(err, ctx)
 }
 
+/// A throw as a `RunError`: typed when it carries a host [`Failure`](super::Failure).
 fn thrown(err: JsError, ctx: &mut Context) -> RunError {
-    RunError::Thrown(describe(&err, ctx))
+    let message = describe(&err, ctx);
+    match super::api::failure_of(&err) {
+        Some(f) => RunError::Failed(f, message),
+        None => RunError::Thrown(message),
+    }
 }
 
 /// A readable message for a thrown value: `String(err)` for Error objects ("TypeError:

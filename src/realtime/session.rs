@@ -22,8 +22,15 @@ const DEAD_AFTER_MS: i64 = 75_000;
 /// Largest frame a client may send; control messages are tiny.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 
+/// Answers with the JSON error every HTTP error has (`{"error": ...}`), built here so
+/// realtime needs nothing from `http` (which calls into realtime).
 fn refuse(req: Request, status: u16, msg: &str) {
-    let _ = req.respond(crate::http::error_reply(status, msg));
+    let body = serde_json::json!({ "error": msg }).to_string();
+    let mut resp = tiny_http::Response::from_data(body).with_status_code(status);
+    if let Ok(ct) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
+        resp.add_header(ct);
+    }
+    let _ = req.respond(resp);
 }
 
 /// Upgrades `req` (a GET /_ws on an app host) and starts the session threads.

@@ -106,8 +106,9 @@ pub fn backup(src: &Path, dest: &Path) -> Result<u64> {
         name.push(".partial");
         std::path::PathBuf::from(name)
     };
-    let io = |what: &str, e: std::io::Error| {
-        Error::Invalid(format!("{what} {}: {e}", partial.display()))
+    let io = |what: &str, source: std::io::Error| Error::Io {
+        context: format!("{what} {}", partial.display()),
+        source,
     };
     let _ = std::fs::remove_file(&partial);
     std::fs::OpenOptions::new()
@@ -129,7 +130,7 @@ pub fn backup(src: &Path, dest: &Path) -> Result<u64> {
                         std::thread::sleep(Duration::from_millis(50));
                     }
                     _ => {
-                        return Err(Error::Invalid(
+                        return Err(Error::Unavailable(
                             "the database stayed locked; the backup gave up after 5 s".into(),
                         ))
                     }

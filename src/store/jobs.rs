@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::writer::Kind;
 use super::{now_ms, query_all, Error, Result, SqlContext, Store};
-use crate::worker::{JobConfig, ListFilter, Status};
+use crate::job::{JobConfig, ListFilter, Status};
 
 /// A job as stored.
 #[derive(Debug, Clone)]
@@ -67,6 +67,11 @@ pub enum Inserted {
     New(JobRow),
     /// A live job with the same uniqueKey already existed; it is returned instead.
     Existing(JobRow),
+    /// Nothing was inserted: the app already has `limit` jobs waiting. An outcome, not
+    /// an error, so the caller can answer "try again later" (429) rather than "invalid".
+    QueueFull {
+        limit: i64,
+    },
 }
 
 /// Jobs by status for /metrics, from trigger-kept counters: the cost does not grow
@@ -107,7 +112,7 @@ fn get_job(c: &Connection, id: &str) -> Result<Option<JobRow>> {
 
 impl Store {
     /// Inserts a queued job, unless a live job of the app has the same uniqueKey (then
-    /// that one is returned) or the app's queue is full (then an `Invalid` error). With
+    /// that one is returned) or the app's queue is full (then [`Inserted::QueueFull`]). With
     /// `queue_limit` None the count is skipped: the caller knows the queue is far from it.
     pub fn insert_job(
         &self,
@@ -149,13 +154,11 @@ impl Store {
                     .ctx("counting the queue")?
                     .unwrap_or(0);
                 if queued >= limit {
-                    return Err(Error::Invalid(format!(
-                        "the job queue of app '{app}' is full ({limit} jobs waiting): try again later"
-                    )));
+                    return Ok(Inserted::QueueFull { limit });
                 }
             }
             let cfg = serde_json::to_string(&config)
-                .map_err(|e| Error::Invalid(format!("encoding job config: {e}")))?;
+                .map_err(|e| Error::Internal(format!("encoding job config: {e}")))?;
             c.prepare_cached(
                 "INSERT INTO worker_jobs(id, app, path, status, config, data, unique_key, created_at)
                  VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",

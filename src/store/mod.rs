@@ -42,6 +42,17 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
+    /// A file or thread operation failed (creating a backup file, starting the writer
+    /// thread); the string says what we were doing. Not the caller's fault: HTTP 500.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bug: the store could not encode its own data. HTTP 500.
+    #[error("internal store error: {0}")]
+    Internal(String),
     /// The writer thread is gone (the server is shutting down).
     #[error("the store is shut down")]
     Closed,
@@ -168,7 +179,10 @@ impl Store {
         let writer_thread = std::thread::Builder::new()
             .name("fazt-store-writer".into())
             .spawn(move || w.run())
-            .map_err(|e| Error::Invalid(format!("cannot start the store writer thread: {e}")))?;
+            .map_err(|source| Error::Io {
+                context: "starting the store writer thread".into(),
+                source,
+            })?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path,
@@ -417,10 +431,11 @@ mod tests {
         store.close();
     }
 
-    use crate::worker::{JobConfig, Status};
+    use crate::job::{JobConfig, Status};
 
     fn new_job(store: &Store, app: &str) -> String {
-        let id = crate::worker::new_job_id();
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = format!("job-{}", N.fetch_add(1, Ordering::Relaxed));
         store
             .insert_job(
                 id.clone(),

@@ -1,5 +1,6 @@
-//! The worker system: job model and options, the pool (scheduler, slots, memory
-//! monitor), and the `fazt.worker.*` and `job.*` host functions.
+//! The worker system: spawn (option parsing, [`SpawnError`]), the pool (scheduler,
+//! slots, memory monitor), and the `fazt.worker.*` and `job.*` host functions. The job
+//! model itself (status, config, filters) is the leaf [`crate::job`].
 
 mod budget;
 mod options;
@@ -8,114 +9,65 @@ pub mod queue;
 mod slot;
 
 pub use budget::{rss_bytes, watch_this_thread, Budget, CountingAlloc};
-pub use options::{format_bytes, parse_duration, parse_memory, parse_options, JobConfig};
+pub use options::{format_bytes, parse_duration, parse_memory, parse_options};
 pub use pool::{backoff_delay, Limits, Pool, PoolRunner, PoolStats};
+// The job model lives in the leaf `job` module (the store needs it without the pool).
+pub use crate::job::{
+    truncate_log_line, JobConfig, ListFilter, Priority, Status, DEFAULT_MEMORY, LOG_KEEP,
+};
 
 use std::sync::Arc;
 
 use boa_engine::{Context, JsResult, JsString, JsValue};
 
-use crate::js::api_support::{host, plain_error, sleep_for, store_error, str_arg, type_error};
+use crate::js::api_support::{
+    failure_error, host, plain_error, sleep_for, store_error, str_arg, type_error,
+};
 use crate::services::Services;
 use crate::store::JobRow;
 
 /// The shared memory budget jobs reserve from.
 pub const MEMORY_BUDGET: u64 = 256 << 20;
-/// Reservation of a job that does not say.
-pub const DEFAULT_MEMORY: u64 = 32 << 20;
 /// Largest `data`, result or checkpoint (JSON text).
 pub const MAX_JSON_BYTES: usize = 1 << 20;
-/// Log lines kept per job.
-pub const LOG_KEEP: i64 = 1000;
-/// Longest single log line kept (longer ones are cut).
-const MAX_LOG_LINE: usize = 8 * 1024;
 
-/// `queued → running → done | failed | cancelled | stopped`; daemons and retries go
-/// back to `queued`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Queued,
-    Running,
-    Done,
-    Failed,
-    Cancelled,
-    /// A clean stop by idle timeout; never restarted.
-    Stopped,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Queued => "queued",
-            Status::Running => "running",
-            Status::Done => "done",
-            Status::Failed => "failed",
-            Status::Cancelled => "cancelled",
-            Status::Stopped => "stopped",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Status> {
-        Some(match s {
-            "queued" => Status::Queued,
-            "running" => Status::Running,
-            "done" => Status::Done,
-            "failed" => Status::Failed,
-            "cancelled" => Status::Cancelled,
-            "stopped" => Status::Stopped,
-            _ => return None,
-        })
-    }
-
-    pub fn is_final(self) -> bool {
-        !matches!(self, Status::Queued | Status::Running)
-    }
-}
-
-/// Filter for job listings (HTTP API and `fazt.worker.list`).
-#[derive(Debug, Clone)]
-pub struct ListFilter {
-    pub app: Option<String>,
-    pub status: Option<Status>,
-    pub limit: u32,
-}
-
-impl ListFilter {
-    pub fn from_query(
-        app: Option<&str>,
-        status: Option<&str>,
-        limit: Option<&str>,
-    ) -> Result<ListFilter, String> {
-        let status = match status {
-            None | Some("") => None,
-            Some(s) => Some(Status::parse(s).ok_or_else(|| {
-                format!("unknown status '{s}' (use queued, running, done, failed, cancelled or stopped)")
-            })?),
-        };
-        let limit = match limit {
-            None | Some("") => 100,
-            Some(l) => l
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=1000).contains(n))
-                .ok_or_else(|| format!("limit must be a whole number from 1 to 1000, not '{l}'"))?,
-        };
-        Ok(ListFilter {
-            app: app.filter(|a| !a.is_empty()).map(str::to_string),
-            status,
-            limit,
-        })
-    }
-}
-
-/// Why a spawn was refused.
+/// Why a spawn was refused. Callers branch on it: HTTP maps it to a status in one place
+/// (`http::util`, `From<SpawnError> for HttpError`: 400, 429, 503 or 500), and
+/// `fazt.worker.spawn` throws an error a handler's caller sees the same way.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    /// Bad path or options: the caller's mistake, with the reason.
+    /// Bad path or options, or no such worker file: the caller's mistake, with the
+    /// reason. HTTP 400.
     #[error("{0}")]
     Invalid(String),
+    /// The app already has `limit` jobs waiting: try again later. HTTP 429.
+    #[error("the job queue of app '{app}' is full ({limit} jobs waiting): try again later")]
+    QueueFull { app: String, limit: i64 },
+    /// The store failed: HTTP 503 when it cannot write now, 500 otherwise.
     #[error(transparent)]
     Store(#[from] crate::store::Error),
+}
+
+/// Why the pool did not start (or could not replace a slot).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Reading the jobs to recover or resume failed.
+    #[error("{what}: {source}")]
+    Store {
+        what: &'static str,
+        #[source]
+        source: crate::store::Error,
+    },
+    /// A thread could not be started (the process is out of memory or threads).
+    #[error("starting {what}: {source}")]
+    Thread {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A slot thread ended before it reported its heap counter.
+    #[error("worker slot {0} died at start")]
+    SlotDied(usize),
 }
 
 /// Validates and enqueues a job of `app`. With a uniqueKey that matches a live job, the
@@ -144,24 +96,26 @@ pub fn spawn(
     let check = (pool_waiting >= limit / 2).then_some(limit);
     let inserted = services
         .store
-        .insert_job(new_job_id(), app, path, &config, data, check);
+        .insert_job(new_job_id(), app, path, &config, data, check)?;
     match inserted {
-        Ok(crate::store::Inserted::New(row)) => {
+        crate::store::Inserted::New(row) => {
             services.pool.enqueue(pool::Queued::from_row(&row));
             Ok(row)
         }
-        Ok(crate::store::Inserted::Existing(row)) => Ok(row),
-        Err(crate::store::Error::Invalid(m)) => Err(SpawnError::Invalid(m)),
-        Err(e) => Err(e.into()),
+        crate::store::Inserted::Existing(row) => Ok(row),
+        crate::store::Inserted::QueueFull { limit } => Err(SpawnError::QueueFull {
+            app: app.to_string(),
+            limit,
+        }),
     }
 }
 
 /// `workers/<...>.js`, with no `..`, absolute or odd segments.
 pub fn check_worker_path(path: &str) -> Result<(), String> {
-    crate::apps::check_path(path).map_err(|e| format!("fazt.worker.spawn: {e}"))?;
+    crate::apps::check_path(path)?;
     if !path.starts_with("workers/") || !path.ends_with(".js") {
         return Err(format!(
-            "fazt.worker.spawn: path '{path}' must name a .js file under workers/ (e.g. 'workers/sync.js')"
+            "path '{path}' must name a .js file under workers/ (e.g. 'workers/sync.js')"
         ));
     }
     Ok(())
@@ -178,29 +132,6 @@ pub fn new_job_id() -> String {
     }
     let hex: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
     format!("{:012x}{hex}", crate::store::now_ms())
-}
-
-/// `msg` cut to [`MAX_LOG_LINE`] bytes (on a character boundary) with a marker, so one
-/// call cannot flood a job's log or the server log.
-pub fn truncate_log_line(msg: &str) -> std::borrow::Cow<'_, str> {
-    if msg.len() <= MAX_LOG_LINE {
-        return std::borrow::Cow::Borrowed(msg);
-    }
-    let mut cut = MAX_LOG_LINE;
-    while !msg.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    std::borrow::Cow::Owned(format!(
-        "{} …(truncated from {} bytes)",
-        &msg[..cut],
-        msg.len()
-    ))
-}
-
-/// Appends a line to a job's log (kept: the newest 1,000).
-pub fn append_log(services: &Services, job_id: &str, level: &str, msg: &str) {
-    let msg = truncate_log_line(msg).into_owned();
-    services.store.job_log(job_id, level, msg, LOG_KEEP);
 }
 
 type Native = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
@@ -243,11 +174,11 @@ fn worker_spawn(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<Js
     };
     match spawn(&host.services, &host.app, &path, &opts) {
         Ok(row) => job_value(&row, ctx),
-        Err(SpawnError::Invalid(m)) => Err(plain_error(if m.starts_with("fazt.worker.spawn") {
-            m
-        } else {
-            format!("fazt.worker.spawn: {m}")
-        })),
+        Err(e @ SpawnError::Invalid(_)) => Err(plain_error(format!("fazt.worker.spawn: {e}"))),
+        Err(e @ SpawnError::QueueFull { .. }) => Err(failure_error(
+            crate::js::Failure::Busy,
+            format!("fazt.worker.spawn: {e}"),
+        )),
         Err(SpawnError::Store(e)) => Err(store_error(e)),
     }
 }
@@ -503,45 +434,10 @@ mod tests {
     }
 
     #[test]
-    fn list_filter_validation() {
-        assert!(ListFilter::from_query(None, Some("bogus"), None).is_err());
-        assert!(ListFilter::from_query(None, None, Some("0")).is_err());
-        assert!(ListFilter::from_query(None, None, Some("x")).is_err());
-        let f = ListFilter::from_query(Some("a"), Some("done"), Some("5")).expect("valid");
-        assert_eq!(f.limit, 5);
-        assert_eq!(f.status, Some(Status::Done));
-    }
-
-    #[test]
-    fn long_log_lines_are_cut_on_a_char_boundary() {
-        assert_eq!(truncate_log_line("short"), "short");
-        let long = "é".repeat(MAX_LOG_LINE);
-        let cut = truncate_log_line(&long);
-        assert!(cut.len() < MAX_LOG_LINE + 64, "{}", cut.len());
-        assert!(cut.ends_with(&format!("(truncated from {} bytes)", long.len())));
-    }
-
-    #[test]
     fn job_ids_are_unique_and_ordered() {
         let a = new_job_id();
         let b = new_job_id();
         assert_ne!(a, b);
         assert_eq!(a.len(), 28);
-    }
-
-    #[test]
-    fn status_round_trip() {
-        for s in [
-            Status::Queued,
-            Status::Running,
-            Status::Done,
-            Status::Failed,
-            Status::Cancelled,
-            Status::Stopped,
-        ] {
-            assert_eq!(Status::parse(s.as_str()), Some(s));
-        }
-        assert!(!Status::Queued.is_final());
-        assert!(Status::Stopped.is_final());
     }
 }

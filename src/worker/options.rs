@@ -2,48 +2,10 @@
 //! '2h', '1d'), memory sizes ('512KB', '64MB', '1GB') and the options object itself.
 //! Anything unknown or malformed is an error with a clear message, never ignored.
 
-use serde::{Deserialize, Serialize};
+use crate::job::{JobConfig, Priority};
 
-use super::queue::Priority;
-use super::{DEFAULT_MEMORY, MEMORY_BUDGET};
+use super::MEMORY_BUDGET;
 
-/// Validated spawn options, stored as the job's `config` JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobConfig {
-    /// Bytes reserved from the shared budget while the job runs.
-    pub memory_bytes: u64,
-    /// None = no time limit.
-    pub timeout_ms: Option<u64>,
-    pub daemon: bool,
-    /// Extra attempts after a failure (non-daemons).
-    pub retry: u32,
-    pub retry_delay_ms: u64,
-    pub unique_key: Option<String>,
-    pub idle_timeout_ms: Option<u64>,
-    pub idle_channel: Option<String>,
-    /// Order among the app's queued jobs; configs stored before it existed read as normal.
-    #[serde(default)]
-    pub priority: Priority,
-}
-
-impl Default for JobConfig {
-    fn default() -> Self {
-        JobConfig {
-            memory_bytes: DEFAULT_MEMORY,
-            timeout_ms: Some(DEFAULT_TIMEOUT_MS),
-            daemon: false,
-            retry: 0,
-            retry_delay_ms: DEFAULT_RETRY_DELAY_MS,
-            unique_key: None,
-            idle_timeout_ms: None,
-            idle_channel: None,
-            priority: Priority::Normal,
-        }
-    }
-}
-
-pub const DEFAULT_TIMEOUT_MS: u64 = 30 * 60 * 1000;
-pub const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 pub const MAX_RETRY: u32 = 100;
 /// Longest duration accepted (1000 days); beyond it a typo is more likely than intent.
 pub const MAX_DURATION_MS: u64 = 1000 * 86_400_000;

@@ -250,19 +250,26 @@ impl Pool {
 impl PoolRunner {
     /// Recovers jobs a dead process left running, loads the queue and starts the
     /// scheduler, slot and monitor threads.
-    pub fn start(self, services: Arc<Services>) -> anyhow::Result<()> {
-        use anyhow::Context as _;
-        let recovered = services
-            .store
-            .recover_interrupted()
-            .context("recovering jobs interrupted by the last shutdown")?;
+    pub fn start(self, services: Arc<Services>) -> Result<(), super::StartError> {
+        use super::StartError;
+        let recovered =
+            services
+                .store
+                .recover_interrupted()
+                .map_err(|source| StartError::Store {
+                    what: "recovering jobs interrupted by the last shutdown",
+                    source,
+                })?;
         if recovered > 0 {
             log::info!("recovered {recovered} job(s) left running by the previous process");
         }
         let queued = services
             .store
             .queued_jobs()
-            .context("loading queued jobs")?;
+            .map_err(|source| StartError::Store {
+                what: "loading queued jobs",
+                source,
+            })?;
         let mut threads = Vec::new();
         let mut sched = Scheduler::new(&self, services.clone());
         for row in &queued {
@@ -278,14 +285,20 @@ impl PoolRunner {
             std::thread::Builder::new()
                 .name("fazt-memory-monitor".into())
                 .spawn(move || monitor_loop(&tx, &budget, &stopping))
-                .context("starting the memory monitor")?
+                .map_err(|source| StartError::Thread {
+                    what: "the memory monitor".into(),
+                    source,
+                })?
         };
         threads.push(monitor);
         let rx = self.rx;
         let scheduler = std::thread::Builder::new()
             .name("fazt-scheduler".into())
             .spawn(move || sched.run(&rx))
-            .context("starting the scheduler")?;
+            .map_err(|source| StartError::Thread {
+                what: "the scheduler".into(),
+                source,
+            })?;
         threads.push(scheduler);
         services
             .pool
@@ -362,23 +375,26 @@ impl Slot {
         gen: u64,
         events: &Sender<Msg>,
         services: &Arc<Services>,
-    ) -> anyhow::Result<Slot> {
+    ) -> Result<Slot, super::StartError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let (heap_tx, heap_rx) = crossbeam_channel::bounded(1);
         let events = events.clone();
         let services = services.clone();
         let handle = std::thread::Builder::new()
             .name(format!("fazt-slot-{index}"))
-            .stack_size(crate::http::JS_STACK_BYTES)
+            .stack_size(crate::js::JS_STACK_BYTES)
             .spawn(move || {
                 let heap = budget::watch_this_thread();
                 let _ = heap_tx.send(heap);
                 slot::run(index, gen, &rx, &events, &services, heap);
             })
-            .map_err(|e| anyhow::anyhow!("starting worker slot {index}: {e}"))?;
+            .map_err(|source| super::StartError::Thread {
+                what: format!("worker slot {index}"),
+                source,
+            })?;
         let heap = heap_rx
             .recv()
-            .map_err(|_| anyhow::anyhow!("worker slot {index} died at start"))?;
+            .map_err(|_| super::StartError::SlotDied(index))?;
         Ok(Slot {
             gen,
             tx,

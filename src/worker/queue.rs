@@ -5,36 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-/// `priority` of a spawn: `'low' | 'normal' | 'high'`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Priority {
-    Low,
-    #[default]
-    Normal,
-    High,
-}
-
-impl Priority {
-    pub fn parse(s: &str) -> Option<Priority> {
-        Some(match s {
-            "low" => Priority::Low,
-            "normal" => Priority::Normal,
-            "high" => Priority::High,
-            _ => return None,
-        })
-    }
-
-    fn level(self) -> u64 {
-        match self {
-            Priority::Low => 0,
-            Priority::Normal => 1,
-            Priority::High => 2,
-        }
-    }
-}
+pub use crate::job::Priority;
 
 /// Each this long a job waits counts as one priority level more. A `low` job queued
 /// at `t` therefore goes before every `high` job of its app queued at

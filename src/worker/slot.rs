@@ -205,7 +205,7 @@ fn run_job(
             super::MAX_JSON_BYTES
         )),
         Ok(r) => Outcome::Done(r),
-        Err(RunError::Thrown(m)) => Outcome::Failed(m),
+        Err(RunError::Thrown(m) | RunError::Failed(_, m)) => Outcome::Failed(m),
         Err(RunError::Interrupted(r)) => Outcome::Interrupted(r),
     }
 }
