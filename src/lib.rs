@@ -10,6 +10,7 @@
 //! - [`realtime`]: WebSocket hubs, channels, listener counts.
 //! - [`store`]: the only module that touches SQLite.
 //! - [`apps`]: app name, path and upload rules shared by server and CLI.
+//! - [`metrics`]: latency histograms and per-app counters (bounded label sets).
 
 pub mod app;
 pub mod apps;
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod js;
+pub mod metrics;
 pub mod realtime;
 pub mod services;
 pub mod store;

@@ -38,7 +38,15 @@ pub fn handle(
                 path: &path,
                 interrupt,
             };
-            run_handler(req, call, query, services, limits, cache)
+            let started = std::time::Instant::now();
+            let reply = run_handler(req, call, query, services, limits, cache);
+            let status = match &reply {
+                Ok(Reply::Full { status, .. }) => *status,
+                Ok(Reply::Upgrade) => 101,
+                Err(e) => e.status,
+            };
+            crate::metrics::global().handler_called(app, status, started.elapsed());
+            reply
         }
         AppRoute::Static { candidates } => serve_static(app, &path, &candidates, services),
         AppRoute::NotFound => Err(HttpError::not_found(format!("no file at {path}"))),

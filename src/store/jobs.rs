@@ -375,13 +375,18 @@ impl Store {
     /// Saves a checkpoint and returns once it is durably committed.
     pub fn save_checkpoint(&self, id: &str, value: String) -> Result<()> {
         let id = id.to_string();
-        self.write(true, move |c| {
+        let started = std::time::Instant::now();
+        let saved = self.write(true, move |c| {
             c.prepare_cached("UPDATE worker_jobs SET checkpoint = ?2 WHERE id = ?1")
                 .ctx("saving a checkpoint")?
                 .execute(params![id, value])
                 .ctx("saving a checkpoint")?;
             Ok(())
-        })
+        });
+        if saved.is_ok() {
+            crate::metrics::global().checkpoint_saved(started.elapsed());
+        }
+        saved
     }
 
     pub fn checkpoint(&self, id: &str) -> Result<Option<String>> {
