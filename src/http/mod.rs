@@ -5,6 +5,7 @@
 //! thread; a thread lost anyway is replaced by the watchdog.
 
 mod app_traffic;
+mod console;
 mod handlers;
 mod headers;
 mod system;

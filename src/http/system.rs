@@ -21,8 +21,14 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
             DASHBOARD.as_bytes().to_vec(),
         ));
     }
-    check_token(req, services)?;
+    if let Some(reply) = super::console::open_route(req, services, &method, &path) {
+        return reply;
+    }
+    super::console::authorise(req, services, check_token)?;
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let Some(reply) = super::console::route(services, &method, &segs, &query) {
+        return reply;
+    }
     match (&method, segs.as_slice()) {
         (Method::Get, ["metrics"]) => Ok(Reply::bytes(
             200,
@@ -66,15 +72,6 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
             services.store.set_test_hooks(&hooks)?;
             log::warn!("test hooks set: {hooks:?}");
             Ok(Reply::json(200, &services.store.status()))
-        }
-        (Method::Get, ["api", "jobs"]) => {
-            let filter = crate::worker::ListFilter::from_query(
-                util::query_get(&query, "app"),
-                util::query_get(&query, "status"),
-                util::query_get(&query, "limit"),
-            )
-            .map_err(HttpError::bad_request)?;
-            Ok(Reply::json(200, &services.store.list_jobs(&filter)?))
         }
         (Method::Get, ["api", "jobs", id]) => match services.store.get_job(id)? {
             Some(job) => Ok(Reply::json(200, &job.to_json())),
@@ -129,7 +126,7 @@ fn check_token(req: &Request, services: &Services) -> Result<(), HttpError> {
     Ok(())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -73,10 +73,11 @@ pub enum Inserted {
 /// with the jobs table.
 pub(super) const JOB_COUNTS_SQL: &str = "SELECT status, SUM(n) FROM job_counts GROUP BY status";
 
-const JOB_COLUMNS: &str = "SELECT id, app, path, status, config, data, progress, result, error,
+pub(super) const JOB_COLUMNS: &str =
+    "SELECT id, app, path, status, config, data, progress, result, error,
     attempt, restarts, created_at, started_at, done_at FROM worker_jobs";
 
-fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+pub(super) fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     let status: String = r.get(3)?;
     let config: String = r.get(4)?;
     Ok(JobRow {
@@ -97,7 +98,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     })
 }
 
-fn get_job(c: &Connection, id: &str) -> Result<Option<JobRow>> {
+pub(super) fn get_job(c: &Connection, id: &str) -> Result<Option<JobRow>> {
     c.prepare_cached(&format!("{JOB_COLUMNS} WHERE id = ?1"))
         .ctx("reading a job")?
         .query_row([id], job_from_row)

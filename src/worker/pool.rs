@@ -174,6 +174,11 @@ impl Pool {
         }
     }
 
+    /// Queues a job the store put back to `queued` (an operator's retry).
+    pub fn enqueue_row(&self, row: &JobRow) {
+        self.enqueue(Queued::from_row(row));
+    }
+
     /// Cancels job `id`. With `app`, only a job of that app is visible. Returns the job
     /// as it is after the cancel took effect (None: no such job).
     pub fn cancel(&self, app: Option<&str>, id: &str) -> crate::store::Result<Option<JobRow>> {

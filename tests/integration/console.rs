@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use prometheus_parse::{LineInfo, Scrape, Value as PromValue};
 use serde_json::Value;
 
-use crate::util::Server;
+use crate::util::{request, Server};
 
 const SPAWN: &str = r#"
 module.exports = function (req) {
@@ -252,4 +252,357 @@ fn grafana_dashboard_uses_exposed_metrics() {
         }
     }
     assert!(used >= 10, "the dashboard charts too little: {used}");
+}
+
+/// Issue 11, jobs: "retry (a failed, cancelled or stopped job runs again as a new
+/// attempt)". Before: no retry route (404).
+#[test]
+fn retry_runs_a_failed_job_again_as_a_new_attempt() {
+    let s = server();
+    let id = spawn(&s, "shop", "workers/fail.js", serde_json::json!({}));
+    let first = s.wait_status(&id, "failed", 20);
+    assert_eq!(first["attempt"], 1);
+    let r = s.api("POST", &format!("/api/jobs/{id}/retry"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["attempt"], 2);
+    let again = s.wait_job(&id, 20, |j| j["status"] == "failed" && j["attempt"] == 2);
+    assert_eq!(
+        again["error"].as_str().map(|e| e.contains("nope 2")),
+        Some(true),
+        "{again}"
+    );
+
+    // A cancelled job too; a live one is refused with a reason.
+    let w = spawn(&s, "shop", "workers/wait.js", serde_json::json!({}));
+    s.wait_status(&w, "running", 20);
+    let live = s.api("POST", &format!("/api/jobs/{w}/retry"), None);
+    assert_eq!(live.status, 409, "{}", live.text());
+    assert!(live.error().contains("running"), "{}", live.error());
+    assert_eq!(
+        s.api("POST", &format!("/api/jobs/{w}/cancel"), None).status,
+        200
+    );
+    s.wait_status(&w, "cancelled", 20);
+    assert_eq!(
+        s.api("POST", &format!("/api/jobs/{w}/retry"), None).status,
+        200
+    );
+    s.wait_job(&w, 20, |j| j["status"] == "running" && j["attempt"] == 2);
+    assert_eq!(s.api("POST", "/api/jobs/nope/retry", None).status, 404);
+}
+
+/// Issue 11, jobs: delete, and bulk retry/delete of an app's failed jobs. Before: no
+/// such routes (404/405).
+#[test]
+fn delete_and_bulk_actions_on_an_apps_failed_jobs() {
+    let s = server();
+    s.deploy_ok("other", APP);
+    let failed: Vec<String> = (0..3)
+        .map(|_| spawn(&s, "shop", "workers/fail.js", serde_json::json!({})))
+        .collect();
+    let theirs = spawn(&s, "other", "workers/fail.js", serde_json::json!({}));
+    for id in failed.iter().chain([&theirs]) {
+        s.wait_status(id, "failed", 20);
+    }
+    let live = spawn(&s, "shop", "workers/wait.js", serde_json::json!({}));
+    s.wait_status(&live, "running", 20);
+    let r = s.api("DELETE", &format!("/api/jobs/{live}"), None);
+    assert_eq!(r.status, 409, "a live job is not deleted: {}", r.text());
+
+    let r = s.api("POST", "/api/apps/shop/jobs/retry?status=failed", None);
+    assert_eq!(r.json()["retried"], 3, "{}", r.text());
+    for id in &failed {
+        s.wait_job(id, 20, |j| j["status"] == "failed" && j["attempt"] == 2);
+    }
+    assert_eq!(
+        s.job(&theirs)["attempt"],
+        1,
+        "another app's jobs are untouched"
+    );
+    let r = s.api("DELETE", "/api/apps/shop/jobs?status=failed", None);
+    assert_eq!(r.json()["deleted"], 3, "{}", r.text());
+    assert_eq!(
+        s.api("GET", &format!("/api/jobs/{}", failed[0]), None)
+            .status,
+        404
+    );
+    assert_eq!(
+        s.api("GET", &format!("/api/jobs/{theirs}"), None).status,
+        200
+    );
+    let r = s.api("DELETE", "/api/apps/shop/jobs?status=running", None);
+    assert_eq!(r.status, 400, "bulk actions take finished statuses only");
+
+    let r = s.api("DELETE", &format!("/api/jobs/{theirs}"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        s.api("GET", &format!("/api/jobs/{theirs}"), None).status,
+        404
+    );
+    assert_eq!(
+        s.api("GET", &format!("/api/jobs/{theirs}/logs"), None)
+            .status,
+        404
+    );
+}
+
+/// Issue 11, jobs view: filter by app, status, path and text in error, and page with a
+/// keyset cursor (X-Next-Cursor) through every job once. Before: no path/q/before
+/// filters and no cursor (every page was the first).
+#[test]
+fn job_list_filters_and_keyset_pages() {
+    let s = server();
+    let mut ids = Vec::new();
+    for _ in 0..23 {
+        ids.push(spawn(&s, "shop", "workers/ok.js", serde_json::json!({})));
+    }
+    let bad = spawn(&s, "shop", "workers/fail.js", serde_json::json!({}));
+    s.wait_status(&bad, "failed", 20);
+    for id in &ids {
+        s.wait_status(id, "done", 20);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut q = "/api/jobs?app=shop&path=workers/ok.js&limit=10".to_string();
+        if let Some(c) = &cursor {
+            q.push_str(&format!("&before={c}"));
+        }
+        let r = s.api("GET", &q, None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        pages += 1;
+        for j in r.json().as_array().expect("array") {
+            seen.push(j["id"].as_str().expect("id").to_string());
+        }
+        match r.header("x-next-cursor") {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 23, "each job exactly once: {seen:?}");
+    let hits = s.api_json("GET", "/api/jobs?q=nope%201");
+    assert_eq!(hits.as_array().map(Vec::len), Some(1), "{hits}");
+    assert_eq!(hits[0]["id"], bad.as_str());
+    let none = s.api_json("GET", "/api/jobs?q=%25");
+    assert_eq!(
+        none.as_array().map(Vec::len),
+        Some(0),
+        "% matches itself: {none}"
+    );
+    let failed = s.api_json("GET", "/api/jobs?status=failed&app=shop");
+    assert_eq!(failed.as_array().map(Vec::len), Some(1));
+    assert_eq!(s.api("GET", "/api/jobs?before=garbage", None).status, 400);
+}
+
+fn cli_ok(s: &Server, args: &[&str]) -> String {
+    let out = s.cli(args);
+    assert!(
+        out.status.success(),
+        "fazt {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Issue 11, CLI: `fazt job retry`, `fazt job delete`, `fazt job list --status --app
+/// --limit --json`, and help with examples on every command. Before: retry/delete and
+/// --json were unknown arguments, and help had no examples.
+#[test]
+fn cli_job_retry_delete_and_json_list() {
+    let s = server();
+    let id = spawn(&s, "shop", "workers/fail.js", serde_json::json!({}));
+    s.wait_status(&id, "failed", 20);
+    let out = cli_ok(
+        &s,
+        &[
+            "job", "list", "--app", "shop", "--status", "failed", "--limit", "5", "--json",
+        ],
+    );
+    let page: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!(page["jobs"][0]["id"], id.as_str(), "{out}");
+    assert!(page["next"].is_null());
+    let out = cli_ok(&s, &["job", "retry", &id]);
+    assert!(out.contains("attempt 2"), "{out}");
+    s.wait_job(&id, 20, |j| j["status"] == "failed" && j["attempt"] == 2);
+    let out = cli_ok(&s, &["job", "retry", "--app", "shop", "--all-failed"]);
+    assert!(out.contains("retried 1 failed job(s) of shop"), "{out}");
+    s.wait_job(&id, 20, |j| j["status"] == "failed" && j["attempt"] == 3);
+    let out = cli_ok(&s, &["job", "delete", &id]);
+    assert!(out.contains("deleted"), "{out}");
+    let gone = s.cli(&["job", "show", &id]);
+    assert!(!gone.status.success());
+    let none = s.cli(&["job", "retry"]);
+    assert!(!none.status.success(), "retry needs an id or --app");
+    for cmd in [
+        vec!["--help"],
+        vec!["app", "--help"],
+        vec!["app", "deploy", "--help"],
+        vec!["app", "list", "--help"],
+        vec!["app", "remove", "--help"],
+        vec!["job", "--help"],
+        vec!["job", "list", "--help"],
+        vec!["job", "show", "--help"],
+        vec!["job", "cancel", "--help"],
+        vec!["job", "retry", "--help"],
+        vec!["job", "delete", "--help"],
+        vec!["job", "logs", "--help"],
+        vec!["server", "--help"],
+        vec!["check", "--help"],
+        vec!["backup", "--help"],
+    ] {
+        let help = cli_ok(&s, &cmd);
+        assert!(
+            help.contains("Example"),
+            "no examples in fazt {cmd:?}:\n{help}"
+        );
+    }
+    let down = std::process::Command::new(env!("CARGO_BIN_EXE_fazt"))
+        .args(["--server", "http://127.0.0.1:1", "job", "list"])
+        .env("FAZT_TOKEN", "x")
+        .output()
+        .expect("run fazt");
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(err.contains("is `fazt server` running"), "{err}");
+}
+
+fn session_cookie(r: &crate::util::Resp) -> String {
+    let set = r.header("set-cookie").expect("Set-Cookie").to_string();
+    set.split(';').next().expect("cookie").trim().to_string()
+}
+
+/// Issue 11, sign-in: POST /api/session with the token sets an HttpOnly, SameSite=Strict
+/// cookie with an expiry; the cookie reads the admin API; DELETE signs out; the bearer
+/// token keeps working. Before: /api/session did not exist (401 without a token).
+#[test]
+fn sign_in_sets_an_httponly_strict_cookie_and_sign_out_ends_it() {
+    let s = server();
+    let body = serde_json::json!({ "token": s.token }).to_string();
+    let json = [("Content-Type", "application/json")];
+    let r = request(
+        s.addr,
+        "POST",
+        "127.0.0.1",
+        "/api/session",
+        &json,
+        Some(body.as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let set = r.header("set-cookie").expect("Set-Cookie");
+    for attr in ["HttpOnly", "SameSite=Strict", "Max-Age=", "Path=/"] {
+        assert!(set.contains(attr), "{attr} missing from {set}");
+    }
+    let cookie = session_cookie(&r);
+    let read = request(
+        s.addr,
+        "GET",
+        "127.0.0.1",
+        "/api/apps",
+        &[("Cookie", &cookie)],
+        None,
+    );
+    assert_eq!(read.status, 200, "{}", read.text());
+    let wrong = serde_json::json!({ "token": "nope" }).to_string();
+    let r = request(
+        s.addr,
+        "POST",
+        "127.0.0.1",
+        "/api/session",
+        &json,
+        Some(wrong.as_bytes()),
+    );
+    assert_eq!(r.status, 403);
+    assert!(r.header("set-cookie").is_none());
+
+    let out = request(
+        s.addr,
+        "DELETE",
+        "127.0.0.1",
+        "/api/session",
+        &[("Cookie", &cookie)],
+        None,
+    );
+    assert_eq!(out.status, 200);
+    assert!(out
+        .header("set-cookie")
+        .is_some_and(|c| c.contains("Max-Age=0")));
+    let after = request(
+        s.addr,
+        "GET",
+        "127.0.0.1",
+        "/api/apps",
+        &[("Cookie", &cookie)],
+        None,
+    );
+    assert_eq!(after.status, 401, "signed out: {}", after.text());
+    assert_eq!(
+        s.api("GET", "/api/apps", None).status,
+        200,
+        "bearer still works"
+    );
+}
+
+/// Issue 11: "the cookie alone must not authorise a cross-site POST". A cookie-only
+/// cancel (what a cross-site form sends) is refused; so is one with the console header
+/// from another Origin; the console's own request (header, same origin) works.
+#[test]
+fn cookie_alone_cannot_authorise_a_cross_site_post() {
+    let s = server();
+    let body = serde_json::json!({ "token": s.token }).to_string();
+    let json = [("Content-Type", "application/json")];
+    let r = request(
+        s.addr,
+        "POST",
+        "127.0.0.1",
+        "/api/session",
+        &json,
+        Some(body.as_bytes()),
+    );
+    let cookie = session_cookie(&r);
+    let id = spawn(&s, "shop", "workers/wait.js", serde_json::json!({}));
+    s.wait_status(&id, "running", 20);
+    let path = format!("/api/jobs/{id}/cancel");
+    let forged = request(
+        s.addr,
+        "POST",
+        "127.0.0.1",
+        &path,
+        &[("Cookie", &cookie)],
+        None,
+    );
+    assert_eq!(forged.status, 403, "{}", forged.text());
+    let cross = request(
+        s.addr,
+        "POST",
+        "127.0.0.1",
+        &path,
+        &[
+            ("Cookie", &cookie),
+            ("X-Fazt-Console", "1"),
+            ("Origin", "http://evil.example"),
+        ],
+        None,
+    );
+    assert_eq!(cross.status, 403, "{}", cross.text());
+    assert_eq!(s.job(&id)["status"], "running", "nothing was cancelled");
+    let origin = format!("http://127.0.0.1:{}", s.port());
+    let host = format!("127.0.0.1:{}", s.port());
+    let own = request(
+        s.addr,
+        "POST",
+        &host,
+        &path,
+        &[
+            ("Cookie", &cookie),
+            ("X-Fazt-Console", "1"),
+            ("Origin", &origin),
+        ],
+        None,
+    );
+    assert_eq!(own.status, 200, "{}", own.text());
+    s.wait_status(&id, "cancelled", 20);
 }
