@@ -60,6 +60,7 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
         apps: Default::default(),
     });
     runner.start(services.clone())?;
+    crate::http::start_overview(&services).context("starting the console thread")?;
     let http = HttpServer::start(
         listener,
         config.http_threads,

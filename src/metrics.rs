@@ -203,6 +203,21 @@ impl Registry {
         })
     }
 
+    /// Jobs that ended `done` and `failed` since start, over all apps (the console's
+    /// throughput chart takes per-minute differences).
+    pub fn outcome_totals(&self) -> (u64, u64) {
+        self.with(|i| {
+            let sum = |st: &str| {
+                i.outcomes
+                    .series
+                    .values()
+                    .filter_map(|m| m.get(st))
+                    .sum::<u64>()
+            };
+            (sum("done"), sum("failed"))
+        })
+    }
+
     /// The Prometheus text exposition of every series here.
     pub fn render(&self, out: &mut String) {
         self.with(|i| {

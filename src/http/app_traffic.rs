@@ -123,9 +123,8 @@ pub fn app_route(path: &str) -> AppRoute {
 pub fn upgrade(req: Request, route: Route, services: &Arc<Services>) {
     match route {
         Route::App(app) => crate::realtime::accept(req, &app, services),
-        Route::System => {
-            let _ = req.respond(util::error_response(404, "no WebSocket endpoint here"));
-        }
+        // The system host upgrades only `/_ws`, after the admin check (see console.rs).
+        Route::System => crate::realtime::accept(req, crate::realtime::SYSTEM_HUB, services),
     }
 }
 

@@ -194,14 +194,49 @@ fn with_header(mut reply: Reply, name: &str, value: String) -> Reply {
     reply
 }
 
-/// Routes the console serves before the admin check (`/api/session`).
+/// The dashboard's files, all in the binary (the server may have no internet).
+const ASSETS: [(&str, &str, &str); 3] = [
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("dashboard/index.html"),
+    ),
+    (
+        "/console/app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("dashboard/app.js"),
+    ),
+    (
+        "/console/style.css",
+        "text/css; charset=utf-8",
+        include_str!("dashboard/style.css"),
+    ),
+];
+
+/// Routes the console serves before the admin check: the dashboard's files (they hold
+/// no data) and `/api/session`.
 pub fn open_route(
     req: &mut Request,
     services: &Services,
     method: &Method,
     path: &str,
 ) -> Option<Result<Reply, HttpError>> {
-    (path == "/api/session").then(|| session_route(req, services, method))
+    if path == "/api/session" {
+        return Some(session_route(req, services, method));
+    }
+    if *method != Method::Get {
+        return None;
+    }
+    let (_, ct, body) = ASSETS.iter().find(|(p, _, _)| *p == path)?;
+    let reply = Reply::bytes(200, ct, body.as_bytes().to_vec());
+    // The page may not be framed by another site (clickjacking the action buttons).
+    let reply = with_header(reply, "X-Frame-Options", "DENY".into());
+    Some(Ok(with_header(
+        reply,
+        "Content-Security-Policy",
+        "default-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+            .into(),
+    )))
 }
 
 /// A final status named in a query (bulk actions take only those).
@@ -216,6 +251,7 @@ fn final_status(s: Option<&str>) -> Result<Status, HttpError> {
 
 /// The console's admin routes (after the admin check); None: not one of them.
 pub fn route(
+    req: &Request,
     services: &Services,
     method: &Method,
     segs: &[&str],
@@ -223,6 +259,24 @@ pub fn route(
 ) -> Option<Result<Reply, HttpError>> {
     let q = |k| util::query_get(query, k).filter(|v| !v.is_empty());
     let reply = match (method, segs) {
+        (Method::Get, ["_ws"]) => {
+            // A browser sends the page's Origin with the handshake: another site's page
+            // may not open the admin channel with the console's cookie.
+            let host = util::header(req, "host").unwrap_or_default();
+            let origin = util::header(req, "origin");
+            if csrf_ok(&Method::Post, Some("1"), origin.as_deref(), &host) {
+                Ok(Reply::Upgrade)
+            } else {
+                Err(HttpError::new(
+                    403,
+                    "the system channel is open to the console's own page only",
+                ))
+            }
+        }
+        (Method::Get, ["api", "console", "apps"]) => apps_view(services),
+        (Method::Get, ["api", "console", "overview"]) => {
+            Ok(Reply::json(200, &overview(services, &[])))
+        }
         (Method::Get, ["api", "jobs"]) => list_jobs(services, query),
         (Method::Post, ["api", "jobs", id, "retry"]) => match services.store.retry_job(id) {
             Ok(Retried::Queued(row)) => {
@@ -276,6 +330,164 @@ pub fn route(
     Some(reply)
 }
 
+/// The apps view: each app with its version, deploy time, files, handler calls and
+/// 5xx answers since start, and jobs by status.
+fn apps_view(services: &Services) -> Result<Reply, HttpError> {
+    let apps = services.store.list_apps()?;
+    let counts = services.store.job_counts_by_app()?;
+    let m = crate::metrics::global();
+    let list: Vec<serde_json::Value> = apps
+        .iter()
+        .map(|a| {
+            let mut v = serde_json::to_value(a).unwrap_or_default();
+            let name = v["name"].as_str().unwrap_or_default().to_string();
+            let jobs: serde_json::Map<String, serde_json::Value> = counts
+                .iter()
+                .filter(|(app, _, _)| *app == name)
+                .map(|(_, st, n)| (st.clone(), (*n).into()))
+                .collect();
+            let (calls, errors) = m.handler_counts(&name);
+            v["jobs"] = jobs.into();
+            v["handlerCalls"] = calls.into();
+            v["handlerErrors"] = errors.into();
+            v
+        })
+        .collect();
+    Ok(Reply::json(200, &list))
+}
+
+/// One minute of the throughput chart.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Minute {
+    /// Minutes since the epoch.
+    t: u64,
+    done: u64,
+    failed: u64,
+}
+
+/// Jobs without `data` and `result` (up to 1 MB each): the overview stays far under the
+/// hub's message size limit, and the job page shows them.
+fn slim(mut jobs: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    for j in &mut jobs {
+        if let Some(o) = j.as_object_mut() {
+            o.remove("data");
+            o.remove("result");
+        }
+    }
+    jobs
+}
+
+/// Everything the overview shows, read fresh. `minutes`: the last hour's throughput.
+fn overview(services: &Services, minutes: &[Minute]) -> serde_json::Value {
+    let s = &services.pool.stats;
+    let b = &services.pool.budget;
+    let l = &services.pool.limits;
+    let load = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
+    let running = services
+        .store
+        .query_jobs(&JobQuery {
+            status: Some(Status::Running),
+            limit: 100,
+            ..Default::default()
+        })
+        .map(|p| p.jobs)
+        .unwrap_or_default();
+    let running = slim(running);
+    let mut per_app: serde_json::Map<String, serde_json::Value> = Default::default();
+    for (app, st, n) in services.store.job_counts_by_app().unwrap_or_default() {
+        let e = per_app.entry(app).or_insert_with(|| serde_json::json!({}));
+        e[st] = n.into();
+    }
+    let daemons = slim(services.store.live_daemons(50).unwrap_or_default());
+    let rss = crate::worker::rss_bytes();
+    let baseline = b.baseline_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let limit = baseline + b.budget_bytes;
+    serde_json::json!({
+        "time": crate::store::now_ms(),
+        "slots": { "used": load(&s.running), "total": l.slots },
+        "limits": { "perAppRunning": l.per_app_running, "perAppDaemons": l.per_app_daemons },
+        "queued": load(&s.queued),
+        "memory": {
+            "budgetBytes": b.budget_bytes,
+            "reservedBytes": b.reserved_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            "rssBytes": rss,
+            "baselineBytes": baseline,
+            // The monitor's own rule (budget.rs): warn past 80 % of budget + baseline.
+            "warning": rss.saturating_mul(10) > limit.saturating_mul(8),
+        },
+        "running": running,
+        "apps": per_app,
+        "daemons": daemons,
+        "minutes": minutes,
+        "store": services.store.status(),
+    })
+}
+
+/// How often the overview is pushed to the system channel.
+const OVERVIEW_EVERY: Duration = Duration::from_secs(1);
+/// The system channel the overview goes to.
+pub const OVERVIEW_CHANNEL: &str = "overview";
+
+/// Starts the `fazt-console` thread: it samples job outcomes every second into a
+/// one-hour per-minute history, and while anyone listens on the system hub pushes the
+/// overview to [`OVERVIEW_CHANNEL`]. It holds the services weakly and ends with them.
+pub fn start_overview(services: &std::sync::Arc<Services>) -> std::io::Result<()> {
+    let weak = std::sync::Arc::downgrade(services);
+    std::thread::Builder::new()
+        .name("fazt-console".into())
+        .spawn(move || {
+            let mut history: std::collections::VecDeque<Minute> = Default::default();
+            let mut last = crate::metrics::global().outcome_totals();
+            loop {
+                std::thread::sleep(OVERVIEW_EVERY);
+                let Some(services) = weak.upgrade() else {
+                    return;
+                };
+                let now = crate::store::now_ms().max(0) as u64 / 60_000;
+                let totals = crate::metrics::global().outcome_totals();
+                record_minute(&mut history, now, last, totals);
+                last = totals;
+                let hub = crate::realtime::SYSTEM_HUB;
+                if services.listeners.count(hub, OVERVIEW_CHANNEL) == 0 {
+                    continue;
+                }
+                let minutes: Vec<Minute> = history.iter().copied().collect();
+                let data = overview(&services, &minutes).to_string();
+                if let Err(e) = services.hub.broadcast(hub, Some(OVERVIEW_CHANNEL), &data) {
+                    log::warn!("console overview not sent: {e}");
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+/// Adds the outcomes between two samples to minute `now`, keeping 60 minutes (pure).
+fn record_minute(
+    history: &mut std::collections::VecDeque<Minute>,
+    now: u64,
+    before: (u64, u64),
+    after: (u64, u64),
+) {
+    let (done, failed) = (
+        after.0.saturating_sub(before.0),
+        after.1.saturating_sub(before.1),
+    );
+    match history.back_mut() {
+        Some(m) if m.t == now => {
+            m.done += done;
+            m.failed += failed;
+        }
+        _ => history.push_back(Minute {
+            t: now,
+            done,
+            failed,
+        }),
+    }
+    while history.front().is_some_and(|m| m.t + 60 <= now) {
+        history.pop_front();
+    }
+}
+
 /// `GET /api/jobs?app=&status=&path=&q=&before=&limit=`: an array of jobs, newest
 /// first; the `X-Next-Cursor` header, when present, is the next page's `before`.
 fn list_jobs(services: &Services, query: &[(String, String)]) -> Result<Reply, HttpError> {
@@ -307,6 +519,22 @@ fn list_jobs(services: &Services, query: &[(String, String)]) -> Result<Reply, H
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throughput_history_keeps_one_hour_by_minute() {
+        let mut h = Default::default();
+        record_minute(&mut h, 100, (0, 0), (3, 1));
+        record_minute(&mut h, 100, (3, 1), (5, 1));
+        record_minute(&mut h, 101, (5, 1), (5, 4));
+        assert_eq!(h.len(), 2);
+        assert_eq!((h[0].done, h[0].failed, h[1].failed), (5, 1, 3));
+        record_minute(&mut h, 160, (5, 4), (5, 4));
+        assert_eq!(
+            h.front().map(|m| m.t),
+            Some(101),
+            "minute 100 is over an hour old"
+        );
+    }
 
     #[test]
     fn cookie_changes_need_the_console_header_and_our_origin() {

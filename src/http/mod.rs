@@ -11,6 +11,7 @@ mod headers;
 mod system;
 mod util;
 
+pub use console::start_overview;
 pub use handlers::{HandlerCache, HandlerRequest};
 pub use util::{HttpError, Reply};
 

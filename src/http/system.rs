@@ -14,19 +14,12 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
     if path == "/health" && method == Method::Get {
         return Ok(Reply::json(200, &services.health()));
     }
-    if path == "/" && method == Method::Get {
-        return Ok(Reply::bytes(
-            200,
-            "text/html; charset=utf-8",
-            DASHBOARD.as_bytes().to_vec(),
-        ));
-    }
     if let Some(reply) = super::console::open_route(req, services, &method, &path) {
         return reply;
     }
     super::console::authorise(req, services, check_token)?;
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if let Some(reply) = super::console::route(services, &method, &segs, &query) {
+    if let Some(reply) = super::console::route(req, services, &method, &segs, &query) {
         return reply;
     }
     match (&method, segs.as_slice()) {
@@ -132,5 +125,3 @@ pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
-
-const DASHBOARD: &str = include_str!("dashboard.html");

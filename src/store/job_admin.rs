@@ -156,6 +156,31 @@ impl Store {
         })
     }
 
+    /// Jobs per (app, status), from the trigger-kept counters (no scan).
+    pub fn job_counts_by_app(&self) -> Result<Vec<(String, String, i64)>> {
+        self.read(|c| {
+            query_all(
+                c,
+                "SELECT app, status, n FROM job_counts WHERE n > 0 ORDER BY app, status",
+                [],
+                "counting jobs per app",
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+        })
+    }
+
+    /// Live daemons (queued or running), oldest first, at most `limit`.
+    pub fn live_daemons(&self, limit: u32) -> Result<Vec<serde_json::Value>> {
+        self.read(|c| {
+            let sql = format!(
+                "{JOB_COLUMNS} WHERE status IN ('queued', 'running')
+                 AND json_extract(config, '$.daemon') = 1 ORDER BY created_at LIMIT {limit}"
+            );
+            let rows = query_all(c, &sql, [], "listing daemons", job_from_row)?;
+            Ok(rows.iter().map(super::JobRow::to_json).collect())
+        })
+    }
+
     /// A page of jobs matching `q`, newest first, and the next page's cursor.
     pub fn query_jobs(&self, q: &JobQuery) -> Result<JobPage> {
         self.read(|c| {

@@ -606,3 +606,142 @@ fn cookie_alone_cannot_authorise_a_cross_site_post() {
     assert_eq!(own.status, 200, "{}", own.text());
     s.wait_status(&id, "cancelled", 20);
 }
+
+fn sign_in(s: &Server) -> String {
+    let body = serde_json::json!({ "token": s.token }).to_string();
+    let json = [("Content-Type", "application/json")];
+    let r = request(
+        s.addr,
+        "POST",
+        "127.0.0.1",
+        "/api/session",
+        &json,
+        Some(body.as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    session_cookie(&r)
+}
+
+/// A WebSocket to the system host's `/_ws` with these extra handshake headers.
+fn system_ws(
+    s: &Server,
+    headers: &[(&str, &str)],
+) -> Result<tungstenite::WebSocket<std::net::TcpStream>, tungstenite::Error> {
+    use tungstenite::client::IntoClientRequest;
+    let stream = std::net::TcpStream::connect(s.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut req = format!("ws://127.0.0.1:{}/_ws", s.port())
+        .into_client_request()
+        .expect("request");
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            v.parse().expect("value"),
+        );
+    }
+    tungstenite::client::client(req, stream)
+        .map(|(ws, _)| ws)
+        .map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(f) => f,
+            tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::ConnectionClosed,
+        })
+}
+
+/// Issue 11, live overview: "pushed over the existing WebSocket machinery (a system
+/// channel, admin-only), not polling". Without a session or token the upgrade is
+/// refused, and so it is from another site's page; signed in, the `overview` channel
+/// pushes running jobs with their progress moving, slots, memory and per-app counts.
+/// Before: the system host had no WebSocket endpoint (404).
+#[test]
+fn live_overview_is_pushed_on_an_admin_only_system_channel() {
+    let s = server();
+    match system_ws(&s, &[]) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!(
+            "an anonymous upgrade must be refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let cookie = sign_in(&s);
+    match system_ws(
+        &s,
+        &[("Cookie", &cookie), ("Origin", "http://evil.example")],
+    ) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!(
+            "a cross-site upgrade must be refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let id = spawn(&s, "shop", "workers/slow.js", serde_json::json!({}));
+    let origin = format!("http://127.0.0.1:{}", s.port());
+    let mut ws =
+        system_ws(&s, &[("Cookie", &cookie), ("Origin", &origin)]).expect("signed-in upgrade");
+    ws.send(tungstenite::Message::text(
+        serde_json::json!({"type": "subscribe", "channel": "overview"}).to_string(),
+    ))
+    .expect("send");
+    let mut progress = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while progress.len() < 2 && std::time::Instant::now() < deadline {
+        let Ok(tungstenite::Message::Text(t)) = ws.read() else {
+            continue;
+        };
+        let m: Value = serde_json::from_str(t.as_str()).expect("JSON");
+        if m["type"] != "message" {
+            continue;
+        }
+        let o = &m["data"];
+        assert_eq!(o["slots"]["total"], 20, "{o}");
+        assert!(o["memory"]["budgetBytes"].as_u64().is_some(), "{o}");
+        assert!(o["minutes"].is_array(), "{o}");
+        if let Some(j) = o["running"]
+            .as_array()
+            .and_then(|r| r.iter().find(|j| j["id"] == id.as_str()))
+        {
+            assert!(j.get("data").is_none(), "the overview leaves job data out");
+            let p = j["progress"].as_i64().expect("progress");
+            if progress.last() != Some(&p) {
+                progress.push(p);
+            }
+        }
+    }
+    assert!(
+        progress.len() >= 2,
+        "the running job's progress moved in pushed overviews: {progress:?}"
+    );
+    assert!(progress[1] > progress[0], "{progress:?}");
+}
+
+/// The dashboard and its assets come from the binary (no CDN), under a CSP that allows
+/// only this origin, and the page never stores the token (no localStorage).
+#[test]
+fn dashboard_assets_ship_in_the_binary() {
+    let s = Server::start();
+    for (path, ct) in [
+        ("/", "text/html"),
+        ("/console/app.js", "text/javascript"),
+        ("/console/style.css", "text/css"),
+    ] {
+        let r = request(s.addr, "GET", "127.0.0.1", path, &[], None);
+        assert_eq!(r.status, 200, "{path}");
+        assert!(
+            r.header("content-type").is_some_and(|t| t.starts_with(ct)),
+            "{path}"
+        );
+        let csp = r.header("content-security-policy").unwrap_or_default();
+        assert!(csp.contains("default-src 'self'"), "{path}: {csp}");
+        let text = r.text();
+        assert!(
+            !text.contains("http://") || path != "/",
+            "no external URLs in the page"
+        );
+        assert!(
+            !text.contains("https://"),
+            "{path} loads nothing from elsewhere"
+        );
+        assert!(!text.contains("localStorage"), "{path} keeps no token");
+    }
+}
