@@ -5,6 +5,8 @@
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const view = () => $("#view");
+// Replaces the view's content; null and undefined parts are left out.
+function show(...kids) { view().replaceChildren(...kids.flat().filter((k) => k !== null && k !== undefined)); }
 
 function h(tag, attrs = {}, ...kids) {
   const el = document.createElement(tag);
@@ -53,7 +55,7 @@ function showSignIn() {
   closeSocket();
   $("#nav").hidden = true;
   $("#signin").hidden = false;
-  view().replaceChildren();
+  show();
 }
 
 async function signIn(ev) {
@@ -160,7 +162,7 @@ function renderOverview(o) {
     o.daemons.map((d) => h("tr", {}, h("td", {}, jobLink(d)), h("td", {}, d.app), h("td", {}, d.path),
       h("td", {}, statusCell(d.status)), h("td", {}, d.restarts),
       h("td", {}, d.status === "queued" && d.restarts > 0 ? "backing off after a failure" : d.status))));
-  view().replaceChildren(h("h1", {}, "Overview"), cards,
+  show(h("h1", {}, "Overview"), cards,
     h("h2", {}, "Throughput"), chart(o.minutes),
     h("h2", {}, `Running jobs (${o.running.length})`), running,
     h("h2", {}, "Jobs by app"), apps,
@@ -213,7 +215,7 @@ async function renderJobs(params) {
       const r = await act("DELETE", `/api/apps/${q.get("app")}/jobs?status=failed`, `Delete every failed job of ${q.get("app")}?`);
       if (r) route();
     } }, `Delete all failed jobs of ${q.get("app")}`)) : null;
-  view().replaceChildren(h("h1", {}, "Jobs"), form, bulk, table, pager);
+  show(h("h1", {}, "Jobs"), form, bulk, table, pager);
 }
 
 let tail = null;
@@ -226,7 +228,7 @@ async function renderJob(id) {
       : [h("button", { class: "action", id: "retry", onclick: async () => { await act("POST", `/api/jobs/${id}/retry`); renderJob(id); } }, "Retry"),
          h("button", { class: "action", id: "delete", onclick: async () => { if (await act("DELETE", `/api/jobs/${id}`, `Delete job ${id} and its log?`)) location.hash = "#/jobs"; } }, "Delete")]);
   const log = h("pre", { id: "log" });
-  view().replaceChildren(
+  show(
     h("h1", {}, "Job ", h("code", {}, j.id)),
     h("p", {}, statusCell(j.status), " ", bar(j.progress), ` ${j.progress}% · ${j.app} · ${j.path}` + (j.daemon ? " · daemon" : "")),
     actions,
@@ -270,7 +272,7 @@ function startTail(id, el, status) {
 async function renderApps() {
   const { data: apps } = await api("GET", "/api/console/apps");
   const statuses = ["queued", "running", "done", "failed", "cancelled", "stopped"];
-  view().replaceChildren(h("h1", {}, "Apps"), h("table", { id: "apps" },
+  show(h("h1", {}, "Apps"), h("table", { id: "apps" },
     h("tr", {}, ["App", "Version", "Deployed", "Files", "Handler calls", "5xx rate", "Jobs", ""].map((c) => h("th", {}, c))),
     apps.map((a) => h("tr", {}, h("td", {}, h("a", { href: "#/jobs?app=" + a.name }, a.name)), h("td", {}, a.version),
       h("td", {}, fmtTime(a.updated_at || a.created_at)), h("td", {}, `${a.files} (${a.bytes} bytes)`), h("td", {}, a.handlerCalls),
@@ -298,7 +300,7 @@ async function route() {
       else { const { data } = await api("GET", "/api/console/overview"); lastOverview = data; renderOverview(data); }
     }
   } catch (e) {
-    if (e.message !== "signed out") view().replaceChildren(h("p", { class: "error" }, e.message));
+    if (e.message !== "signed out") show(h("p", { class: "error" }, e.message));
   }
 }
 
