@@ -283,6 +283,16 @@ async function renderApps() {
       } }, "Remove"))))));
 }
 
+// ---- health banner (open /health: shown before sign-in too) ----------------------
+async function checkHealth() {
+  try {
+    const h = await (await fetch("/health")).json();
+    const banner = $("#degraded");
+    banner.textContent = h.status === "degraded" ? "DEGRADED: " + h.reason : "";
+    banner.hidden = h.status !== "degraded";
+  } catch { /* the server is restarting; the next check tells */ }
+}
+
 // ---- routing -------------------------------------------------------------------
 let currentView = "";
 async function route() {
@@ -308,6 +318,8 @@ window.addEventListener("hashchange", route);
 document.addEventListener("DOMContentLoaded", async () => {
   $("#signin").addEventListener("submit", signIn);
   $("#signout").addEventListener("click", signOut);
+  checkHealth();
+  setInterval(checkHealth, 5000);
   const { data } = await api("GET", "/api/session").catch(() => ({ data: {} }));
   if (data.signedIn) { $("#nav").hidden = false; openSocket(); route(); }
   else showSignIn();
