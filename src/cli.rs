@@ -653,6 +653,13 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
                         None,
                     )?;
                     writeln!(out, "retried {} {st} job(s) of {app}", r["retried"])?;
+                    if r["left"].as_i64().is_some_and(|n| n > 0) {
+                        writeln!(
+                            out,
+                            "{} more {st} job(s) wait: the app's job queue is full; run this again once it drains",
+                            r["left"]
+                        )?;
+                    }
                 }
                 (None, None) => bail!("name a job id, or --app APP for a bulk retry"),
             },

@@ -308,14 +308,16 @@ pub fn route(
         },
         (Method::Post, ["api", "apps", app, "jobs", "retry"]) => final_status(q("status"))
             .and_then(|st| {
-                let rows = services.store.retry_jobs_of(app, st)?;
+                let limit = services.pool.limits.queue_per_app;
+                let (rows, left) = services.store.retry_jobs_of(app, st, limit)?;
                 for row in &rows {
                     services.pool.enqueue_row(row);
                 }
                 log::info!("{} {} job(s) of {app} retried", rows.len(), st.as_str());
+                // `left`: jobs the queue bound kept back; retry again once it drains.
                 Ok(Reply::json(
                     200,
-                    &serde_json::json!({ "retried": rows.len() }),
+                    &serde_json::json!({ "retried": rows.len(), "left": left }),
                 ))
             }),
         (Method::Delete, ["api", "apps", app, "jobs"]) => {

@@ -110,31 +110,49 @@ impl Store {
         })
     }
 
-    /// Retries every job of `app` in the final `status`; returns the rows queued.
-    pub fn retry_jobs_of(&self, app: &str, status: Status) -> Result<Vec<super::JobRow>> {
+    /// Retries the jobs of `app` in the final `status`, oldest first, as far as the
+    /// app's queue has room below `queue_limit` (the bound spawn keeps, so a bulk retry
+    /// of thousands of failures cannot flood the scheduler). Returns the rows queued
+    /// and how many stay in `status` for a later retry.
+    pub fn retry_jobs_of(
+        &self,
+        app: &str,
+        status: Status,
+        queue_limit: i64,
+    ) -> Result<(Vec<super::JobRow>, i64)> {
         let (app, st) = (app.to_string(), status.as_str());
         self.write(false, move |c| {
+            let count = |status: &str| -> Result<i64> {
+                c.prepare_cached("SELECT n FROM job_counts WHERE app = ?1 AND status = ?2")
+                    .ctx("counting jobs")?
+                    .query_row(params![app, status], |r| r.get(0))
+                    .optional()
+                    .ctx("counting jobs")
+                    .map(|n| n.unwrap_or(0))
+            };
+            let room = (queue_limit - count("queued")?).max(0);
             let ids: Vec<String> = query_all(
                 c,
-                "SELECT id FROM worker_jobs WHERE app = ?1 AND status = ?2",
-                params![app, st],
+                "SELECT id FROM worker_jobs WHERE app = ?1 AND status = ?2
+                 ORDER BY created_at, id LIMIT ?3",
+                params![app, st, room],
                 "listing jobs to retry",
                 |r| r.get(0),
             )?;
-            c.execute(
-                "UPDATE worker_jobs SET status = 'queued', attempt = attempt + 1, progress = 0,
-                 result = NULL, error = NULL, started_at = NULL, done_at = NULL
-                 WHERE app = ?1 AND status = ?2",
-                params![app, st],
-            )
-            .ctx("retrying jobs")?;
             let mut rows = Vec::with_capacity(ids.len());
             for id in ids {
+                c.prepare_cached(
+                    "UPDATE worker_jobs SET status = 'queued', attempt = attempt + 1, progress = 0,
+                     result = NULL, error = NULL, started_at = NULL, done_at = NULL WHERE id = ?1",
+                )
+                .ctx("retrying jobs")?
+                .execute([&id])
+                .ctx("retrying jobs")?;
                 if let Some(row) = get_job(c, &id)? {
                     rows.push(row);
                 }
             }
-            Ok(rows)
+            Ok((rows, count(st)?))
         })
     }
 
@@ -243,6 +261,37 @@ mod tests {
     #[test]
     fn like_patterns_match_literally() {
         assert_eq!(like_escape("50%_off\\"), "%50\\%\\_off\\\\%");
+    }
+
+    /// A bulk retry of many failures keeps the app's queue bound, as spawn does; the
+    /// rest stay failed for a later retry.
+    #[test]
+    fn bulk_retry_stays_within_the_queue_bound() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let cfg = crate::worker::JobConfig::default();
+        for n in 0..5 {
+            store
+                .insert_job(format!("j{n}"), "a", "workers/w.js", &cfg, None, None)
+                .expect("insert");
+        }
+        store
+            .write(false, |c| {
+                c.execute("UPDATE worker_jobs SET status = 'failed'", [])
+                    .ctx("failing jobs")
+            })
+            .expect("fail them");
+        let (rows, left) = store.retry_jobs_of("a", Status::Failed, 3).expect("retry");
+        assert_eq!((rows.len(), left), (3, 2));
+        assert!(rows
+            .iter()
+            .all(|r| r.status == Status::Queued && r.attempt == 2));
+        let (rows, left) = store.retry_jobs_of("a", Status::Failed, 3).expect("retry");
+        assert_eq!(
+            (rows.len(), left),
+            (0, 2),
+            "the queue is full: nothing more"
+        );
     }
 
     #[test]
