@@ -65,6 +65,7 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
         },
     });
     runner.start(services.clone())?;
+    crate::http::start_overview(&services).context("starting the console thread")?;
     let http = HttpServer::start(
         listener,
         config.http_threads,

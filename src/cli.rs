@@ -13,7 +13,15 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "fazt",
     version,
-    about = "Self-hosted app server with background JavaScript workers"
+    about = "Self-hosted app server with background JavaScript workers",
+    after_help = "Examples:
+  fazt server --listen 127.0.0.1:8080 --data-dir ./fazt-data
+  fazt app deploy ./my-app
+  fazt job list --app my-app --status failed
+  fazt job retry --app my-app --all-failed
+
+Client commands read the admin token from FAZT_TOKEN or <data-dir>/admin.token and talk
+to --server. The dashboard is at the server's address in a browser."
 )]
 pub struct Cli {
     /// Server to talk to (client commands).
@@ -39,20 +47,37 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the server.
+    /// Run the server (prints the admin token on first start).
+    #[command(after_help = "Examples:
+  fazt server
+  fazt server --listen 0.0.0.0:8080 --data-dir /var/lib/fazt
+  FAZT_LISTEN=127.0.0.1:9000 fazt server --jobs-keep 5000")]
     Server(ServerArgs),
     /// Deploy, list and remove apps.
+    #[command(after_help = "Examples:
+  fazt app deploy ./shop
+  fazt app list
+  fazt app remove shop")]
     App {
         #[command(subcommand)]
         command: AppCommand,
     },
-    /// Inspect and cancel background jobs.
+    /// List, inspect, cancel, retry and delete background jobs.
+    #[command(after_help = "Examples:
+  fazt job list --app shop --status failed --limit 20
+  fazt job show j-0001
+  fazt job logs j-0001 --follow
+  fazt job retry j-0001
+  fazt job delete --app shop --all-failed")]
     Job {
         #[command(subcommand)]
         command: JobCommand,
     },
     /// Run SQLite's full integrity check on the database (the data dir's, or FILE,
     /// e.g. a backup). Safe while the server runs; exits 1 if anything is wrong.
+    #[command(after_help = "Examples:
+  fazt check
+  fazt check --file ./backup.db")]
     Check {
         /// Database file to check instead of <data-dir>/fazt.db.
         #[arg(long)]
@@ -61,7 +86,12 @@ pub enum Command {
     /// Copy the data dir's database to FILE with SQLite's online backup (safe while the
     /// server runs). Restore: stop the server, copy FILE to <data-dir>/fazt.db, delete
     /// fazt.db-wal and fazt.db-shm there, start the server.
-    Backup { file: PathBuf },
+    #[command(after_help = "Example:
+  fazt backup ./fazt-$(date +%F).db")]
+    Backup {
+        /// Where to write the copy (must not be the live database).
+        file: PathBuf,
+    },
 }
 
 /// `fazt server` flags. Sizes take KB/MB/GB, times ms/s/m/h.
@@ -186,35 +216,116 @@ impl ServerArgs {
 #[derive(Subcommand, Debug)]
 pub enum AppCommand {
     /// Upload a folder as an app (replaces the previous version atomically).
+    #[command(after_help = "Examples:
+  fazt app deploy ./shop
+  fazt app deploy ./build --name shop")]
     Deploy {
+        /// Folder with static files, api/*.js handlers and workers/*.js jobs.
         dir: PathBuf,
         /// App name (default: the folder's name).
         #[arg(long)]
         name: Option<String>,
     },
+    /// List deployed apps with their version, files and size.
+    #[command(after_help = "Example:\n  fazt app list")]
     List,
+    /// Remove an app: stops its handlers, jobs and WebSockets, deletes its files, kv
+    /// data and jobs.
+    #[command(after_help = "Example:\n  fazt app remove shop")]
     Remove {
+        /// The app's name.
         name: String,
     },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum JobCommand {
+    /// List jobs, newest first.
+    #[command(after_help = "Examples:
+  fazt job list
+  fazt job list --app shop --status failed --limit 20
+  fazt job list --app shop --error timeout --json
+  fazt job list --before 1700000000000-j-0001   (the next page, from --json's cursor)")]
     List {
+        /// Only jobs of this app.
         #[arg(long)]
         app: Option<String>,
+        /// Only jobs in this status: queued, running, done, failed, cancelled, stopped.
         #[arg(long)]
         status: Option<String>,
+        /// Only jobs of this worker file (e.g. workers/send.js).
+        #[arg(long)]
+        path: Option<String>,
+        /// Only jobs whose error contains this text.
+        #[arg(long)]
+        error: Option<String>,
+        /// Only jobs older than this cursor (the `next` of a previous --json page).
+        #[arg(long)]
+        before: Option<String>,
+        /// Most jobs to list (1 to 1000).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Print JSON: {"jobs": [...], "next": cursor or null}.
+        #[arg(long)]
+        json: bool,
     },
+    /// Show one job: data, result, error, attempts, restarts, timings.
+    #[command(after_help = "Example:\n  fazt job show j-0001")]
     Show {
+        /// The job's id (see `fazt job list`).
         id: String,
     },
+    /// Cancel a queued or running job (its JS stops within 100 ms).
+    #[command(after_help = "Example:\n  fazt job cancel j-0001")]
     Cancel {
+        /// The job's id (see `fazt job list`).
         id: String,
     },
+    /// Run a done, failed, cancelled or stopped job again as a new attempt; with --app,
+    /// every job of the app in --status (default failed).
+    #[command(after_help = "Examples:
+  fazt job retry j-0001
+  fazt job retry --app shop --all-failed
+  fazt job retry --app shop --status cancelled")]
+    Retry {
+        /// The job's id (or use --app for a bulk retry).
+        #[arg(required_unless_present = "app", conflicts_with = "app")]
+        id: Option<String>,
+        /// Retry every job of this app in --status.
+        #[arg(long)]
+        app: Option<String>,
+        /// With --app: which finished jobs (done, failed, cancelled, stopped).
+        #[arg(long, requires = "app", default_value = "failed")]
+        status: String,
+        /// With --app: the same as --status failed (the default), said out loud.
+        #[arg(long, requires = "app")]
+        all_failed: bool,
+    },
+    /// Delete a finished job and its logs; with --app, every job of the app in --status
+    /// (default failed). Live jobs must be cancelled first.
+    #[command(after_help = "Examples:
+  fazt job delete j-0001
+  fazt job delete --app shop --all-failed")]
+    Delete {
+        /// The job's id (or use --app for a bulk delete).
+        #[arg(required_unless_present = "app", conflicts_with = "app")]
+        id: Option<String>,
+        /// Delete every job of this app in --status.
+        #[arg(long)]
+        app: Option<String>,
+        /// With --app: which finished jobs (done, failed, cancelled, stopped).
+        #[arg(long, requires = "app", default_value = "failed")]
+        status: String,
+        /// With --app: the same as --status failed (the default), said out loud.
+        #[arg(long, requires = "app")]
+        all_failed: bool,
+    },
+    /// Print a job's log (the last 1,000 lines); --follow keeps printing until it ends.
+    #[command(after_help = "Examples:
+  fazt job logs j-0001
+  fazt job logs j-0001 --follow")]
     Logs {
+        /// The job's id (see `fazt job list`).
         id: String,
         /// Keep printing new lines (with a progress bar) until the job ends.
         #[arg(long, short)]
@@ -264,6 +375,25 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> anyhow::Result<serde_json::Value> {
+        self.send(method, path, body, None).map(|(v, _)| v)
+    }
+
+    /// A GET that also returns the reply's `header` (e.g. a page cursor).
+    fn call_with_header(
+        &self,
+        path: &str,
+        header: &str,
+    ) -> anyhow::Result<(serde_json::Value, Option<String>)> {
+        self.send("GET", path, None, Some(header))
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        header: Option<&str>,
+    ) -> anyhow::Result<(serde_json::Value, Option<String>)> {
         let url = format!("{}{path}", self.base);
         let auth = format!("Bearer {}", self.token);
         let resp = match (method, body) {
@@ -286,8 +416,19 @@ impl Client {
                 .send(&b.unwrap_or_default()[..]),
             _ => bail!("unsupported request {method} {path}"),
         };
-        let mut resp = resp.with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let mut resp = resp.with_context(|| {
+            format!(
+                "cannot reach the server at {}: is `fazt server` running there? (pass --server URL or set FAZT_SERVER)",
+                self.base
+            )
+        })?;
         let status = resp.status().as_u16();
+        let wanted = header.and_then(|h| {
+            resp.headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
         let text = resp
             .body_mut()
             .with_config()
@@ -302,10 +443,29 @@ impl Client {
                 .and_then(|e| e.as_str())
                 .map(str::to_string)
                 .unwrap_or_else(|| value.to_string());
-            bail!("server said {status}: {msg}");
+            let hint = match status {
+                401 | 403 => {
+                    " (check FAZT_TOKEN or --data-dir: the token is in <data-dir>/admin.token)"
+                }
+                503 => " (the server is busy or cannot write now: try again shortly)",
+                _ => "",
+            };
+            bail!("server said {status}: {msg}{hint}");
         }
-        Ok(value)
+        Ok((value, wanted))
     }
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// `fazt check` and `fazt backup`: they open the database file, not the server.
@@ -416,15 +576,33 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
             }
         },
         Command::Job { command } => match command {
-            JobCommand::List { app, status, limit } => {
+            JobCommand::List {
+                app,
+                status,
+                path,
+                error,
+                before,
+                limit,
+                json,
+            } => {
                 let mut q = format!("/api/jobs?limit={limit}");
-                if let Some(a) = app {
-                    q.push_str(&format!("&app={a}"));
+                for (k, v) in [
+                    ("app", app),
+                    ("status", status),
+                    ("path", path),
+                    ("q", error),
+                    ("before", before),
+                ] {
+                    if let Some(v) = v {
+                        q.push_str(&format!("&{k}={}", url_encode(v)));
+                    }
                 }
-                if let Some(s) = status {
-                    q.push_str(&format!("&status={s}"));
+                let (jobs, next) = client.call_with_header(&q, "x-next-cursor")?;
+                if *json {
+                    let page = serde_json::json!({ "jobs": jobs, "next": next });
+                    writeln!(out, "{}", serde_json::to_string_pretty(&page)?)?;
+                    return Ok(());
                 }
-                let jobs = client.call("GET", &q, None)?;
                 writeln!(
                     out,
                     "{:<28} {:<16} {:<24} {:<10} {:>4}  ERROR",
@@ -452,6 +630,60 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
                 writeln!(out, "{id}: {}", job["status"].as_str().unwrap_or("?"))?;
             }
             JobCommand::Logs { id, follow } => follow_logs(&client, id, *follow, &mut out)?,
+            JobCommand::Retry {
+                id,
+                app,
+                status,
+                all_failed,
+            } => match (id, app) {
+                (Some(id), _) => {
+                    let job = client.call("POST", &format!("/api/jobs/{id}/retry"), None)?;
+                    writeln!(
+                        out,
+                        "{id}: {} (attempt {})",
+                        job["status"].as_str().unwrap_or("?"),
+                        job["attempt"]
+                    )?;
+                }
+                (None, Some(app)) => {
+                    let st = if *all_failed { "failed" } else { status };
+                    let r = client.call(
+                        "POST",
+                        &format!("/api/apps/{app}/jobs/retry?status={}", url_encode(st)),
+                        None,
+                    )?;
+                    writeln!(out, "retried {} {st} job(s) of {app}", r["retried"])?;
+                    if r["left"].as_i64().is_some_and(|n| n > 0) {
+                        writeln!(
+                            out,
+                            "{} more {st} job(s) wait: the app's job queue is full; run this again once it drains",
+                            r["left"]
+                        )?;
+                    }
+                }
+                (None, None) => bail!("name a job id, or --app APP for a bulk retry"),
+            },
+            JobCommand::Delete {
+                id,
+                app,
+                status,
+                all_failed,
+            } => match (id, app) {
+                (Some(id), _) => {
+                    client.call("DELETE", &format!("/api/jobs/{id}"), None)?;
+                    writeln!(out, "deleted {id}")?;
+                }
+                (None, Some(app)) => {
+                    let st = if *all_failed { "failed" } else { status };
+                    let r = client.call(
+                        "DELETE",
+                        &format!("/api/apps/{app}/jobs?status={}", url_encode(st)),
+                        None,
+                    )?;
+                    writeln!(out, "deleted {} {st} job(s) of {app}", r["deleted"])?;
+                }
+                (None, None) => bail!("name a job id, or --app APP for a bulk delete"),
+            },
         },
     }
     Ok(())

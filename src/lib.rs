@@ -11,6 +11,7 @@
 //! - [`job`]: the job model (status, options, filters), a leaf every layer shares.
 //! - [`store`]: the only module that touches SQLite.
 //! - [`apps`]: app name, path and upload rules shared by server and CLI.
+//! - [`metrics`]: latency histograms and per-app counters (bounded label sets).
 
 pub mod app;
 pub mod apps;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod http;
 pub mod job;
 pub mod js;
+pub mod metrics;
 pub mod realtime;
 pub mod services;
 pub mod store;

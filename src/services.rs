@@ -74,6 +74,9 @@ impl Services {
             .and_then(|()| self.pool.cancel_app(app))
             .and_then(|()| self.store.remove_app(app));
         self.apps.end_removal(removal, removed.is_ok());
+        if removed.is_ok() {
+            crate::metrics::global().forget_app(app);
+        }
         // A WebSocket that joined after the close above sees the app gone in its own
         // check (see `realtime::accept`).
         Ok(removed?)
@@ -320,6 +323,7 @@ impl Services {
             head(&mut out, name, help, kind);
             let _ = writeln!(out, "{name} {value}");
         }
+        crate::metrics::global().render(&mut out);
         out
     }
 }

@@ -38,7 +38,15 @@ pub fn handle(
                 path: &path,
                 interrupt,
             };
-            run_handler(req, call, query, services, limits, cache)
+            let started = std::time::Instant::now();
+            let reply = run_handler(req, call, query, services, limits, cache);
+            let status = match &reply {
+                Ok(Reply::Full { status, .. }) => *status,
+                Ok(Reply::Upgrade) => 101,
+                Err(e) => e.status,
+            };
+            crate::metrics::global().handler_called(app, status, started.elapsed());
+            reply
         }
         AppRoute::Static { candidates } => serve_static(app, &path, &candidates, services),
         AppRoute::NotFound => Err(HttpError::not_found(format!("no file at {path}"))),
@@ -115,9 +123,8 @@ pub fn app_route(path: &str) -> AppRoute {
 pub fn upgrade(req: Request, route: Route, services: &Arc<Services>) {
     match route {
         Route::App(app) => crate::realtime::accept(req, &app, services),
-        Route::System => {
-            let _ = req.respond(util::error_response(404, "no WebSocket endpoint here"));
-        }
+        // The system host upgrades only `/_ws`, after the admin check (see console.rs).
+        Route::System => crate::realtime::accept(req, crate::realtime::SYSTEM_HUB, services),
     }
 }
 

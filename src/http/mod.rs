@@ -5,11 +5,13 @@
 //! thread; a thread lost anyway is replaced by the watchdog.
 
 mod app_traffic;
+mod console;
 mod handlers;
 mod headers;
 mod system;
 mod util;
 
+pub use console::start_overview;
 pub use handlers::{HandlerCache, HandlerRequest};
 pub use util::{HttpError, Reply};
 

@@ -14,15 +14,14 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
     if path == "/health" && method == Method::Get {
         return Ok(Reply::json(200, &services.health()));
     }
-    if path == "/" && method == Method::Get {
-        return Ok(Reply::bytes(
-            200,
-            "text/html; charset=utf-8",
-            DASHBOARD.as_bytes().to_vec(),
-        ));
+    if let Some(reply) = super::console::open_route(req, services, &method, &path) {
+        return reply;
     }
-    check_token(req, services)?;
+    super::console::authorise(req, services, check_token)?;
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let Some(reply) = super::console::route(req, services, &method, &segs, &query) {
+        return reply;
+    }
     match (&method, segs.as_slice()) {
         (Method::Get, ["metrics"]) => Ok(Reply::bytes(
             200,
@@ -66,15 +65,6 @@ pub fn handle(req: &mut Request, services: &Arc<Services>) -> Result<Reply, Http
             services.store.set_test_hooks(&hooks)?;
             log::warn!("test hooks set: {hooks:?}");
             Ok(Reply::json(200, &services.store.status()))
-        }
-        (Method::Get, ["api", "jobs"]) => {
-            let filter = crate::worker::ListFilter::from_query(
-                util::query_get(&query, "app"),
-                util::query_get(&query, "status"),
-                util::query_get(&query, "limit"),
-            )
-            .map_err(HttpError::bad_request)?;
-            Ok(Reply::json(200, &services.store.list_jobs(&filter)?))
         }
         (Method::Get, ["api", "jobs", id]) => match services.store.get_job(id)? {
             Some(job) => Ok(Reply::json(200, &job.to_json())),
@@ -129,11 +119,9 @@ fn check_token(req: &Request, services: &Services) -> Result<(), HttpError> {
     Ok(())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
-
-const DASHBOARD: &str = include_str!("dashboard.html");

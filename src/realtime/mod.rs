@@ -6,7 +6,7 @@ mod session;
 mod socket;
 
 pub use hub::{Hub, HubLimits, Listeners};
-pub use session::accept;
+pub use session::{accept, SYSTEM_HUB};
 
 use boa_engine::object::builtins::JsArray;
 use boa_engine::{Context, JsResult, JsString, JsValue};

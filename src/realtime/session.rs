@@ -33,7 +33,12 @@ fn refuse(req: Request, status: u16, msg: &str) {
     let _ = req.respond(resp);
 }
 
-/// Upgrades `req` (a GET /_ws on an app host) and starts the session threads.
+/// The hub name of the admin-only system channel (the console's live overview). No
+/// app can have it: app names start with a letter or digit.
+pub const SYSTEM_HUB: &str = "_system";
+
+/// Upgrades `req` (a GET /_ws on an app host, or on the system host for [`SYSTEM_HUB`]
+/// once the admin check passed) and starts the session threads.
 pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
     let header = |name: &str| {
         req.headers()
@@ -61,7 +66,7 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
     };
     // Joined first, checked second: a removal marks the app gone before it closes the
     // app's sessions, so a session is either closed by the removal or sees it here.
-    if !matches!(services.enter_app(app, None), Ok(Some(_))) {
+    if app != SYSTEM_HUB && !matches!(services.enter_app(app, None), Ok(Some(_))) {
         hub.leave(app, session);
         return refuse(req, 404, &format!("no app named '{app}' is deployed"));
     }

@@ -78,10 +78,11 @@ pub enum Inserted {
 /// with the jobs table.
 pub(super) const JOB_COUNTS_SQL: &str = "SELECT status, SUM(n) FROM job_counts GROUP BY status";
 
-const JOB_COLUMNS: &str = "SELECT id, app, path, status, config, data, progress, result, error,
+pub(super) const JOB_COLUMNS: &str =
+    "SELECT id, app, path, status, config, data, progress, result, error,
     attempt, restarts, created_at, started_at, done_at FROM worker_jobs";
 
-fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+pub(super) fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     let status: String = r.get(3)?;
     let config: String = r.get(4)?;
     Ok(JobRow {
@@ -102,7 +103,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     })
 }
 
-fn get_job(c: &Connection, id: &str) -> Result<Option<JobRow>> {
+pub(super) fn get_job(c: &Connection, id: &str) -> Result<Option<JobRow>> {
     c.prepare_cached(&format!("{JOB_COLUMNS} WHERE id = ?1"))
         .ctx("reading a job")?
         .query_row([id], job_from_row)
@@ -378,13 +379,18 @@ impl Store {
     /// Saves a checkpoint and returns once it is durably committed.
     pub fn save_checkpoint(&self, id: &str, value: String) -> Result<()> {
         let id = id.to_string();
-        self.write(true, move |c| {
+        let started = std::time::Instant::now();
+        let saved = self.write(true, move |c| {
             c.prepare_cached("UPDATE worker_jobs SET checkpoint = ?2 WHERE id = ?1")
                 .ctx("saving a checkpoint")?
                 .execute(params![id, value])
                 .ctx("saving a checkpoint")?;
             Ok(())
-        })
+        });
+        if saved.is_ok() {
+            crate::metrics::global().checkpoint_saved(started.elapsed());
+        }
+        saved
     }
 
     pub fn checkpoint(&self, id: &str) -> Result<Option<String>> {

@@ -23,6 +23,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "deploys",
         include_str!("../../migrations/0010_deploys.sql"),
     ),
+    (
+        20,
+        "console",
+        include_str!("../../migrations/0020_console.sql"),
+    ),
 ];
 
 pub(super) fn apply(conn: &Connection) -> Result<()> {

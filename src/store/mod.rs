@@ -4,6 +4,7 @@
 
 mod apps;
 pub mod check;
+mod job_admin;
 mod jobs;
 mod kv;
 mod migrations;
@@ -11,6 +12,7 @@ mod retention;
 mod writer;
 
 pub use apps::{AppFile, AppInfo};
+pub use job_admin::{JobPage, JobQuery, Retried};
 pub use jobs::{Inserted, JobRow, LogLine};
 pub use writer::{retry_delay, should_truncate_wal, Backoff, StoreStatus};
 

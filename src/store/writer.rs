@@ -438,8 +438,10 @@ impl Writer {
         }
         self.apply_hooks();
         let retried = self.backoff.failing();
+        let started = Instant::now();
         match commit_batch(&self.conn, &mut batch, &self.shared.hooks) {
             Ok(()) => {
+                crate::metrics::global().store_committed(started.elapsed());
                 // Counts first: /health must not say "ok" beside stale pending figures.
                 self.publish();
                 if retried {

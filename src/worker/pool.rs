@@ -174,6 +174,11 @@ impl Pool {
         }
     }
 
+    /// Queues a job the store put back to `queued` (an operator's retry).
+    pub fn enqueue_row(&self, row: &JobRow) {
+        self.enqueue(Queued::from_row(row));
+    }
+
     /// Cancels job `id`. With `app`, only a job of that app is visible. Returns the job
     /// as it is after the cancel took effect (None: no such job).
     pub fn cancel(&self, app: Option<&str>, id: &str) -> crate::store::Result<Option<JobRow>> {
@@ -828,6 +833,7 @@ impl Scheduler {
             .reserved_bytes
             .fetch_add(job.config.memory_bytes, Ordering::SeqCst);
         self.stats.started_total.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global().job_waited(&job.app, &job.path, job.since.elapsed());
         let slot = &mut self.slots[i];
         let run = RunJob {
             job: job.clone(),
@@ -898,6 +904,7 @@ impl Scheduler {
             self.listeners.release(&r.job.app, ch, counter);
         }
         let ran_for = r.started.elapsed();
+        crate::metrics::global().job_ran(&r.job.app, &r.job.path, ran_for);
         let job = r.job;
         let shutting_down = self.shutting_down.is_some();
         // A stop that was asked for decides the status, whatever the code did in its
@@ -1016,6 +1023,9 @@ impl Scheduler {
     }
 
     fn record(&self, job: &Queued, status: Status, result: Option<String>, error: Option<String>) {
+        if status.is_final() {
+            crate::metrics::global().job_outcome(&job.app, status.as_str());
+        }
         self.services
             .store
             .job_finished(&job.id, status, result, error, job.attempt, job.restarts);

@@ -112,20 +112,20 @@ fn mall_demo_broadcasts_zone_figures_from_one_shared_simulator() {
 }
 
 /// Finds `name` on PATH.
-fn on_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
 
 /// A headless Chromium in its own process group, killed with all its helpers on drop.
-struct Chromium {
+pub(crate) struct Chromium {
     child: Child,
     profile: tempfile::TempDir,
 }
 
 impl Chromium {
-    fn launch(exe: &Path) -> Chromium {
+    pub(crate) fn launch(exe: &Path) -> Chromium {
         let profile = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(profile.path().join("chromium.log")).expect("log file");
         let child = Command::new(exe)
@@ -159,13 +159,13 @@ impl Chromium {
         Chromium { child, profile }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.profile.path().join("chromium.log")).unwrap_or_default()
     }
 
     /// The browser's DevTools WebSocket URL, which Chromium writes to its profile once
     /// it listens (port 0 lets it pick a free port).
-    fn devtools_url(&mut self) -> String {
+    pub(crate) fn devtools_url(&mut self) -> String {
         let file = self.profile.path().join("profile/DevToolsActivePort");
         let mut url = None;
         let ok = wait_until(30, || {
@@ -197,14 +197,14 @@ impl Drop for Chromium {
 }
 
 /// A Chrome DevTools Protocol connection to the browser, driving one page session.
-struct Cdp {
+pub(crate) struct Cdp {
     ws: tungstenite::WebSocket<TcpStream>,
     next_id: u64,
-    session: Option<String>,
+    pub(crate) session: Option<String>,
 }
 
 impl Cdp {
-    fn connect(url: &str) -> Cdp {
+    pub(crate) fn connect(url: &str) -> Cdp {
         let addr = url
             .trim_start_matches("ws://")
             .split('/')
@@ -224,7 +224,7 @@ impl Cdp {
     }
 
     /// Sends a command and returns its result, skipping the events in between.
-    fn call(&mut self, method: &str, params: Value) -> Value {
+    pub(crate) fn call(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
         let mut msg = json!({"id": id, "method": method, "params": params});
@@ -249,7 +249,7 @@ impl Cdp {
     }
 
     /// Evaluates `expr` in the page; it must return a JSON string.
-    fn eval(&mut self, expr: &str) -> Value {
+    pub(crate) fn eval(&mut self, expr: &str) -> Value {
         let r = self.call(
             "Runtime.evaluate",
             json!({"expression": expr, "returnByValue": true}),

@@ -5,6 +5,7 @@ mod util;
 
 mod browser;
 mod compat;
+mod console;
 mod disk;
 mod errors;
 mod hostile;
