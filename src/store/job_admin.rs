@@ -6,7 +6,7 @@ use rusqlite::{params, OptionalExtension};
 
 use super::jobs::{get_job, job_from_row, JOB_COLUMNS};
 use super::{query_all, Result, SqlContext, Store};
-use crate::worker::Status;
+use crate::job::Status;
 
 /// What a retry did.
 #[derive(Debug)]
@@ -269,7 +269,7 @@ mod tests {
     fn bulk_retry_stays_within_the_queue_bound() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
-        let cfg = crate::worker::JobConfig::default();
+        let cfg = crate::job::JobConfig::default();
         for n in 0..5 {
             store
                 .insert_job(format!("j{n}"), "a", "workers/w.js", &cfg, None, None)

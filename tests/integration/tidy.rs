@@ -17,7 +17,9 @@ const ALLOWED_BACK_EDGES: &[(&str, &str)] = &[
 /// What each of these modules may depend on, at most.
 const LAYERS: &[(&str, &[&str])] = &[
     ("job", &[]),
-    ("store", &["job"]),
+    // `metrics` holds the latency histograms: a leaf like `job`.
+    ("metrics", &[]),
+    ("store", &["job", "metrics"]),
     ("apps", &["store"]),
     ("js", &["apps", "job", "services", "store"]),
     ("realtime", &["js", "services", "store"]),
