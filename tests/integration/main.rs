@@ -12,4 +12,5 @@ mod isolation;
 mod platform;
 mod quotas;
 mod realtime;
+mod review;
 mod workers;
