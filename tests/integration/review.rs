@@ -212,5 +212,5 @@ fn a_job_past_its_reservation_is_stopped_when_jobs_exceed_the_budget() {
     });
     assert!(stopped, "the hog was not stopped: {last}");
     let error = last["error"].as_str().unwrap_or("");
-    assert!(error.contains("more than its 8 MB reservation"), "{error}");
+    assert!(error.contains("more than its 8MB reservation"), "{error}");
 }
