@@ -136,6 +136,9 @@ pub struct ServerArgs {
     /// Longest a response write may block on a client that does not read.
     #[arg(long, default_value = "30s", value_parser = parse_time)]
     pub write_timeout: Duration,
+    /// Memory jobs may reserve and use in all; connections and HTTP count apart.
+    #[arg(long, default_value = "256MB", value_parser = parse_memory)]
+    pub memory_budget: u64,
     #[command(flatten)]
     pub store: StoreFlags,
 }
@@ -170,6 +173,10 @@ impl StoreFlags {
 
 fn parse_size(s: &str) -> Result<usize, String> {
     crate::worker::parse_memory(s).and_then(|b| usize::try_from(b).map_err(|e| e.to_string()))
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    crate::worker::parse_memory(s)
 }
 
 fn parse_time(s: &str) -> Result<Duration, String> {
@@ -207,6 +214,7 @@ impl ServerArgs {
             store: self.store.limits()?,
             ..Default::default()
         };
+        config.pool.memory_budget = self.memory_budget;
         config.realtime.per_app = self.ws_max_per_app;
         config.realtime.per_ip = self.ws_max_per_ip;
         Ok(config)

@@ -17,6 +17,14 @@ use tungstenite::{Message, WebSocket};
 use super::hub::Out;
 use crate::services::Services;
 
+/// Milliseconds on the monotonic clock since the first call: when a peer was last
+/// heard from. The wall clock can jump (NTP, a manual change): a step forward would
+/// drop every live peer at the next ping, a step back would keep dead ones for as long.
+fn mono_ms() -> i64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as i64
+}
+
 const PING_EVERY: Duration = Duration::from_secs(30);
 const DEAD_AFTER_MS: i64 = 75_000;
 /// Largest frame a client may send; control messages are tiny.
@@ -97,7 +105,7 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
         .metrics
         .ws_connections
         .fetch_add(1, Ordering::Relaxed);
-    let last_seen = Arc::new(AtomicI64::new(crate::store::now_ms()));
+    let last_seen = Arc::new(AtomicI64::new(mono_ms()));
     let writer = {
         let last_seen = last_seen.clone();
         std::thread::Builder::new()
@@ -196,7 +204,7 @@ fn read_loop(
             }
         };
         let _ = ws.flush();
-        last_seen.store(crate::store::now_ms(), Ordering::Relaxed);
+        last_seen.store(mono_ms(), Ordering::Relaxed);
         match msg {
             Message::Text(t) => handle_client_message(t.as_str(), tx, services, app, session),
             Message::Binary(_) => reply(
@@ -255,7 +263,7 @@ fn write_loop(sock: TcpStream, rx: &Receiver<Out>, last_seen: &AtomicI64) {
     let mut next_ping = Instant::now() + PING_EVERY;
     'outer: loop {
         if Instant::now() >= next_ping {
-            if crate::store::now_ms() - last_seen.load(Ordering::Relaxed) > DEAD_AFTER_MS {
+            if mono_ms() - last_seen.load(Ordering::Relaxed) > DEAD_AFTER_MS {
                 log::info!("dropping a WebSocket peer that stopped answering pings");
                 break;
             }

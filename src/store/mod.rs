@@ -162,6 +162,11 @@ pub struct TestHooks {
     pub max_page_count: Option<i64>,
 }
 
+/// Writes queued for the writer thread at most; producers wait past it.
+const WRITE_QUEUE: usize = 4096;
+/// Places of that queue log and progress lines never take (see `write_later`).
+const RESERVED: usize = 512;
+
 impl Store {
     /// Opens (creating if needed) `fazt.db` in `data_dir` with the default limits.
     pub fn open(data_dir: &Path) -> Result<Store> {
@@ -174,7 +179,7 @@ impl Store {
         let path = data_dir.join("fazt.db");
         let conn = open_conn(&path, true)?;
         migrations::apply(&conn)?;
-        let (tx, rx) = crossbeam_channel::bounded::<WriteReq>(4096);
+        let (tx, rx) = crossbeam_channel::bounded::<WriteReq>(WRITE_QUEUE);
         let shared = Arc::new(writer::Shared::new());
         let janitor = retention::janitor(limits.clone());
         let w = writer::Writer::new(conn, rx, shared.clone(), &path, janitor);
@@ -329,6 +334,15 @@ impl Store {
             log::warn!("write dropped: the store is shut down");
             return;
         };
+        if kind == Kind::Lossy {
+            // Log and progress lines wait while the queue is nearly full, leaving the
+            // last RESERVED places to state transitions and waited writes: the
+            // scheduler records starts and outcomes, and must never wait behind a job
+            // that logs in a loop (cancels, timeouts and the watchdog would wait too).
+            while tx.len() + RESERVED >= WRITE_QUEUE {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
         if tx
             .send(WriteReq {
                 op,
@@ -434,6 +448,66 @@ mod tests {
     }
 
     use crate::job::{JobConfig, Status};
+    #[test]
+    fn the_scheduler_never_blocks_behind_a_job_logging_in_a_loop() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        // Hold the writer inside a write, as a slow fsync would.
+        let (release, held) = crossbeam_channel::bounded::<()>(1);
+        let (entered, inside) = crossbeam_channel::bounded::<()>(1);
+        let stalled = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store.write(false, move |_| {
+                    let _ = entered.send(());
+                    let _ = held.recv();
+                    Ok(())
+                })
+            })
+        };
+        inside.recv().expect("the writer took the stalling write");
+        // A job logs in a loop, faster than the writer (here: stalled) keeps up.
+        let logger = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..2 * WRITE_QUEUE {
+                    store.job_log("j", "info", format!("line {i}"), 1000);
+                }
+            })
+        };
+        let tx = store.sender().expect("sender");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tx.len() + RESERVED < WRITE_QUEUE && !logger.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queue never filled"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Let the logger take every place it can.
+        std::thread::sleep(Duration::from_millis(50));
+        // The scheduler records a start: it must not wait for the writer.
+        let (done_tx, done) = crossbeam_channel::bounded::<()>(1);
+        let scheduler = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store.job_started("j", 1, 0);
+                let _ = done_tx.send(());
+            })
+        };
+        let waited = done.recv_timeout(Duration::from_secs(2));
+        // Our handle on the queue would keep the writer from ever seeing the close.
+        drop(tx);
+        drop(release);
+        logger.join().expect("logger");
+        scheduler.join().expect("scheduler");
+        stalled.join().expect("stalled").expect("write");
+        assert!(
+            waited.is_ok(),
+            "the scheduler's write waited behind the job's log lines"
+        );
+        store.close();
+    }
 
     fn new_job(store: &Store, app: &str) -> String {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 
-use super::budget::{self, Budget, OverrunTracker, Verdict};
+use super::budget::{self, Budget, OverrunTracker, Sample, Verdict};
 use super::slot::{self, Outcome, RunJob, SlotMsg};
 use super::{JobConfig, Status};
 use crate::js::{Interrupt, Reason};
@@ -55,6 +55,11 @@ const TICK: Duration = Duration::from_millis(10);
 /// Daemons: backoff 1 s, 2 s, 4 s … capped here, reset after `HEALTHY` of running.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const HEALTHY: Duration = Duration::from_secs(300);
+/// How long a cancel of a job the scheduler has not seen waits for that job's enqueue
+/// (which follows the spawn's commit at once) before answering the caller anyway.
+const EARLY_CANCEL_REPLY: Duration = Duration::from_millis(200);
+/// How long such a cancel is remembered.
+const EARLY_CANCEL_KEEP: Duration = Duration::from_secs(60);
 
 /// Delay before restart number `streak` (1-based) of a failing daemon.
 pub fn backoff_delay(streak: u32) -> Duration {
@@ -320,16 +325,43 @@ fn monitor_loop(tx: &Sender<Msg>, budget: &Budget, stopping: &AtomicBool) {
     while !stopping.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
         let rss = budget::rss_bytes();
+        let jobs = budget.jobs_bytes.load(Ordering::Relaxed);
         budget.rss_bytes.store(rss, Ordering::Relaxed);
+        budget
+            .other_bytes
+            .store(rss.saturating_sub(jobs), Ordering::Relaxed);
         let baseline = budget.baseline_bytes.load(Ordering::Relaxed);
-        match tracker.sample(rss, baseline, budget.budget_bytes, Instant::now()) {
+        let sample = Sample {
+            rss,
+            jobs,
+            baseline,
+        };
+        match tracker.sample(sample, budget.budget_bytes, Instant::now()) {
             Verdict::Fine => {}
             Verdict::Warn => log::warn!(
-                "memory: RSS {} MB is above 80% of the budget ({} MB budget + {} MB baseline)",
-                rss >> 20,
+                "memory: jobs use {} MB, above 80% of their {} MB budget (RSS {} MB)",
+                jobs >> 20,
                 budget.budget_bytes >> 20,
-                baseline >> 20
+                rss >> 20
             ),
+            Verdict::NotJobs => {
+                // Often freed memory the allocator kept (a runaway handler that was
+                // stopped, connections that closed): hand it back to the system.
+                // SAFETY: malloc_trim has no preconditions.
+                unsafe { libc::malloc_trim(0) };
+                log::info!(
+                    "memory: RSS {} MB is over the {} MB job budget + {} MB baseline, but not \
+                     through jobs: jobs use {} MB; the other {} MB (connections, HTTP handlers \
+                     and their contexts, warm job contexts; {} MB of it heap outside the \
+                     slots) counts apart and stops no job",
+                    rss >> 20,
+                    budget.budget_bytes >> 20,
+                    baseline >> 20,
+                    jobs >> 20,
+                    rss.saturating_sub(jobs) >> 20,
+                    budget::other_heap_bytes() >> 20
+                );
+            }
             Verdict::Stop => {
                 if tx.send(Msg::OverBudget).is_err() {
                     return;
@@ -440,6 +472,18 @@ struct Scheduler {
     idle_seen: HashMap<String, Instant>,
     listeners: Arc<Listeners>,
     shutting_down: Option<(Instant, Sender<()>)>,
+    /// Cancels of jobs the scheduler has not seen: a spawn commits its row before it
+    /// enqueues, so a cancel can overtake the job. Its enqueue then finds the cancel
+    /// here instead of running. Kept for [`EARLY_CANCEL_KEEP`].
+    early_cancels: HashMap<String, EarlyCancel>,
+}
+
+/// A cancel that arrived before its job (see `Scheduler::early_cancels`).
+struct EarlyCancel {
+    at: Instant,
+    /// The caller, answered when the job arrives, or after [`EARLY_CANCEL_REPLY`] (the
+    /// job was not in flight but had already ended).
+    reply: Option<Sender<()>>,
 }
 
 impl Scheduler {
@@ -460,6 +504,7 @@ impl Scheduler {
             streaks: HashMap::new(),
             idle_seen: HashMap::new(),
             shutting_down: None,
+            early_cancels: HashMap::new(),
         }
     }
 
@@ -507,7 +552,14 @@ impl Scheduler {
 
     fn on_msg(&mut self, msg: Msg) {
         match msg {
-            Msg::Enqueue(job) => self.push_queue(*job),
+            Msg::Enqueue(job) => match self.early_cancels.remove(&job.id) {
+                Some(early) => {
+                    log::info!("job {} was cancelled before it reached the queue", job.id);
+                    self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
+                    early.reply.map(|r| r.send(()));
+                }
+                None => self.push_queue(*job),
+            },
             Msg::Cancel { id, reply } => self.cancel(&id, Some(reply)),
             Msg::Finished { slot, gen, outcome } => self.finished(slot, gen, outcome),
             Msg::OverBudget => self.over_budget(),
@@ -563,12 +615,33 @@ impl Scheduler {
                 }
             }
         }
-        // Not ours (already finished, or never enqueued here): nothing to wait for.
-        reply.map(|r| r.send(()));
+        // Not ours: already finished, or committed by a spawn that has not enqueued
+        // it yet. Remember the cancel so the job never runs if it is still coming.
+        self.early_cancels.insert(
+            id.to_string(),
+            EarlyCancel {
+                at: Instant::now(),
+                reply,
+            },
+        );
     }
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        // What running jobs hold, for the monitor's budget rule: only their own
+        // allocations (credited back when freed, whichever thread frees them), never
+        // connections or HTTP contexts, which count apart.
+        let jobs: i64 = self
+            .slots
+            .iter()
+            .filter_map(|s| {
+                let r = s.running.as_ref()?;
+                Some((s.heap.load(Ordering::Relaxed) - r.heap_at_start).max(0))
+            })
+            .sum();
+        self.budget
+            .jobs_bytes
+            .store(jobs.max(0) as u64, Ordering::Relaxed);
         // Due retries and restarts go back to the queue in their original order.
         let mut due = Vec::new();
         self.delayed.retain(|(at, job)| {
@@ -582,6 +655,12 @@ impl Scheduler {
         for job in due {
             self.push_queue(job);
         }
+        self.early_cancels.retain(|_, e| {
+            if now.duration_since(e.at) >= EARLY_CANCEL_REPLY {
+                e.reply.take().map(|r| r.send(()));
+            }
+            now.duration_since(e.at) < EARLY_CANCEL_KEEP
+        });
         if !self.held.is_empty() && !self.services.store.degraded() {
             for job in std::mem::take(&mut self.held) {
                 self.push_queue(job);
@@ -706,11 +785,9 @@ impl Scheduler {
                 r.stopped_at = Some(Instant::now());
             }
             None => {
-                // Often freed memory the allocator kept (e.g. after a runaway handler
-                // was stopped): hand it back to the system before judging again.
-                // SAFETY: malloc_trim has no preconditions.
-                unsafe { libc::malloc_trim(0) };
-                log::warn!("memory over budget, but no job exceeds its reservation");
+                // Jobs hold more than the budget although none holds more than its
+                // reservation: the ones that did are already stopping.
+                log::debug!("memory over budget: the jobs past their reservations are stopping");
             }
         }
     }
@@ -1078,6 +1155,88 @@ fn stop_message(reason: Reason, config: &JobConfig, note: Option<u64>) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scheduler over a store in a temp dir, with no threads running: tests feed it
+    /// messages in the order a race would.
+    fn scheduler(dir: &std::path::Path) -> (Scheduler, Arc<Services>) {
+        let store = Store::open(dir).expect("store");
+        let listeners = Arc::new(Listeners::default());
+        let (pool, runner) = Pool::new(Limits::default(), store.clone());
+        let services = Arc::new(Services {
+            store,
+            pool,
+            hub: crate::realtime::Hub::new(listeners.clone(), Default::default()),
+            listeners,
+            admin_token: String::new(),
+            metrics: Default::default(),
+            started: Instant::now(),
+            listen_port: 0,
+            apps: Default::default(),
+            natives: Default::default(),
+        });
+        (Scheduler::new(&runner, services.clone()), services)
+    }
+
+    #[test]
+    fn a_cancel_between_commit_and_enqueue_is_not_dropped() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let (mut sched, services) = scheduler(tmp.path());
+        let (config, data) =
+            super::super::parse_options(&serde_json::Value::Null).expect("options");
+        let row = match services
+            .store
+            .insert_job(
+                super::super::new_job_id(),
+                "a",
+                "workers/w.js",
+                &config,
+                data,
+                None,
+            )
+            .expect("insert")
+        {
+            crate::store::Inserted::New(row) | crate::store::Inserted::Existing(row) => row,
+            crate::store::Inserted::QueueFull { .. } => panic!("an empty queue is full"),
+        };
+        // The spawn committed its row; the cancel overtakes its enqueue.
+        let (reply, replied) = crossbeam_channel::bounded(1);
+        sched.on_msg(Msg::Cancel {
+            id: row.id.clone(),
+            reply,
+        });
+        sched.on_msg(Msg::Enqueue(Box::new(Queued::from_row(&row))));
+        assert!(
+            sched.queue.is_empty(),
+            "the cancelled job was queued to run"
+        );
+        assert!(replied.try_recv().is_ok(), "the canceller was not answered");
+        services.store.flush().expect("flush");
+        let after = services.store.get_job(&row.id).expect("read").expect("row");
+        assert_eq!(after.status, Status::Cancelled);
+        services.store.close();
+    }
+
+    #[test]
+    fn a_cancel_of_an_ended_job_answers_within_the_reply_wait() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let (mut sched, services) = scheduler(tmp.path());
+        let (reply, replied) = crossbeam_channel::bounded(1);
+        sched.on_msg(Msg::Cancel {
+            id: "gone".into(),
+            reply,
+        });
+        assert!(
+            replied.try_recv().is_err(),
+            "answered before the job could arrive"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while replied.try_recv().is_err() {
+            assert!(Instant::now() < deadline, "never answered");
+            std::thread::sleep(Duration::from_millis(20));
+            sched.on_tick();
+        }
+        services.store.close();
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -14,5 +14,6 @@ mod isolation;
 mod platform;
 mod quotas;
 mod realtime;
+mod review;
 mod tidy;
 mod workers;
