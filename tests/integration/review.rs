@@ -214,3 +214,28 @@ fn a_job_past_its_reservation_is_stopped_when_jobs_exceed_the_budget() {
     let error = last["error"].as_str().unwrap_or("");
     assert!(error.contains("more than its 8MB reservation"), "{error}");
 }
+
+#[test]
+fn a_reservation_over_a_smaller_memory_budget_is_refused_at_spawn() {
+    // With `--memory-budget 8MB` a 16 MB reservation could never fit: it must be a
+    // clear 400-class error at spawn, not a job that waits for memory forever.
+    let s = Logged::start(&["--memory-budget", "8MB"]);
+    s.deploy("big", &[("api/spawn.js", SPAWN), ("workers/hog.js", HOG)]);
+    let body = json!({ "path": "workers/hog.js", "opts": { "memory": "16MB" } });
+    let r = s.app("big", "/api/spawn", Some(&body.to_string()));
+    assert_eq!(r.status, 500, "spawn: {}", r.text());
+    assert!(
+        r.text()
+            .contains("more than the whole worker memory budget (8MB)"),
+        "{}",
+        r.text()
+    );
+    let body = json!({ "path": "workers/hog.js", "opts": { "memory": "4MB", "timeout": "1s" } });
+    let r = s.app("big", "/api/spawn", Some(&body.to_string()));
+    assert_eq!(
+        r.status,
+        200,
+        "a reservation within the budget: {}",
+        r.text()
+    );
+}
