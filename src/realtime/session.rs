@@ -84,8 +84,12 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
             Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).expect("static header")
         }),
     );
+    let fd = req.connection_fd();
     let stream = req.upgrade("websocket", resp);
-    let sock = match super::socket::duplicate_connection(peer, services.listen_port) {
+    let taken = fd
+        .ok_or_else(|| std::io::Error::other("the connection has no descriptor"))
+        .and_then(|fd| super::socket::duplicate_connection(fd, peer));
+    let sock = match taken {
         Ok(s) => s,
         Err(e) => {
             log::error!("WebSocket from {peer}: cannot take over the socket: {e}");

@@ -1,45 +1,30 @@
-//! The one place that reaches below tiny_http: after `Request::upgrade`, find the
-//! connection's file descriptor and duplicate it, so the session gets a writer that
-//! never waits on the blocked reader. tiny_http's upgraded stream cannot be split or
-//! given timeouts; a duplicated fd can.
+//! The one place that reaches below tiny_http: after `Request::upgrade`, duplicate the
+//! connection's file descriptor (which the patched tiny_http reports), so the session
+//! gets a writer that never waits on the blocked reader. tiny_http's upgraded stream
+//! cannot be split or given timeouts; a duplicated fd can.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::FromRawFd;
 
-/// Finds the socket connected to `peer` on local port `local_port` and returns an
-/// independent `TcpStream` on a duplicate of its descriptor.
-pub fn duplicate_connection(peer: SocketAddr, local_port: u16) -> std::io::Result<TcpStream> {
-    for entry in std::fs::read_dir("/proc/self/fd")? {
-        let Ok(entry) = entry else { continue };
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        if !target.to_string_lossy().starts_with("socket:") {
-            continue;
-        }
-        if sock_addr(fd, true) == Some(peer)
-            && sock_addr(fd, false).is_some_and(|a| a.port() == local_port)
-        {
-            // SAFETY: `fd` is an open socket of this process; dup gives us our own
-            // descriptor, which the returned TcpStream owns and closes.
-            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-            if dup < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            return Ok(unsafe { TcpStream::from_raw_fd(dup) });
-        }
+/// Returns an independent `TcpStream` on a duplicate of `fd`, the descriptor of the
+/// connection to `peer` (checked, so a descriptor that was closed and reused for
+/// another socket is never taken). O(1): no search through the process's descriptors,
+/// so a reconnect storm costs nothing per open connection.
+pub fn duplicate_connection(fd: i32, peer: SocketAddr) -> std::io::Result<TcpStream> {
+    if sock_addr(fd, true) != Some(peer) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("descriptor {fd} is not the connection to {peer}"),
+        ));
     }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        format!("no socket connected to {peer}"),
-    ))
+    // SAFETY: `fd` is an open socket of this process (its request's stream is alive);
+    // dup gives us our own descriptor, which the returned TcpStream owns and closes.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is a fresh descriptor nobody else owns.
+    Ok(unsafe { TcpStream::from_raw_fd(dup) })
 }
 
 fn sock_addr(fd: i32, peer: bool) -> Option<SocketAddr> {
@@ -85,11 +70,24 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        let (_server_side, peer) = listener.accept().expect("accept");
-        let mut dup = duplicate_connection(peer, port).expect("found");
+        let (server_side, peer) = listener.accept().expect("accept");
+        use std::os::fd::AsRawFd;
+        let mut dup = duplicate_connection(server_side.as_raw_fd(), peer).expect("found");
         dup.write_all(b"hi").expect("write");
         let mut buf = [0u8; 2];
         client.read_exact(&mut buf).expect("read");
         assert_eq!(&buf, b"hi");
+    }
+
+    #[test]
+    fn refuses_a_descriptor_of_another_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let _a = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let _b = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (first, _) = listener.accept().expect("accept");
+        let (_second, second_peer) = listener.accept().expect("accept");
+        use std::os::fd::AsRawFd;
+        assert!(duplicate_connection(first.as_raw_fd(), second_peer).is_err());
     }
 }

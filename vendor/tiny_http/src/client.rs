@@ -357,6 +357,8 @@ impl ClientConnection {
                 request::RequestCreationError::Busy => ReadError::Busy,
             }
         })?;
+        let mut request = request;
+        request.set_connection_fd(self.control.raw_fd());
 
         // return the request
         Ok(request)

@@ -101,6 +101,22 @@ impl Connection {
         }
     }
 
+    /// fazt patch: the socket's descriptor, so an embedder can take over an upgraded
+    /// connection (e.g. duplicate it for a second writer) without searching for it.
+    #[cfg(unix)]
+    pub(crate) fn raw_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        use std::os::unix::io::AsRawFd;
+        match self {
+            Self::Tcp(s) => Some(s.as_raw_fd()),
+            Self::Unix(s) => Some(s.as_raw_fd()),
+        }
+    }
+
+    #[cfg(not(unix))]
+    pub(crate) fn raw_fd(&self) -> Option<i32> {
+        None
+    }
+
     pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
             Self::Tcp(s) => s.set_read_timeout(t),

@@ -52,6 +52,10 @@ pub struct Request {
     // where to read the body from
     data_reader: Option<Box<dyn Read + Send + 'static>>,
 
+    // fazt patch: the connection's socket descriptor (None for in-memory test
+    // requests), so an upgraded connection can be taken over without a search.
+    connection_fd: Option<i32>,
+
     // fazt patch: the raw stream of a bodiless `Connection: upgrade` request, for
     // `upgrade()` only. It used to be the body reader, so a handler reading the body of
     // such a request read the socket itself, with no length and no read-ahead.
@@ -305,6 +309,7 @@ where
 
     Ok(Request {
         data_reader: Some(reader),
+        connection_fd: None,
         upgrade_source,
         response_writer: Some(Box::new(writer) as Box<dyn Write + Send + 'static>),
         remote_addr,
@@ -450,6 +455,17 @@ impl Request {
     /// If you call this on a non-websocket request, tiny-http will wait until this `Stream` object
     ///  is destroyed before continuing to read or write on the socket. Therefore you should always
     ///  destroy it as soon as possible.
+    /// fazt patch: the descriptor of the socket this request came on (Unix, TCP or
+    /// Unix-domain). It stays open while the request or the stream `upgrade` returns
+    /// lives; an embedder may `dup` it to keep a second handle on the connection.
+    pub fn connection_fd(&self) -> Option<i32> {
+        self.connection_fd
+    }
+
+    pub(crate) fn set_connection_fd(&mut self, fd: Option<i32>) {
+        self.connection_fd = fd;
+    }
+
     pub fn upgrade<R: Read>(
         mut self,
         protocol: &str,
