@@ -68,7 +68,8 @@ fn jobs(c: &mut Criterion) {
     // outcome committed and visible to a reader.
     g.bench_function("spawn_to_done", |b| {
         b.iter(|| {
-            let row = fazt::worker::spawn(&services, "lat", WORKER, &opts()).expect("spawn");
+            let row = fazt::worker::spawn(&services.store, &services.pool, "lat", WORKER, &opts())
+                .expect("spawn");
             while !is_done(&services, &row.id) {
                 std::thread::sleep(POLL);
             }
@@ -88,7 +89,9 @@ fn jobs(c: &mut Criterion) {
                 let mut pending = VecDeque::with_capacity(BATCH);
                 for i in 0..BATCH {
                     let app = &batch_apps[i % BATCH_APPS];
-                    let row = fazt::worker::spawn(&services, app, WORKER, &opts()).expect("spawn");
+                    let row =
+                        fazt::worker::spawn(&services.store, &services.pool, app, WORKER, &opts())
+                            .expect("spawn");
                     pending.push_back(row.id);
                 }
                 // Jobs finish roughly in spawn order: drop the finished front, then wait.

@@ -50,8 +50,8 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
     let (pool, runner) = Pool::new(config.pool.clone(), store.clone());
     let services = Arc::new(Services {
         store,
-        pool,
-        hub: Hub::new(listeners.clone(), config.realtime.clone()),
+        pool: Arc::new(pool),
+        hub: Arc::new(Hub::new(listeners.clone(), config.realtime.clone())),
         listeners,
         admin_token: admin_token.clone(),
         metrics: Default::default(),

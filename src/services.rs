@@ -27,6 +27,59 @@ impl crate::apps::Stop for crate::js::Interrupt {
     }
 }
 
+impl crate::js::Env for Services {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn natives(&self) -> &crate::js::Natives {
+        &self.natives
+    }
+
+    fn install(&self, ctx: &mut boa_engine::Context) {
+        ctx.insert_data(crate::worker::JsEnv {
+            store: self.store.clone(),
+            pool: self.pool.clone(),
+        });
+        ctx.insert_data(crate::realtime::JsEnv {
+            hub: self.hub.clone(),
+            listeners: self.listeners.clone(),
+        });
+    }
+}
+
+impl crate::worker::Env for Services {
+    fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn listeners(&self) -> &Arc<Listeners> {
+        &self.listeners
+    }
+
+    fn enter_app(
+        &self,
+        app: &str,
+        stop: Option<crate::js::Interrupt>,
+    ) -> crate::store::Result<Option<Run<'_, crate::js::Interrupt>>> {
+        Services::enter_app(self, app, stop)
+    }
+}
+
+impl crate::realtime::Env for Services {
+    fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    fn app_live(&self, app: &str) -> bool {
+        matches!(self.enter_app(app, None), Ok(Some(_)))
+    }
+
+    fn ws_connected(&self) {
+        self.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 impl Services {
     /// Starts a run of `app`'s live deployment (None: no such app, or it is being
     /// removed). Hold the run while its code executes: a removal stops `stop` and
@@ -83,10 +136,14 @@ impl Services {
     }
 }
 
+/// The composition of the lower modules' handles: it implements the narrow `Env`
+/// traits `js`, `worker` and `realtime` reach the rest of the server by.
 pub struct Services {
     pub store: Store,
-    pub pool: Pool,
-    pub hub: Hub,
+    /// Shared with the `fazt.worker.*` host functions (see `js::Env::install`).
+    pub pool: Arc<Pool>,
+    /// Shared with the `fazt.realtime.*` host functions.
+    pub hub: Arc<Hub>,
     /// Shared with the hub (writes) and the scheduler (idle checks).
     pub listeners: Arc<Listeners>,
     pub admin_token: String,

@@ -20,7 +20,7 @@ pub type Native = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
 
 /// Host functions defined outside `js/` (`fazt.worker.*`, `job.*`, `fazt.realtime.*`),
 /// each as (name on `__host`, function, arity). The composition root (`app::start`)
-/// puts them in [`Services`](crate::services::Services), so `js` depends on none of
+/// puts them in the host's [`Env`](super::Env), so `js` depends on none of
 /// the modules that define them.
 #[derive(Clone, Default)]
 pub struct Natives {
@@ -39,7 +39,7 @@ pub(super) fn natives(ctx: &mut Context) -> JsObject {
         ("kvDelete", kv_delete, 1),
         ("kvList", kv_list, 1),
     ];
-    let wired = &host.services.natives;
+    let wired = host.services.natives();
     fns.extend(wired.api.iter().copied());
     if host.job.is_some() {
         fns.extend(wired.job.iter().copied());
@@ -162,7 +162,7 @@ fn log(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
         (LogSink::Job, Some(job)) => {
             let line = crate::job::truncate_log_line(&msg).into_owned();
             host.services
-                .store
+                .store()
                 .job_log(&job.id, &level, line, crate::job::LOG_KEEP);
         }
         // Cut like job log lines: one call must not put megabytes into the server log.
@@ -181,7 +181,7 @@ fn kv_get(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue>
     let key = str_arg(args, 0, "fazt.storage.kv.get: key")?;
     match host
         .services
-        .store
+        .store()
         .kv_get(&host.app, &key)
         .map_err(store_error)?
     {
@@ -207,7 +207,7 @@ fn kv_set(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue>
         },
     };
     host.services
-        .store
+        .store()
         .kv_set(&host.app, &key, value, ttl)
         .map_err(store_error)?;
     Ok(JsValue::undefined())
@@ -218,7 +218,7 @@ fn kv_delete(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsVal
     let key = str_arg(args, 0, "fazt.storage.kv.delete: key")?;
     let existed = host
         .services
-        .store
+        .store()
         .kv_delete(&host.app, &key)
         .map_err(store_error)?;
     Ok(existed.into())
@@ -229,7 +229,7 @@ fn kv_list(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue
     let prefix = str_arg(args, 0, "fazt.storage.kv.list: prefix")?;
     let keys = host
         .services
-        .store
+        .store()
         .kv_list(&host.app, &prefix)
         .map_err(store_error)?;
     let values = keys

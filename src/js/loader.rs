@@ -202,7 +202,7 @@ fn read_module(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsV
     crate::apps::check_path(&path).map_err(|e| plain_error(format!("require: {e}")))?;
     match host
         .services
-        .store
+        .store()
         .app_file(&host.app, &path)
         .map_err(store_error)?
     {
@@ -253,7 +253,7 @@ fn job_config(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue
         .ok_or_else(|| plain_error("job API used outside a worker"))?;
     let row = host
         .services
-        .store
+        .store()
         .get_job(&job.id)
         .map_err(store_error)?
         .ok_or_else(|| plain_error(format!("job {} is no longer in the store", job.id)))?;

@@ -1,7 +1,7 @@
 //! Running user JavaScript with boa: context set-up, the `fazt.*` host API, module
 //! loading (every script form, `require`: see `loader.rs`), interruptible calls, and value conversion.
 //! Nothing here touches sockets or files; host functions reach the rest of the
-//! server only through [`Services`](crate::services::Services).
+//! server only through the [`Env`] the composition root implements.
 
 mod api;
 /// Helpers for host functions defined outside `js/` (worker, realtime).
@@ -24,5 +24,5 @@ pub const JS_STACK_BYTES: usize = 16 << 20;
 pub use interrupt::{Interrupt, Reason};
 pub use loader::{load_entry, Kind};
 pub use runtime::{
-    call, from_json, load_module, new_context, to_json, Host, JobHost, LogSink, RunError,
+    call, from_json, load_module, new_context, to_json, Env, Host, JobHost, LogSink, RunError,
 };

@@ -34,8 +34,9 @@ use boa_engine::object::builtins::JsPromise;
 use boa_engine::property::Attribute;
 use boa_engine::{js_string, Context, JsError, JsObject, JsValue, Script, Source};
 
+use super::api::Natives;
 use super::interrupt::{Interrupt, Reason};
-use crate::services::Services;
+use crate::store::Store;
 
 /// "Clock cycles" of boa's VM between two interrupt checks: a few tens of microseconds.
 const BUDGET: u32 = 20_000;
@@ -89,12 +90,24 @@ pub struct JobHost {
     pub data: Option<String>,
 }
 
+/// What the JS host reaches the rest of the server by. The composition
+/// (`services::Services`) implements it, so `js` names none of the modules above it.
+pub trait Env: Send + Sync {
+    /// The app's files, kv data and job rows.
+    fn store(&self) -> &Store;
+    /// Host functions other modules define, wired in by `app::start`.
+    fn natives(&self) -> &Natives;
+    /// Puts into a new context the handles those host functions read with
+    /// `Context::get_data` (each module's own type: no downcast of this trait).
+    fn install(&self, ctx: &mut Context);
+}
+
 /// Host state stored in each Context: which app is running, the services it may reach,
 /// and the interrupt of the current run. Replaced before every run of a cached context.
 #[derive(Clone)]
 pub struct Host {
     pub app: Arc<str>,
-    pub services: Arc<Services>,
+    pub services: Arc<dyn Env>,
     pub interrupt: Interrupt,
     pub job: Option<Arc<JobHost>>,
     pub sink: LogSink,
@@ -114,6 +127,7 @@ pub fn new_context(host: Host) -> Result<Context, RunError> {
     limits.set_stack_size_limit(VALUE_STACK_LIMIT);
     let is_job = host.job.is_some();
     let interrupt = host.interrupt.clone();
+    host.services.install(&mut ctx);
     ctx.insert_data(host);
     let natives = super::api::natives(&mut ctx);
     ctx.register_global_property(js_string!("__host"), natives, Attribute::CONFIGURABLE)

@@ -11,7 +11,35 @@ pub use session::{accept, SYSTEM_HUB};
 use boa_engine::object::builtins::JsArray;
 use boa_engine::{Context, JsResult, JsString, JsValue};
 
+use std::sync::Arc;
+
 use crate::js::api_support::{host, opt_str_arg, plain_error, str_arg};
+
+/// What a WebSocket session needs from the rest of the server; the composition
+/// (`services::Services`) implements it, so `realtime` names nothing above it.
+pub trait Env: Send + Sync {
+    fn hub(&self) -> &Hub;
+    /// Whether `app` has a live deployment a session may join (false once its removal
+    /// began: a run of it can no longer start).
+    fn app_live(&self, app: &str) -> bool;
+    /// Counts an accepted WebSocket connection for /metrics.
+    fn ws_connected(&self);
+}
+
+/// The handles the `fazt.realtime.*` host functions use, put into every JS context by
+/// the host's `js::Env::install`.
+#[derive(Clone)]
+pub struct JsEnv {
+    pub hub: Arc<Hub>,
+    /// Shared with the hub (writes) and the scheduler (idle checks).
+    pub listeners: Arc<Listeners>,
+}
+
+fn js_env(ctx: &Context) -> JsResult<JsEnv> {
+    ctx.get_data::<JsEnv>()
+        .cloned()
+        .ok_or_else(|| plain_error("no realtime handles in this context"))
+}
 
 /// Longest channel name.
 pub const MAX_CHANNEL_BYTES: usize = 128;
@@ -51,10 +79,10 @@ fn channel_arg(args: &[JsValue], i: usize, what: &str) -> JsResult<String> {
 
 fn rt_broadcast(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let h = host(ctx)?;
+    let rt = js_env(ctx)?;
     let ch = channel_arg(args, 0, "fazt.realtime.broadcast: channel")?;
     let data = str_arg(args, 1, "fazt.realtime.broadcast: data")?;
-    let n = h
-        .services
+    let n = rt
         .hub
         .broadcast(&h.app, Some(&ch), &data)
         .map_err(plain_error)?;
@@ -63,28 +91,27 @@ fn rt_broadcast(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<Js
 
 fn rt_broadcast_all(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let h = host(ctx)?;
+    let rt = js_env(ctx)?;
     let data = str_arg(args, 0, "fazt.realtime.broadcastAll: data")?;
-    let n = h
-        .services
-        .hub
-        .broadcast(&h.app, None, &data)
-        .map_err(plain_error)?;
+    let n = rt.hub.broadcast(&h.app, None, &data).map_err(plain_error)?;
     Ok((n as f64).into())
 }
 
 fn rt_count(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let h = host(ctx)?;
+    let rt = js_env(ctx)?;
     let n = match opt_str_arg(args, 0, "fazt.realtime.count: channel")? {
-        Some(ch) => h.services.listeners.count(&h.app, &ch),
-        None => h.services.hub.connections(&h.app),
+        Some(ch) => rt.listeners.count(&h.app, &ch),
+        None => rt.hub.connections(&h.app),
     };
     Ok((n as f64).into())
 }
 
 fn rt_subscribers(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let h = host(ctx)?;
+    let rt = js_env(ctx)?;
     let ch = channel_arg(args, 0, "fazt.realtime.subscribers: channel")?;
-    let ids = h.services.hub.subscribers(&h.app, &ch);
+    let ids = rt.hub.subscribers(&h.app, &ch);
     let values = ids
         .into_iter()
         .map(|id| JsValue::from(JsString::from(id.as_str())));

@@ -15,7 +15,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use super::hub::Out;
-use crate::services::Services;
+use super::Env;
 
 /// Milliseconds on the monotonic clock since the first call: when a peer was last
 /// heard from. The wall clock can jump (NTP, a manual change): a step forward would
@@ -47,7 +47,9 @@ pub const SYSTEM_HUB: &str = "_system";
 
 /// Upgrades `req` (a GET /_ws on an app host, or on the system host for [`SYSTEM_HUB`]
 /// once the admin check passed) and starts the session threads.
-pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
+pub fn accept<E: Env + 'static>(req: Request, app: &str, services: &Arc<E>) {
+    let services: Arc<dyn Env> = services.clone();
+    let services = &services;
     let header = |name: &str| {
         req.headers()
             .iter()
@@ -65,7 +67,7 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
     let Some(peer) = req.remote_addr().copied() else {
         return refuse(req, 400, "unknown peer address");
     };
-    let hub = &services.hub;
+    let hub = services.hub();
     let (tx, rx) = crossbeam_channel::bounded::<Out>(hub.limits.queue);
     // Join before upgrading, so a refusal is a plain HTTP error the client can read.
     let (session, client_id) = match hub.join(app, peer.ip(), tx.clone(), None) {
@@ -74,7 +76,7 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
     };
     // Joined first, checked second: a removal marks the app gone before it closes the
     // app's sessions, so a session is either closed by the removal or sees it here.
-    if app != SYSTEM_HUB && !matches!(services.enter_app(app, None), Ok(Some(_))) {
+    if app != SYSTEM_HUB && !services.app_live(app) {
         hub.leave(app, session);
         return refuse(req, 404, &format!("no app named '{app}' is deployed"));
     }
@@ -105,10 +107,7 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
     if let Ok(kill) = sock.try_clone() {
         hub.attach_socket(app, session, kill);
     }
-    services
-        .metrics
-        .ws_connections
-        .fetch_add(1, Ordering::Relaxed);
+    services.ws_connected();
     let last_seen = Arc::new(AtomicI64::new(mono_ms()));
     let writer = {
         let last_seen = last_seen.clone();
@@ -130,15 +129,15 @@ pub fn accept(req: Request, app: &str, services: &Arc<Services>) {
         .name(format!("fazt-ws-r-{client_id}"))
         .stack_size(256 * 1024)
         .spawn(move || {
-            read_loop(stream, &tx, &services, &app, session, &last_seen);
-            services.hub.leave(&app, session);
+            read_loop(stream, &tx, &*services, &app, session, &last_seen);
+            services.hub().leave(&app, session);
             let _ = tx.try_send(Out::Close("client gone"));
         });
     if let Err(e) = reader {
         // The closure (and its stream) is gone; leaving the hub shuts the socket,
         // which ends the writer.
         log::error!("cannot start a WebSocket reader: {e}");
-        services_for_cleanup.hub.leave(&app_for_cleanup, session);
+        services_for_cleanup.hub().leave(&app_for_cleanup, session);
     }
 }
 
@@ -177,7 +176,7 @@ fn reply(tx: &Sender<Out>, value: serde_json::Value) {
 fn read_loop(
     stream: Box<dyn tiny_http::ReadWrite + Send>,
     tx: &Sender<Out>,
-    services: &Services,
+    services: &dyn Env,
     app: &str,
     session: u64,
     last_seen: &AtomicI64,
@@ -224,7 +223,7 @@ fn read_loop(
 fn handle_client_message(
     text: &str,
     tx: &Sender<Out>,
-    services: &Services,
+    services: &dyn Env,
     app: &str,
     session: u64,
 ) {
@@ -242,13 +241,13 @@ fn handle_client_message(
             if let Err(e) = super::check_channel(ch) {
                 return err(e);
             }
-            match services.hub.subscribe(app, session, ch) {
+            match services.hub().subscribe(app, session, ch) {
                 Ok(()) => reply(tx, serde_json::json!({"type": "subscribed", "channel": ch})),
                 Err(e) => err(e),
             }
         }
         ("unsubscribe", Some(ch)) => {
-            services.hub.unsubscribe(app, session, ch);
+            services.hub().unsubscribe(app, session, ch);
             reply(
                 tx,
                 serde_json::json!({"type": "unsubscribed", "channel": ch}),

@@ -20,11 +20,43 @@ use std::sync::Arc;
 
 use boa_engine::{Context, JsResult, JsString, JsValue};
 
+use crate::apps::Run;
 use crate::js::api_support::{
     failure_error, host, plain_error, sleep_for, store_error, str_arg, type_error,
 };
-use crate::services::Services;
-use crate::store::JobRow;
+use crate::js::Interrupt;
+use crate::realtime::Listeners;
+use crate::store::{JobRow, Store};
+
+/// What the pool's scheduler and slots need from the rest of the server, on top of
+/// the JS host's [`crate::js::Env`]; the composition (`services::Services`) implements
+/// it, so `worker` names nothing above it.
+pub trait Env: crate::js::Env {
+    fn pool(&self) -> &Pool;
+    /// Channel listener counts, for idle timeouts.
+    fn listeners(&self) -> &Arc<Listeners>;
+    /// Starts a run of `app`'s live deployment (None: no such app, or it is being
+    /// removed); a removal waits for the run to end.
+    fn enter_app(
+        &self,
+        app: &str,
+        stop: Option<Interrupt>,
+    ) -> crate::store::Result<Option<Run<'_, Interrupt>>>;
+}
+
+/// The handles the `fazt.worker.*` and `job.*` host functions use, put into every JS
+/// context by the host's `js::Env::install`.
+#[derive(Clone)]
+pub struct JsEnv {
+    pub store: Store,
+    pub pool: Arc<Pool>,
+}
+
+fn js_env(ctx: &Context) -> JsResult<JsEnv> {
+    ctx.get_data::<JsEnv>()
+        .cloned()
+        .ok_or_else(|| plain_error("no worker handles in this context"))
+}
 
 /// The shared memory budget jobs reserve from.
 pub const MEMORY_BUDGET: u64 = 256 << 20;
@@ -73,7 +105,8 @@ pub enum StartError {
 /// Validates and enqueues a job of `app`. With a uniqueKey that matches a live job, the
 /// live job is returned instead.
 pub fn spawn(
-    services: &Services,
+    store: &Store,
+    pool: &Pool,
     app: &str,
     path: &str,
     opts: &serde_json::Value,
@@ -83,7 +116,7 @@ pub fn spawn(
     // `parse_options` checks the default budget; a server started with a smaller
     // `--memory-budget` must refuse what could never fit in it, or the job would wait
     // for memory forever.
-    let budget = services.pool.limits.memory_budget;
+    let budget = pool.limits.memory_budget;
     if config.memory_bytes > budget {
         return Err(SpawnError::Invalid(format!(
             "memory '{}' is more than the whole worker memory budget ({}): this job could never run",
@@ -91,26 +124,20 @@ pub fn spawn(
             options::format_bytes(budget)
         )));
     }
-    if !services.store.app_file_exists(app, path)? {
+    if !store.app_file_exists(app, path)? {
         return Err(SpawnError::Invalid(format!(
             "no worker file {path} in app '{app}'"
         )));
     }
     // Counting an app's queue in SQL costs O(queue); while the whole pool has fewer
     // than half the per-app bound waiting, no app can be near it, so skip the count.
-    let limit = services.pool.limits.queue_per_app;
-    let pool_waiting = services
-        .pool
-        .stats
-        .queued
-        .load(std::sync::atomic::Ordering::Relaxed) as i64;
+    let limit = pool.limits.queue_per_app;
+    let pool_waiting = pool.stats.queued.load(std::sync::atomic::Ordering::Relaxed) as i64;
     let check = (pool_waiting >= limit / 2).then_some(limit);
-    let inserted = services
-        .store
-        .insert_job(new_job_id(), app, path, &config, data, check)?;
+    let inserted = store.insert_job(new_job_id(), app, path, &config, data, check)?;
     match inserted {
         crate::store::Inserted::New(row) => {
-            services.pool.enqueue(pool::Queued::from_row(&row));
+            pool.enqueue(pool::Queued::from_row(&row));
             Ok(row)
         }
         crate::store::Inserted::Existing(row) => Ok(row),
@@ -183,7 +210,8 @@ fn worker_spawn(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<Js
         }
         Some(_) => return Err(type_error("fazt.worker.spawn: options must be an object")),
     };
-    match spawn(&host.services, &host.app, &path, &opts) {
+    let w = js_env(ctx)?;
+    match spawn(&w.store, &w.pool, &host.app, &path, &opts) {
         Ok(row) => job_value(&row, ctx),
         Err(e @ SpawnError::Invalid(_)) => Err(plain_error(format!("fazt.worker.spawn: {e}"))),
         Err(e @ SpawnError::QueueFull { .. }) => Err(failure_error(
@@ -197,7 +225,7 @@ fn worker_spawn(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<Js
 fn worker_get(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
     let id = str_arg(args, 0, "fazt.worker.get: id")?;
-    match host.services.store.get_job(&id).map_err(store_error)? {
+    match host.services.store().get_job(&id).map_err(store_error)? {
         // Another app's job reads as not found.
         Some(row) if *row.app == *host.app => job_value(&row, ctx),
         _ => Ok(JsValue::null()),
@@ -237,7 +265,7 @@ fn worker_list(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsV
     }
     let f = ListFilter::from_query(Some(&host.app), status.as_deref(), limit.as_deref())
         .map_err(|e| plain_error(format!("fazt.worker.list: {e}")))?;
-    let rows = host.services.store.list_jobs(&f).map_err(store_error)?;
+    let rows = host.services.store().list_jobs(&f).map_err(store_error)?;
     JsValue::from_json(&serde_json::Value::Array(rows), ctx)
 }
 
@@ -251,8 +279,7 @@ fn worker_cancel(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<J
     }
     // Waits for the stop at most 1 s, well inside the caller's own watchdog; a job
     // still stopping after that is returned as it is then.
-    match host
-        .services
+    match js_env(ctx)?
         .pool
         .cancel_within(Some(&host.app), &id, std::time::Duration::from_secs(1))
         .map_err(store_error)?
@@ -314,7 +341,7 @@ fn worker_wait(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsV
     let started = std::time::Instant::now();
     let mut poll = std::time::Duration::from_millis(5);
     loop {
-        let row = host.services.store.get_job(&id).map_err(store_error)?;
+        let row = host.services.store().get_job(&id).map_err(store_error)?;
         let row = match row {
             // Another app's job reads as not found.
             Some(row) if *row.app == *host.app => row,
@@ -377,7 +404,7 @@ fn job_progress(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<Js
         .and_then(|v| v.as_number())
         .filter(|n| n.is_finite() && (0.0..=100.0).contains(n))
         .ok_or_else(|| type_error("job.progress: give a number from 0 to 100"))?;
-    h.services.store.job_progress(&job.id, n.round() as i64);
+    h.services.store().job_progress(&job.id, n.round() as i64);
     Ok(JsValue::undefined())
 }
 
@@ -393,7 +420,7 @@ fn job_checkpoint(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<
             .into());
     }
     h.services
-        .store
+        .store()
         .save_checkpoint(&job.id, value)
         .map_err(store_error)?;
     Ok(JsValue::undefined())
@@ -401,7 +428,12 @@ fn job_checkpoint(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<
 
 fn job_get_checkpoint(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let (h, job) = job_host(ctx)?;
-    match h.services.store.checkpoint(&job.id).map_err(store_error)? {
+    match h
+        .services
+        .store()
+        .checkpoint(&job.id)
+        .map_err(store_error)?
+    {
         Some(s) => Ok(JsString::from(s.as_str()).into()),
         None => Ok(JsValue::null()),
     }

@@ -12,10 +12,10 @@ use crossbeam_channel::{select, Receiver, Sender};
 
 use super::budget::{self, Budget, OverrunTracker, Sample, Verdict};
 use super::slot::{self, Outcome, RunJob, SlotMsg};
+use super::Env;
 use super::{JobConfig, Status};
 use crate::js::{Interrupt, Reason};
 use crate::realtime::Listeners;
-use crate::services::Services;
 use crate::store::{JobRow, Store};
 
 /// Limits of the pool, all enforced by the scheduler.
@@ -260,11 +260,11 @@ impl Pool {
 impl PoolRunner {
     /// Recovers jobs a dead process left running, loads the queue and starts the
     /// scheduler, slot and monitor threads.
-    pub fn start(self, services: Arc<Services>) -> Result<(), super::StartError> {
+    pub fn start(self, services: Arc<dyn Env>) -> Result<(), super::StartError> {
         use super::StartError;
         let recovered =
             services
-                .store
+                .store()
                 .recover_interrupted()
                 .map_err(|source| StartError::Store {
                     what: "recovering jobs interrupted by the last shutdown",
@@ -274,7 +274,7 @@ impl PoolRunner {
             log::info!("recovered {recovered} job(s) left running by the previous process");
         }
         let queued = services
-            .store
+            .store()
             .queued_jobs()
             .map_err(|source| StartError::Store {
                 what: "loading queued jobs",
@@ -311,7 +311,7 @@ impl PoolRunner {
             })?;
         threads.push(scheduler);
         services
-            .pool
+            .pool()
             .threads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -411,7 +411,7 @@ impl Slot {
         index: usize,
         gen: u64,
         events: &Sender<Msg>,
-        services: &Arc<Services>,
+        services: &Arc<dyn Env>,
     ) -> Result<Slot, super::StartError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let (heap_tx, heap_rx) = crossbeam_channel::bounded(1);
@@ -451,7 +451,7 @@ struct AppCounts {
 }
 
 struct Scheduler {
-    services: Arc<Services>,
+    services: Arc<dyn Env>,
     tx: Sender<Msg>,
     stats: Arc<PoolStats>,
     budget: Arc<Budget>,
@@ -487,9 +487,9 @@ struct EarlyCancel {
 }
 
 impl Scheduler {
-    fn new(r: &PoolRunner, services: Arc<Services>) -> Scheduler {
+    fn new(r: &PoolRunner, services: Arc<dyn Env>) -> Scheduler {
         Scheduler {
-            listeners: services.listeners.clone(),
+            listeners: services.listeners().clone(),
             services,
             tx: r.tx.clone(),
             stats: r.stats.clone(),
@@ -661,7 +661,7 @@ impl Scheduler {
             }
             now.duration_since(e.at) < EARLY_CANCEL_KEEP
         });
-        if !self.held.is_empty() && !self.services.store.degraded() {
+        if !self.held.is_empty() && !self.services.store().degraded() {
             for job in std::mem::take(&mut self.held) {
                 self.push_queue(job);
             }
@@ -881,7 +881,7 @@ impl Scheduler {
             return;
         };
         let mut job = job;
-        match self.services.store.job_data(&job.id) {
+        match self.services.store().job_data(&job.id) {
             Ok(Some(data)) => job.data = data,
             Ok(None) => {
                 // Its row is gone (the app was removed while the job waited).
@@ -925,7 +925,7 @@ impl Scheduler {
         }
         // Recorded once the slot has it; the store writes it in order with the outcome.
         self.services
-            .store
+            .store()
             .job_started(&job.id, job.attempt, job.restarts);
         let idle_listeners = job
             .config
@@ -1058,7 +1058,7 @@ impl Scheduler {
             self.record(&job, Status::Queued, None, Some(error));
             return;
         }
-        if job.config.daemon && self.services.store.degraded() {
+        if job.config.daemon && self.services.store().degraded() {
             log::warn!(
                 "daemon {} failed while the store cannot write ({error}); restarting once writes succeed, without backoff",
                 job.id
@@ -1103,9 +1103,14 @@ impl Scheduler {
         if status.is_final() {
             crate::metrics::global().job_outcome(&job.app, status.as_str());
         }
-        self.services
-            .store
-            .job_finished(&job.id, status, result, error, job.attempt, job.restarts);
+        self.services.store().job_finished(
+            &job.id,
+            status,
+            result,
+            error,
+            job.attempt,
+            job.restarts,
+        );
     }
 
     fn publish_stats(&self) {
@@ -1156,21 +1161,57 @@ fn stop_message(reason: Reason, config: &JobConfig, note: Option<u64>) -> String
 mod tests {
     use super::*;
 
+    /// The handles a scheduler reaches, without the HTTP side of the server.
+    struct TestEnv {
+        store: Store,
+        pool: Pool,
+        listeners: Arc<Listeners>,
+        apps: crate::apps::Registry<Interrupt>,
+        natives: crate::js::Natives,
+    }
+
+    impl crate::js::Env for TestEnv {
+        fn store(&self) -> &Store {
+            &self.store
+        }
+        fn natives(&self) -> &crate::js::Natives {
+            &self.natives
+        }
+        fn install(&self, _: &mut boa_engine::Context) {}
+    }
+
+    impl Env for TestEnv {
+        fn pool(&self) -> &Pool {
+            &self.pool
+        }
+        fn listeners(&self) -> &Arc<Listeners> {
+            &self.listeners
+        }
+        fn enter_app(
+            &self,
+            app: &str,
+            stop: Option<Interrupt>,
+        ) -> crate::store::Result<Option<crate::apps::Run<'_, Interrupt>>> {
+            self.apps.enter(app, stop, || {
+                Ok(self
+                    .store
+                    .get_app(app)?
+                    .as_ref()
+                    .map(crate::apps::Deployment::from))
+            })
+        }
+    }
+
     /// A scheduler over a store in a temp dir, with no threads running: tests feed it
     /// messages in the order a race would.
-    fn scheduler(dir: &std::path::Path) -> (Scheduler, Arc<Services>) {
+    fn scheduler(dir: &std::path::Path) -> (Scheduler, Arc<dyn Env>) {
         let store = Store::open(dir).expect("store");
         let listeners = Arc::new(Listeners::default());
         let (pool, runner) = Pool::new(Limits::default(), store.clone());
-        let services = Arc::new(Services {
+        let services: Arc<dyn Env> = Arc::new(TestEnv {
             store,
             pool,
-            hub: crate::realtime::Hub::new(listeners.clone(), Default::default()),
             listeners,
-            admin_token: String::new(),
-            metrics: Default::default(),
-            started: Instant::now(),
-            listen_port: 0,
             apps: Default::default(),
             natives: Default::default(),
         });
@@ -1184,7 +1225,7 @@ mod tests {
         let (config, data) =
             super::super::parse_options(&serde_json::Value::Null).expect("options");
         let row = match services
-            .store
+            .store()
             .insert_job(
                 super::super::new_job_id(),
                 "a",
@@ -1210,10 +1251,14 @@ mod tests {
             "the cancelled job was queued to run"
         );
         assert!(replied.try_recv().is_ok(), "the canceller was not answered");
-        services.store.flush().expect("flush");
-        let after = services.store.get_job(&row.id).expect("read").expect("row");
+        services.store().flush().expect("flush");
+        let after = services
+            .store()
+            .get_job(&row.id)
+            .expect("read")
+            .expect("row");
         assert_eq!(after.status, Status::Cancelled);
-        services.store.close();
+        services.store().close();
     }
 
     #[test]
@@ -1235,7 +1280,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             sched.on_tick();
         }
-        services.store.close();
+        services.store().close();
     }
 
     #[test]

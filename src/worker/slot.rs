@@ -11,8 +11,8 @@ use boa_engine::{Context, JsValue};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::pool::{Msg, Queued};
+use super::Env;
 use crate::js::{self, Host, Interrupt, JobHost, LogSink, Reason, RunError};
-use crate::services::Services;
 
 pub(crate) struct RunJob {
     pub job: Queued,
@@ -60,7 +60,7 @@ pub(crate) fn run(
     gen: u64,
     rx: &Receiver<SlotMsg>,
     events: &Sender<Msg>,
-    services: &Arc<Services>,
+    services: &Arc<dyn Env>,
     heap: &std::sync::atomic::AtomicI64,
 ) {
     let mut warm: Option<Warm> = None;
@@ -111,7 +111,7 @@ pub(crate) fn run(
 fn run_job(
     job: &Queued,
     interrupt: &Interrupt,
-    services: &Arc<Services>,
+    services: &Arc<dyn Env>,
     warm: &mut Option<Warm>,
 ) -> Outcome {
     // The job is a run of the app's live deployment until it ends: a removal waits for
@@ -135,7 +135,7 @@ fn run_job(
     let source = if loaded {
         String::new()
     } else {
-        match services.store.app_file(&job.app, &job.path) {
+        match services.store().app_file(&job.app, &job.path) {
             Ok(Some(bytes)) => match String::from_utf8(bytes) {
                 Ok(text) => text,
                 Err(_) => return Outcome::Fatal(format!("{} is not valid UTF-8", job.path)),
