@@ -1,5 +1,5 @@
 //! Handler benches: what one `api/*.js` request costs, from a warm in-process call
-//! (`HandlerCache::run`) to a full HTTP request against a running server, beside the
+//! (`HandlerCache::run_with`) to a full HTTP request against a running server, beside the
 //! cost of a fresh boa context (what every request would pay without the warm cache).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -134,14 +134,16 @@ fn handler(c: &mut Criterion) {
 
     // A cold request: fresh cache, so context + module load + call.
     let run = |cache: &mut HandlerCache| {
+        let interrupt = cache.new_interrupt();
         let reply = cache
-            .run(
+            .run_with(
                 &services,
                 APP,
-                info.version,
+                info.deploy_id,
                 HANDLER_FILE,
                 HANDLER_SRC,
                 request(),
+                interrupt,
             )
             .expect("run");
         expect_ok(reply);

@@ -56,7 +56,6 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
         admin_token: admin_token.clone(),
         metrics: Default::default(),
         started: Instant::now(),
-        listen_port: addr.port(),
         apps: Default::default(),
         // The composition root hands `js` the host functions other modules define.
         natives: crate::js::Natives {

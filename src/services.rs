@@ -150,7 +150,7 @@ pub struct Services {
     pub metrics: Metrics,
     pub started: Instant,
     /// The port we listen on; the WebSocket code uses it to find its socket.
-    pub listen_port: u16,
+
     /// Live deployments and runs in progress: see [`Registry`].
     pub apps: Registry<crate::js::Interrupt>,
     /// Host functions of the worker and realtime modules, wired in by `app::start`.

@@ -135,22 +135,9 @@ impl HandlerCache {
         Interrupt::with_heap_cap(Some(HANDLER_TIMEOUT), Some((self.heap, HANDLER_RUN_HEAP)))
     }
 
-    /// Runs handler file `file` of `app` (deploy `deploy`) for `request` with the
-    /// handler deadline. `source` may be empty when [`is_loaded`](Self::is_loaded) said so.
-    pub fn run(
-        &mut self,
-        services: &Arc<Services>,
-        app: &str,
-        deploy: i64,
-        file: &str,
-        source: &str,
-        request: HandlerRequest,
-    ) -> Result<Reply, HttpError> {
-        let interrupt = self.new_interrupt();
-        self.run_with(services, app, deploy, file, source, request, interrupt)
-    }
-
-    /// [`run`](Self::run), stopped by `interrupt` (which the app's removal also stops).
+    /// Runs handler file `file` of `app` (deploy `deploy`) for `request`, stopped by
+    /// `interrupt` (from [`new_interrupt`](Self::new_interrupt); the app's removal also
+    /// stops it). `source` may be empty when [`is_loaded`](Self::is_loaded) said so.
     #[allow(clippy::too_many_arguments)]
     pub fn run_with(
         &mut self,

@@ -23,6 +23,4 @@ pub use api::{Failure, Native, Natives};
 pub const JS_STACK_BYTES: usize = 16 << 20;
 pub use interrupt::{Interrupt, Reason};
 pub use loader::{load_entry, Kind};
-pub use runtime::{
-    call, from_json, load_module, new_context, to_json, Env, Host, JobHost, LogSink, RunError,
-};
+pub use runtime::{call, from_json, new_context, to_json, Env, Host, JobHost, LogSink, RunError};

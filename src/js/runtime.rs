@@ -32,7 +32,7 @@ use std::task::{Poll, Waker};
 use boa_engine::builtins::promise::PromiseState;
 use boa_engine::object::builtins::JsPromise;
 use boa_engine::property::Attribute;
-use boa_engine::{js_string, Context, JsError, JsObject, JsValue, Script, Source};
+use boa_engine::{js_string, Context, JsError, JsValue, Script, Source};
 
 use super::api::Natives;
 use super::interrupt::{Interrupt, Reason};
@@ -145,38 +145,6 @@ pub fn new_context(host: Host) -> Result<Context, RunError> {
 }
 
 const PRELUDE: &str = include_str!("prelude.js");
-
-/// Evaluates a CommonJS module and returns its `module.exports`.
-pub fn load_module(
-    ctx: &mut Context,
-    name: &str,
-    source: &str,
-    interrupt: &Interrupt,
-) -> Result<JsValue, RunError> {
-    // The wrapper keeps the user's first line on line 1, so error positions match.
-    let wrapped = format!("(function (module, exports) {{{source}\n}})");
-    let script = Script::parse(Source::from_bytes(wrapped.as_bytes()), None, ctx)
-        .map_err(|e| RunError::Thrown(format!("{name}: {e}")))?;
-    let factory = run_script(ctx, &script, interrupt)?;
-    let exports = JsObject::with_object_proto(ctx.intrinsics());
-    let module = JsObject::with_object_proto(ctx.intrinsics());
-    module
-        .set(js_string!("exports"), exports.clone(), false, ctx)
-        .map_err(|e| thrown(e, ctx))?;
-    call(
-        ctx,
-        &factory,
-        &[module.clone().into(), exports.into()],
-        interrupt,
-    )
-    .map_err(|e| match e {
-        RunError::Thrown(m) => RunError::Thrown(format!("{name}: {m}")),
-        other => other,
-    })?;
-    module
-        .get(js_string!("exports"), ctx)
-        .map_err(|e| thrown(e, ctx))
-}
 
 /// Calls `func(args...)` under the interrupt. A returned promise is driven until it
 /// settles; its rejection is a `Thrown`.

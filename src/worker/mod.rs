@@ -112,18 +112,10 @@ pub fn spawn(
     opts: &serde_json::Value,
 ) -> Result<JobRow, SpawnError> {
     check_worker_path(path).map_err(SpawnError::Invalid)?;
-    let (config, data) = parse_options(opts).map_err(SpawnError::Invalid)?;
-    // `parse_options` checks the default budget; a server started with a smaller
-    // `--memory-budget` must refuse what could never fit in it, or the job would wait
-    // for memory forever.
-    let budget = pool.limits.memory_budget;
-    if config.memory_bytes > budget {
-        return Err(SpawnError::Invalid(format!(
-            "memory '{}' is more than the whole worker memory budget ({}): this job could never run",
-            options::format_bytes(config.memory_bytes),
-            options::format_bytes(budget)
-        )));
-    }
+    // The server's budget (`--memory-budget`), not the default: a reservation that
+    // could never fit would wait for memory forever.
+    let (config, data) =
+        parse_options(opts, pool.limits.memory_budget).map_err(SpawnError::Invalid)?;
     if !store.app_file_exists(app, path)? {
         return Err(SpawnError::Invalid(format!(
             "no worker file {path} in app '{app}'"

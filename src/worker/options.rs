@@ -4,8 +4,6 @@
 
 use crate::job::{JobConfig, Priority};
 
-use super::MEMORY_BUDGET;
-
 pub const MAX_RETRY: u32 = 100;
 /// Longest duration accepted (1000 days); beyond it a typo is more likely than intent.
 pub const MAX_DURATION_MS: u64 = 1000 * 86_400_000;
@@ -88,7 +86,10 @@ pub fn format_ms(ms: u64) -> String {
 }
 
 /// The spawn options object (already JSON) → a config plus the job's `data` as JSON text.
-pub fn parse_options(opts: &serde_json::Value) -> Result<(JobConfig, Option<String>), String> {
+pub fn parse_options(
+    opts: &serde_json::Value,
+    budget: u64,
+) -> Result<(JobConfig, Option<String>), String> {
     let obj = match opts {
         serde_json::Value::Null => return Ok((JobConfig::default(), None)),
         serde_json::Value::Object(o) => o,
@@ -106,10 +107,10 @@ pub fn parse_options(opts: &serde_json::Value) -> Result<(JobConfig, Option<Stri
             "memory" => {
                 let s = v.as_str().ok_or("memory must be a string such as '64MB'")?;
                 cfg.memory_bytes = parse_memory(s)?;
-                if cfg.memory_bytes > MEMORY_BUDGET {
+                if cfg.memory_bytes > budget {
                     return Err(format!(
                         "memory '{s}' is more than the whole worker memory budget ({}): this job could never run",
-                        format_bytes(MEMORY_BUDGET)
+                        format_bytes(budget)
                     ));
                 }
             }
@@ -204,6 +205,7 @@ pub fn parse_options(opts: &serde_json::Value) -> Result<(JobConfig, Option<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::MEMORY_BUDGET;
     use serde_json::json;
 
     #[test]
@@ -243,23 +245,27 @@ mod tests {
 
     #[test]
     fn options_defaults_and_validation() {
-        let (cfg, data) = parse_options(&json!({})).expect("empty options");
+        let (cfg, data) = parse_options(&json!({}), MEMORY_BUDGET).expect("empty options");
         assert_eq!(cfg, JobConfig::default());
         assert_eq!(data, None);
-        let (cfg, data) = parse_options(&json!({
-            "data": {"n": 1}, "memory": "64MB", "timeout": "5s", "retry": 2,
-            "retryDelay": "100ms", "uniqueKey": "k"
-        }))
+        let (cfg, data) = parse_options(
+            &json!({
+                "data": {"n": 1}, "memory": "64MB", "timeout": "5s", "retry": 2,
+                "retryDelay": "100ms", "uniqueKey": "k"
+            }),
+            MEMORY_BUDGET,
+        )
         .expect("full options");
         assert_eq!(cfg.memory_bytes, 64 << 20);
         assert_eq!(cfg.timeout_ms, Some(5000));
         assert_eq!(cfg.retry, 2);
         assert_eq!(data.as_deref(), Some(r#"{"n":1}"#));
-        let (cfg, _) = parse_options(&json!({"daemon": true})).expect("daemon");
+        let (cfg, _) = parse_options(&json!({"daemon": true}), MEMORY_BUDGET).expect("daemon");
         assert_eq!(cfg.timeout_ms, None, "daemons default to no timeout");
-        let (cfg, _) = parse_options(&json!({"timeout": null})).expect("no timeout");
+        let (cfg, _) = parse_options(&json!({"timeout": null}), MEMORY_BUDGET).expect("no timeout");
         assert_eq!(cfg.timeout_ms, None);
-        let (cfg, _) = parse_options(&json!({"priority": "high"})).expect("priority");
+        let (cfg, _) =
+            parse_options(&json!({"priority": "high"}), MEMORY_BUDGET).expect("priority");
         assert_eq!(cfg.priority, Priority::High);
         // Configs stored before `priority` existed still load.
         let old: JobConfig = serde_json::from_value(json!({
@@ -283,7 +289,7 @@ mod tests {
             (json!({"priority": 2}), "priority must be"),
             (json!([1]), "must be an object"),
         ] {
-            let err = parse_options(&bad).expect_err(&bad.to_string());
+            let err = parse_options(&bad, MEMORY_BUDGET).expect_err(&bad.to_string());
             assert!(err.contains(needle), "{bad}: {err}");
         }
     }

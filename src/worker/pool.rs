@@ -1223,7 +1223,8 @@ mod tests {
         let tmp = tempfile::tempdir().expect("temp dir");
         let (mut sched, services) = scheduler(tmp.path());
         let (config, data) =
-            super::super::parse_options(&serde_json::Value::Null).expect("options");
+            super::super::parse_options(&serde_json::Value::Null, super::super::MEMORY_BUDGET)
+                .expect("options");
         let row = match services
             .store()
             .insert_job(
