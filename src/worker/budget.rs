@@ -60,35 +60,47 @@ unsafe fn finish(base: *mut u8, layout: &Layout) -> *mut u8 {
     // multiple of 8, so the owner slot at `p - 8` is inside it and aligned.
     unsafe {
         let p = base.add(h);
-        (p.sub(8) as *mut *const AtomicI64).write(owner);
+        std::ptr::write_volatile(p.sub(8) as *mut *const AtomicI64, owner);
         (*owner).fetch_add(layout.size() as i64, Ordering::Relaxed);
         p
     }
 }
 
 /// SAFETY (for callers): `ptr` came from this allocator with `layout`.
-#[inline]
+///
+/// The header lies *before* the pointer handed out, outside the object the compiler was
+/// told about: `__rust_alloc` is an allocator function to LLVM, so where an allocation
+/// and its free were both inlined into one function, LLVM treated this read as out of
+/// bounds and folded it to garbage (release builds segfaulted on every WebSocket upgrade:
+/// the header read of a just-freed `String` became a stale register). `black_box` hides
+/// the pointer's origin and the read is volatile, so the load is always performed; the
+/// allocator's entry points are also never inlined into their callers.
+#[inline(always)]
 unsafe fn owner_of(ptr: *mut u8) -> *const AtomicI64 {
-    // SAFETY: `finish` wrote the owner just before `ptr`.
-    unsafe { (ptr.sub(8) as *const *const AtomicI64).read() }
+    let ptr = std::hint::black_box(ptr);
+    // SAFETY: `finish` wrote the owner just before `ptr`, inside the block `System` gave.
+    unsafe { std::ptr::read_volatile(ptr.sub(8) as *const *const AtomicI64) }
 }
 
 // SAFETY: every block comes from `System` with room for the header in front; counting
 // only touches atomics that live for the rest of the process (`OTHER`, or counters
 // leaked by `watch_this_thread`).
 unsafe impl GlobalAlloc for CountingAlloc {
+    #[inline(never)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let Some(o) = outer(&layout) else {
             return std::ptr::null_mut();
         };
         unsafe { finish(System.alloc(o), &layout) }
     }
+    #[inline(never)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         let Some(o) = outer(&layout) else {
             return std::ptr::null_mut();
         };
         unsafe { finish(System.alloc_zeroed(o), &layout) }
     }
+    #[inline(never)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let h = header(&layout);
         unsafe {
@@ -99,6 +111,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
             System.dealloc(ptr.sub(h), o);
         }
     }
+    #[inline(never)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let h = header(&layout);
         let Some(new_outer) = new_size.checked_add(h) else {
@@ -254,14 +267,6 @@ impl OverrunTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn s(rss: u64, jobs: u64) -> Sample {
-        Sample {
-            rss,
-            jobs,
-            baseline: 100,
-        }
-    }
 
     #[test]
     fn overrun_needs_the_grace_period() {
