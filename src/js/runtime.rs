@@ -31,7 +31,6 @@ use std::task::{Poll, Waker};
 
 use boa_engine::builtins::promise::PromiseState;
 use boa_engine::object::builtins::JsPromise;
-use boa_engine::property::Attribute;
 use boa_engine::{js_string, Context, JsError, JsValue, Script, Source};
 
 use super::api::Natives;
@@ -126,25 +125,13 @@ pub fn new_context(host: Host) -> Result<Context, RunError> {
     limits.set_recursion_limit(RECURSION_LIMIT);
     limits.set_stack_size_limit(VALUE_STACK_LIMIT);
     let is_job = host.job.is_some();
-    let interrupt = host.interrupt.clone();
     host.services.install(&mut ctx);
     ctx.insert_data(host);
-    let natives = super::api::natives(&mut ctx);
-    ctx.register_global_property(js_string!("__host"), natives, Attribute::CONFIGURABLE)
-        .map_err(|e| RunError::Thrown(format!("installing the host API: {e}")))?;
-    ctx.register_global_property(
-        js_string!("__isJob"),
-        JsValue::from(is_job),
-        Attribute::CONFIGURABLE,
-    )
-    .map_err(|e| RunError::Thrown(format!("installing the host API: {e}")))?;
-    let prelude = Script::parse(Source::from_bytes(PRELUDE), None, &mut ctx)
-        .map_err(|e| RunError::Thrown(format!("prelude: {e}")))?;
-    run_script(&mut ctx, &prelude, &interrupt)?;
+    // Natives only: making a context parses and runs no JS (see prelude.rs).
+    super::prelude::install(&mut ctx, is_job)
+        .map_err(|e| RunError::Thrown(format!("installing the fazt API: {e}")))?;
     Ok(ctx)
 }
-
-const PRELUDE: &str = include_str!("prelude.js");
 
 /// Calls `func(args...)` under the interrupt. A returned promise is driven until it
 /// settles; its rejection is a `Thrown`.
