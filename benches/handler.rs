@@ -162,13 +162,13 @@ fn handler(c: &mut Criterion) {
         .global_object()
         .get(boa_engine::js_string!("__fazt_make_job"), &mut wctx)
         .expect("__fazt_make_job");
-    g.bench_function("job_warm", |b| {
-        b.iter(|| {
-            let job = fazt::js::call(&mut wctx, &make_job, &[], &interrupt).expect("job object");
-            let out = fazt::js::call(&mut wctx, &worker, &[job], &interrupt).expect("run");
-            assert!(out.is_object());
-        })
-    });
+    let mut job_warm = || {
+        let job = fazt::js::call(&mut wctx, &make_job, &[], &interrupt).expect("job object");
+        let out = fazt::js::call(&mut wctx, &worker, &[job], &interrupt).expect("run");
+        assert!(out.is_object());
+    };
+    print_median("job_warm", &mut job_warm);
+    g.bench_function("job_warm", |b| b.iter(&mut job_warm));
 
     // A cold request: fresh cache, so context + module load + call.
     let run = |cache: &mut HandlerCache| {
@@ -190,6 +190,7 @@ fn handler(c: &mut Criterion) {
 
     // A warm request: the context and module are cached, one call per request.
     let mut cache = HandlerCache::default();
+    print_median("run_warm", &mut || run(&mut cache));
     g.bench_function("run_warm", |b| b.iter(|| run(&mut cache)));
 
     // Full HTTP requests to the running server over one keep-alive connection.
@@ -222,6 +223,27 @@ fn handler(c: &mut Criterion) {
     g.finish();
 
     server.handle.shutdown();
+}
+
+/// Prints the median of 3,000 single calls of `f` (after 300 to warm up): one call's
+/// cost with the time slices lost to other processes left out, so that runs of two
+/// builds can be compared on a busy machine.
+fn print_median(name: &str, f: &mut dyn FnMut()) {
+    for _ in 0..300 {
+        f();
+    }
+    let mut times: Vec<Duration> = (0..3000)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    println!(
+        "{name}: median of 3000 calls {:.2} µs",
+        times[times.len() / 2].as_secs_f64() * 1e6
+    );
 }
 
 /// A fresh fazt context (API installed) against a plain boa `Context::default()`,
