@@ -167,7 +167,7 @@ fn handler(c: &mut Criterion) {
         let out = fazt::js::call(&mut wctx, &worker, &[job], &interrupt).expect("run");
         assert!(out.is_object());
     };
-    print_median("job_warm", &mut job_warm);
+    print_median("job_warm", 3000, &mut job_warm);
     g.bench_function("job_warm", |b| b.iter(&mut job_warm));
 
     // A cold request: fresh cache, so context + module load + call.
@@ -186,11 +186,12 @@ fn handler(c: &mut Criterion) {
             .expect("run");
         expect_ok(reply);
     };
+    print_median("run_cold", 300, &mut || run(&mut HandlerCache::default()));
     g.bench_function("run_cold", |b| b.iter(|| run(&mut HandlerCache::default())));
 
     // A warm request: the context and module are cached, one call per request.
     let mut cache = HandlerCache::default();
-    print_median("run_warm", &mut || run(&mut cache));
+    print_median("run_warm", 3000, &mut || run(&mut cache));
     g.bench_function("run_warm", |b| b.iter(|| run(&mut cache)));
 
     // Full HTTP requests to the running server over one keep-alive connection.
@@ -225,14 +226,14 @@ fn handler(c: &mut Criterion) {
     server.handle.shutdown();
 }
 
-/// Prints the median of 3,000 single calls of `f` (after 300 to warm up): one call's
+/// Prints the median of `calls` single calls of `f` (after a tenth as many to warm up): one call's
 /// cost with the time slices lost to other processes left out, so that runs of two
 /// builds can be compared on a busy machine.
-fn print_median(name: &str, f: &mut dyn FnMut()) {
-    for _ in 0..300 {
+fn print_median(name: &str, calls: usize, f: &mut dyn FnMut()) {
+    for _ in 0..calls / 10 {
         f();
     }
-    let mut times: Vec<Duration> = (0..3000)
+    let mut times: Vec<Duration> = (0..calls)
         .map(|_| {
             let t = Instant::now();
             f();
@@ -241,7 +242,7 @@ fn print_median(name: &str, f: &mut dyn FnMut()) {
         .collect();
     times.sort();
     println!(
-        "{name}: median of 3000 calls {:.2} µs",
+        "{name}: median of {calls} calls {:.2} µs",
         times[times.len() / 2].as_secs_f64() * 1e6
     );
 }
