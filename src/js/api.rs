@@ -1,15 +1,12 @@
 //! The native half of the `fazt.*`, `console` and `job` API. Each function reads the
 //! [`Host`] stored in the context, checks the run was not stopped, validates its input
-//! and calls a service. The public shape of the API is built in `prelude.js`.
+//! and calls a service. The public shape of the API is built in `prelude.rs`.
 
 use std::time::Duration;
 
 use boa_engine::object::builtins::JsArray;
-use boa_engine::object::ObjectInitializer;
-use boa_engine::property::Attribute;
 use boa_engine::{
     js_string, Context, JsError, JsNativeError, JsObject, JsResult, JsString, JsValue,
-    NativeFunction,
 };
 
 use super::runtime::{Host, LogSink};
@@ -28,29 +25,6 @@ pub struct Natives {
     pub api: Vec<(&'static str, Native, usize)>,
     /// Only in job contexts.
     pub job: Vec<(&'static str, Native, usize)>,
-}
-
-pub(super) fn natives(ctx: &mut Context) -> JsObject {
-    let host = host(ctx).expect("host is inserted before natives are built");
-    let mut fns: Vec<(&str, Native, usize)> = vec![
-        ("log", log, 2),
-        ("kvGet", kv_get, 1),
-        ("kvSet", kv_set, 3),
-        ("kvDelete", kv_delete, 1),
-        ("kvList", kv_list, 1),
-    ];
-    let wired = host.services.natives();
-    fns.extend(wired.api.iter().copied());
-    if host.job.is_some() {
-        fns.extend(wired.job.iter().copied());
-    }
-    let app = JsString::from(&*host.app);
-    let mut init = ObjectInitializer::new(ctx);
-    init.property(js_string!("appName"), app, Attribute::READONLY);
-    for (name, f, len) in fns {
-        init.function(NativeFunction::from_fn_ptr(f), JsString::from(name), len);
-    }
-    init.build()
 }
 
 /// The host of the running context, after checking the run was not stopped. A stopped
@@ -154,29 +128,28 @@ pub(crate) fn store_error(e: crate::store::Error) -> JsError {
     }
 }
 
-fn log(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+/// Writes one `console.*` or `job.log` line where the running context's lines go.
+pub(super) fn log_line(ctx: &Context, level: &str, msg: &str) -> JsResult<()> {
     let host = host(ctx)?;
-    let level = str_arg(args, 0, "log level")?;
-    let msg = str_arg(args, 1, "log message")?;
     match (&host.sink, &host.job) {
         (LogSink::Job, Some(job)) => {
-            let line = crate::job::truncate_log_line(&msg).into_owned();
+            let line = crate::job::truncate_log_line(msg).into_owned();
             host.services
                 .store()
-                .job_log(&job.id, &level, line, crate::job::LOG_KEEP);
+                .job_log(&job.id, level, line, crate::job::LOG_KEEP);
         }
         // Cut like job log lines: one call must not put megabytes into the server log.
-        _ => match (level.as_str(), crate::job::truncate_log_line(&msg)) {
+        _ => match (level, crate::job::truncate_log_line(msg)) {
             ("error", msg) => log::error!(target: "app", "[{}] {msg}", host.app),
             ("warn", msg) => log::warn!(target: "app", "[{}] {msg}", host.app),
             ("debug", msg) => log::debug!(target: "app", "[{}] {msg}", host.app),
             (_, msg) => log::info!(target: "app", "[{}] {msg}", host.app),
         },
     }
-    Ok(JsValue::undefined())
+    Ok(())
 }
 
-fn kv_get(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+pub(super) fn kv_get(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
     let key = str_arg(args, 0, "fazt.storage.kv.get: key")?;
     match host
@@ -190,7 +163,7 @@ fn kv_get(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue>
     }
 }
 
-fn kv_set(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+pub(super) fn kv_set(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
     let key = str_arg(args, 0, "fazt.storage.kv.set: key")?;
     let value = str_arg(args, 1, "fazt.storage.kv.set: value")?;
@@ -213,7 +186,7 @@ fn kv_set(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue>
     Ok(JsValue::undefined())
 }
 
-fn kv_delete(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+pub(super) fn kv_delete(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
     let key = str_arg(args, 0, "fazt.storage.kv.delete: key")?;
     let existed = host
@@ -224,7 +197,7 @@ fn kv_delete(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsVal
     Ok(existed.into())
 }
 
-fn kv_list(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+pub(super) fn kv_list(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
     let prefix = str_arg(args, 0, "fazt.storage.kv.list: prefix")?;
     let keys = host
@@ -252,6 +225,7 @@ pub(crate) fn sleep_for(host: &Host, ms: f64) -> JsResult<JsValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use boa_engine::property::Attribute;
 
     fn thrown_by(ctx: &mut Context, src: &str) -> JsError {
         match ctx.eval(boa_engine::Source::from_bytes(src)) {

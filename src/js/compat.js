@@ -2,10 +2,7 @@
 // (see js/loader.rs). It turns compiled files into runners that accept every script
 // form fazt apps are written in, and gives them `require` (require.js, compiled on
 // first use). The helpers of each kind are in compat_handler.js and compat_worker.js.
-// Every fresh context parses this file: keep it small.
-//
-// Functions are always called directly, never through Function.prototype.call/apply:
-// a native call would run them outside the interruptible run loop.
+// Every context that loads a file parses this one: keep it small.
 (function (native) {
   "use strict";
 

@@ -12,7 +12,7 @@ use boa_engine::{
     js_string, Context, JsNativeError, JsResult, JsString, JsValue, NativeFunction, Script, Source,
 };
 
-use super::api_support::{host, plain_error, sleep_for, store_error, str_arg};
+use super::api_support::{host, plain_error, store_error, str_arg};
 use super::interrupt::Interrupt;
 use super::runtime::{call, run_script, RunError};
 
@@ -37,8 +37,6 @@ impl Kind {
 
 const COMPAT: &str = include_str!("compat.js");
 const REQUIRE: &str = include_str!("require.js");
-const HANDLER_HELPERS: &str = include_str!("compat_handler.js");
-const WORKER_HELPERS: &str = include_str!("compat_worker.js");
 
 /// The object `compat.js` returned, kept in the context's host data (which roots it).
 struct Compat {
@@ -57,7 +55,7 @@ pub fn load_entry(
 ) -> Result<JsValue, RunError> {
     let entry = match ctx.get_data::<Compat>() {
         Some(c) => c.entry.clone(),
-        None => install(ctx, kind, interrupt)?,
+        None => install(ctx, interrupt)?,
     };
     let factory = compile(ctx, path, source, Some(kind), interrupt).map_err(RunError::from)?;
     call(
@@ -81,30 +79,21 @@ fn evaluate(
     run_script(ctx, &script, interrupt)
 }
 
-/// Evaluates `compat.js` and the helpers of `kind` in `ctx`, with the loader's natives.
-fn install(ctx: &mut Context, kind: Kind, interrupt: &Interrupt) -> Result<JsValue, RunError> {
+/// Evaluates `compat.js` in `ctx`, with the loader's natives. (The helpers of each
+/// kind, `respond` and `sleep`, are natives every context gets: see prelude.rs.)
+fn install(ctx: &mut Context, interrupt: &Interrupt) -> Result<JsValue, RunError> {
     let setup = evaluate(ctx, "compat.js", COMPAT, interrupt)?;
-    let mut fns: Vec<(&str, Native, usize)> = vec![
+    let fns: [(&str, Native, usize); 3] = [
         ("readModule", read_module, 1),
         ("compile", compile_native, 2),
         ("requireSupport", require_support, 0),
     ];
-    if kind == Kind::Worker {
-        fns.push(("sleep", sleep, 1));
-        fns.push(("jobConfig", job_config, 0));
-    }
     let mut init = ObjectInitializer::new(ctx);
     for (name, f, len) in fns {
         init.function(NativeFunction::from_fn_ptr(f), JsString::from(name), len);
     }
-    let natives = init.build();
-    let natives: JsValue = natives.into();
+    let natives: JsValue = init.build().into();
     let api = call(ctx, &setup, std::slice::from_ref(&natives), interrupt)?;
-    let helpers = match kind {
-        Kind::Handler => evaluate(ctx, "compat_handler.js", HANDLER_HELPERS, interrupt)?,
-        Kind::Worker => evaluate(ctx, "compat_worker.js", WORKER_HELPERS, interrupt)?,
-    };
-    call(ctx, &helpers, &[natives], interrupt)?;
     let entry = api
         .as_object()
         .map(|o| o.get(js_string!("entry"), ctx))
@@ -232,36 +221,6 @@ fn compile_native(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<
 fn require_support(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
     evaluate(ctx, "require.js", REQUIRE, &host.interrupt).map_err(rethrow)
-}
-
-/// The global `sleep(ms)` of workers: `job.sleep`, woken at once by a cancel.
-fn sleep(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
-    let host = host(ctx)?;
-    let ms = args
-        .first()
-        .and_then(JsValue::as_number)
-        .unwrap_or(f64::NAN);
-    sleep_for(&host, ms)
-}
-
-/// `[memory bytes, daemon]` of the running job, as spawned.
-fn job_config(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
-    let host = host(ctx)?;
-    let job = host
-        .job
-        .as_ref()
-        .ok_or_else(|| plain_error("job API used outside a worker"))?;
-    let row = host
-        .services
-        .store()
-        .get_job(&job.id)
-        .map_err(store_error)?
-        .ok_or_else(|| plain_error(format!("job {} is no longer in the store", job.id)))?;
-    let values = [
-        JsValue::from(row.config.memory_bytes as f64),
-        JsValue::from(row.config.daemon),
-    ];
-    Ok(boa_engine::object::builtins::JsArray::from_iter(values, ctx).into())
 }
 
 #[cfg(test)]

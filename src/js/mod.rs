@@ -13,6 +13,7 @@ pub(crate) mod api_support {
 pub mod interrupt;
 mod jobs;
 mod loader;
+mod prelude;
 mod runtime;
 
 pub use api::{Failure, Native, Natives};

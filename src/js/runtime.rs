@@ -31,8 +31,7 @@ use std::task::{Poll, Waker};
 
 use boa_engine::builtins::promise::PromiseState;
 use boa_engine::object::builtins::JsPromise;
-use boa_engine::property::Attribute;
-use boa_engine::{js_string, Context, JsError, JsValue, Script, Source};
+use boa_engine::{Context, JsError, JsValue, Script};
 
 use super::api::Natives;
 use super::interrupt::{Interrupt, Reason};
@@ -126,60 +125,40 @@ pub fn new_context(host: Host) -> Result<Context, RunError> {
     limits.set_recursion_limit(RECURSION_LIMIT);
     limits.set_stack_size_limit(VALUE_STACK_LIMIT);
     let is_job = host.job.is_some();
-    let interrupt = host.interrupt.clone();
     host.services.install(&mut ctx);
     ctx.insert_data(host);
-    let natives = super::api::natives(&mut ctx);
-    ctx.register_global_property(js_string!("__host"), natives, Attribute::CONFIGURABLE)
-        .map_err(|e| RunError::Thrown(format!("installing the host API: {e}")))?;
-    ctx.register_global_property(
-        js_string!("__isJob"),
-        JsValue::from(is_job),
-        Attribute::CONFIGURABLE,
-    )
-    .map_err(|e| RunError::Thrown(format!("installing the host API: {e}")))?;
-    let prelude = Script::parse(Source::from_bytes(PRELUDE), None, &mut ctx)
-        .map_err(|e| RunError::Thrown(format!("prelude: {e}")))?;
-    run_script(&mut ctx, &prelude, &interrupt)?;
+    // Natives only: making a context parses and runs no JS (see prelude.rs).
+    super::prelude::install(&mut ctx, is_job)
+        .map_err(|e| RunError::Thrown(format!("installing the fazt API: {e}")))?;
     Ok(ctx)
 }
 
-const PRELUDE: &str = include_str!("prelude.js");
-
 /// Calls `func(args...)` under the interrupt. A returned promise is driven until it
 /// settles; its rejection is a `Thrown`.
+///
+/// The call is a direct one into the engine, with the run's interrupt flag installed:
+/// the engine checks the flag at every loop back-edge, call and regex match, and the
+/// deadline and heap cap are enforced by the `fazt-deadlines` thread setting it, so no
+/// budget slicing is needed here (a script trampoline through globals cost most of a
+/// warm call).
 pub fn call(
     ctx: &mut Context,
     func: &JsValue,
     args: &[JsValue],
     interrupt: &Interrupt,
 ) -> Result<JsValue, RunError> {
-    if !func.is_callable() {
+    let Some(f) = func.as_callable() else {
         return Err(RunError::Thrown(
             "module.exports is not a function".to_string(),
         ));
-    }
-    let arr = boa_engine::object::builtins::JsArray::from_iter(args.iter().cloned(), ctx);
-    let global = ctx.global_object();
-    global
-        .set(js_string!("__fazt_fn"), func.clone(), false, ctx)
-        .map_err(|e| thrown(e, ctx))?;
-    global
-        .set(js_string!("__fazt_args"), arr, false, ctx)
-        .map_err(|e| thrown(e, ctx))?;
-    let script = match ctx.get_data::<CallScript>() {
-        Some(cached) => cached.0.clone(),
-        None => {
-            let s = Script::parse(Source::from_bytes("__fazt_fn(...__fazt_args)"), None, ctx)
-                .map_err(|e| RunError::Thrown(e.to_string()))?;
-            ctx.insert_data(CallScript(s.clone()));
-            s
-        }
     };
-    let value = run_script(ctx, &script, interrupt);
-    let _ = global.delete_property_or_throw(js_string!("__fazt_fn"), ctx);
-    let _ = global.delete_property_or_throw(js_string!("__fazt_args"), ctx);
-    let value = value?;
+    if let Some(r) = interrupt.check() {
+        return Err(RunError::Interrupted(r));
+    }
+    ctx.set_interrupt_flag(Some(interrupt.flag()));
+    let value = f
+        .call(&JsValue::undefined(), args, ctx)
+        .map_err(|e| classify(e, ctx, interrupt))?;
     let settled = settle(ctx, value, interrupt)?;
     // Drain what the run left queued (reactions it did not await), like a microtask
     // checkpoint: otherwise it would run at the start of the next call of a reused
@@ -187,11 +166,6 @@ pub fn call(
     ctx.run_jobs().map_err(|e| classify(e, ctx, interrupt))?;
     Ok(settled)
 }
-
-/// The trampoline `call` evaluates, parsed once per context: parsing is most of the
-/// cost of a warm call. Held in the context's host data, it stays rooted while the
-/// context lives.
-struct CallScript(Script);
 
 fn settle(ctx: &mut Context, value: JsValue, interrupt: &Interrupt) -> Result<JsValue, RunError> {
     let Some(obj) = value.as_object() else {
