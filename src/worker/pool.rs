@@ -2,7 +2,7 @@
 //! run jobs and report back over a channel; a monitor thread samples RSS. Handlers and
 //! the HTTP API talk to the scheduler through [`Pool`], never to slots directly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use super::budget::{self, Budget, OverrunTracker, Sample, Verdict};
+use super::queue::{self, Queue};
 use super::slot::{self, Outcome, RunJob, SlotMsg};
 use super::Env;
 use super::{JobConfig, Status};
@@ -104,6 +105,21 @@ pub(crate) struct Queued {
     pub restarts: i64,
     /// When it joined the queue, for priority aging (see `queue.rs`).
     pub since: Instant,
+}
+
+impl queue::Item for Queued {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn app(&self) -> &str {
+        &self.app
+    }
+    fn priority(&self) -> queue::Priority {
+        self.config.priority
+    }
+    fn since(&self) -> Instant {
+        self.since
+    }
 }
 
 impl Queued {
@@ -457,9 +473,8 @@ struct Scheduler {
     budget: Arc<Budget>,
     limits: Limits,
     slots: Vec<Slot>,
-    /// FIFO of runnable jobs by arrival number.
-    queue: BTreeMap<u64, Queued>,
-    seq: u64,
+    /// Runnable jobs: per-app queues, apps taking turns (see `queue.rs`).
+    queue: Queue<Queued>,
     /// Jobs waiting out a retry delay or a daemon backoff.
     delayed: Vec<(Instant, Queued)>,
     /// Daemons that failed while the store could not write: most likely the store's
@@ -496,8 +511,7 @@ impl Scheduler {
             budget: r.budget.clone(),
             limits: r.limits.clone(),
             slots: Vec::new(),
-            queue: BTreeMap::new(),
-            seq: 0,
+            queue: Queue::default(),
             delayed: Vec::new(),
             held: Vec::new(),
             apps: HashMap::new(),
@@ -513,8 +527,7 @@ impl Scheduler {
         // the store, not here; dispatch reads it back.
         job.data = None;
         job.since = Instant::now();
-        self.seq += 1;
-        self.queue.insert(self.seq, job);
+        self.queue.push(job);
     }
 
     fn run(mut self, rx: &Receiver<Msg>) {
@@ -582,10 +595,8 @@ impl Scheduler {
     }
 
     fn cancel(&mut self, id: &str, reply: Option<Sender<()>>) {
-        if let Some((&seq, _)) = self.queue.iter().find(|(_, j)| j.id == id) {
-            if let Some(job) = self.queue.remove(&seq) {
-                self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
-            }
+        if let Some(job) = self.queue.remove(id) {
+            self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
             reply.map(|r| r.send(()));
             return;
         }
@@ -793,12 +804,10 @@ impl Scheduler {
     }
 
     fn schedule(&mut self) {
-        let mut free = self.slots.iter().filter(|s| s.is_free()).count();
+        let free = self.slots.iter().filter(|s| s.is_free()).count();
         if free == 0 || self.queue.is_empty() {
             return;
         }
-        let mut start = Vec::new();
-        let mut reserved_now = 0u64;
         let pinned: u64 = self
             .slots
             .iter()
@@ -806,60 +815,46 @@ impl Scheduler {
             .filter(|r| r.job.config.daemon || r.job.config.timeout_ms.is_none())
             .map(|r| r.job.config.memory_bytes)
             .sum();
-        let waiting: Vec<super::queue::Waiting<'_>> = self
-            .queue
-            .iter()
-            .map(|(&seq, j)| super::queue::Waiting {
-                seq,
-                app: &j.app,
-                priority: j.config.priority,
-                since: j.since,
-            })
-            .collect();
-        let order = super::queue::order(&waiting, Instant::now());
-        for seq in order {
-            if free == 0 {
-                break;
-            }
-            let Some(job) = self.queue.get(&seq) else {
-                continue;
-            };
-            let counts = self.apps.get(&job.app);
+        let available = self.budget.available();
+        let budget_bytes = self.budget.budget_bytes;
+        let limits = &self.limits;
+        let apps = &self.apps;
+        let mut reserved_now = 0u64;
+        // Starts decided in this pass, per app: (jobs, daemons).
+        let mut pending: HashMap<String, (usize, usize)> = HashMap::new();
+        let start = self.queue.pick(free, Instant::now(), |job| {
+            let counts = apps.get(&job.app);
             let running = counts.map_or(0, |c| c.running);
             let daemons = counts.map_or(0, |c| c.daemons);
-            let pending_same_app = start
-                .iter()
-                .filter(|(_, a, _): &&(u64, String, bool)| *a == job.app)
-                .count();
-            let pending_daemons = start
-                .iter()
-                .filter(|(_, a, d): &&(u64, String, bool)| *a == job.app && *d)
-                .count();
-            if running + pending_same_app >= self.limits.per_app_running {
-                continue;
+            let (p_jobs, p_daemons) = pending.get(job.app.as_str()).copied().unwrap_or((0, 0));
+            if running + p_jobs >= limits.per_app_running {
+                return queue::Verdict::SkipApp;
             }
-            if job.config.daemon && daemons + pending_daemons >= self.limits.per_app_daemons {
-                continue;
+            if job.config.daemon && daemons + p_daemons >= limits.per_app_daemons {
+                return queue::Verdict::SkipJob;
             }
-            if job.config.memory_bytes > self.budget.available().saturating_sub(reserved_now) {
-                if job.config.memory_bytes > self.budget.budget_bytes.saturating_sub(pinned) {
+            if job.config.memory_bytes > available.saturating_sub(reserved_now) {
+                if job.config.memory_bytes > budget_bytes.saturating_sub(pinned) {
                     // Jobs that never end on their own (daemons, no timeout) hold too
                     // much for this one to fit before they stop: let others pass
                     // rather than stall every app behind it.
-                    continue;
+                    return queue::Verdict::SkipJob;
                 }
                 // FIFO on memory: nobody overtakes a job that waits for memory, so a
                 // big job is never starved by a stream of small ones.
-                break;
+                return queue::Verdict::Stop;
             }
             reserved_now += job.config.memory_bytes;
-            start.push((seq, job.app.clone(), job.config.daemon));
-            free -= 1;
-        }
-        for (seq, _, _) in start {
-            if let Some(job) = self.queue.remove(&seq) {
-                self.dispatch(job);
-            }
+            let e = match pending.get_mut(job.app.as_str()) {
+                Some(e) => e,
+                None => pending.entry(job.app.clone()).or_insert((0, 0)),
+            };
+            e.0 += 1;
+            e.1 += usize::from(job.config.daemon);
+            queue::Verdict::Start
+        });
+        for job in start {
+            self.dispatch(job);
         }
     }
 
