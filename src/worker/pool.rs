@@ -53,6 +53,8 @@ const CANCEL_GRACE: Duration = Duration::from_millis(40);
 /// An idle stop is not urgent: the job gets this long to return by itself.
 const IDLE_GRACE: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(10);
+/// Events the scheduler takes in one go before it schedules.
+const EVENT_BATCH: usize = 256;
 /// Daemons: backoff 1 s, 2 s, 4 s … capped here, reset after `HEALTHY` of running.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const HEALTHY: Duration = Duration::from_secs(300);
@@ -101,6 +103,8 @@ pub(crate) struct Queued {
     pub path: String,
     pub config: JobConfig,
     pub data: Option<String>,
+    /// Whether the job was spawned with data: one without skips the read at dispatch.
+    pub has_data: bool,
     pub attempt: i64,
     pub restarts: i64,
     /// When it joined the queue, for priority aging (see `queue.rs`).
@@ -131,6 +135,7 @@ impl Queued {
             config: r.config.clone(),
             // The data stays in the store while the job waits; dispatch reads it.
             data: None,
+            has_data: r.data.is_some(),
             attempt: r.attempt,
             restarts: r.restarts,
             since: Instant::now(),
@@ -140,7 +145,10 @@ impl Queued {
 
 /// Handle to the pool, held by [`Services`].
 pub struct Pool {
+    /// Events: enqueues (a flood of them, at times), slots' outcomes, the monitor.
     tx: Sender<Msg>,
+    /// Control: cancels and shutdown, which no flood of events may delay.
+    ctl: Sender<Msg>,
     pub stats: Arc<PoolStats>,
     pub budget: Arc<Budget>,
     pub limits: Limits,
@@ -152,6 +160,7 @@ pub struct Pool {
 /// What the scheduler thread needs once services exist.
 pub struct PoolRunner {
     rx: Receiver<Msg>,
+    ctl_rx: Receiver<Msg>,
     tx: Sender<Msg>,
     stats: Arc<PoolStats>,
     budget: Arc<Budget>,
@@ -164,11 +173,13 @@ impl Pool {
     /// services (which hold this handle) exist.
     pub fn new(limits: Limits, store: Store) -> (Pool, PoolRunner) {
         let (tx, rx) = crossbeam_channel::bounded(16 * 1024);
+        let (ctl, ctl_rx) = crossbeam_channel::bounded(16 * 1024);
         let stats = Arc::new(PoolStats::default());
         let budget = Budget::new(limits.memory_budget);
         let stopping = Arc::new(AtomicBool::new(false));
         let runner = PoolRunner {
             rx,
+            ctl_rx,
             tx: tx.clone(),
             stats: stats.clone(),
             budget: budget.clone(),
@@ -178,6 +189,7 @@ impl Pool {
         (
             Pool {
                 tx,
+                ctl,
                 stats,
                 budget,
                 limits,
@@ -225,7 +237,7 @@ impl Pool {
         }
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
         if self
-            .tx
+            .ctl
             .send(Msg::Cancel {
                 id: id.to_string(),
                 reply: reply_tx,
@@ -245,7 +257,7 @@ impl Pool {
         let mut replies = Vec::new();
         for id in self.store.live_job_ids(app)? {
             let (reply, rx) = crossbeam_channel::bounded(1);
-            if self.tx.send(Msg::Cancel { id, reply }).is_ok() {
+            if self.ctl.send(Msg::Cancel { id, reply }).is_ok() {
                 replies.push(rx);
             }
         }
@@ -263,7 +275,7 @@ impl Pool {
             return;
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self.tx.send(Msg::Shutdown(tx)).is_ok() {
+        if self.ctl.send(Msg::Shutdown(tx)).is_ok() {
             let _ = rx.recv();
         }
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
@@ -317,10 +329,10 @@ impl PoolRunner {
                 })?
         };
         threads.push(monitor);
-        let rx = self.rx;
+        let (rx, ctl_rx) = (self.rx, self.ctl_rx);
         let scheduler = std::thread::Builder::new()
             .name("fazt-scheduler".into())
-            .spawn(move || sched.run(&rx))
+            .spawn(move || sched.run(&rx, &ctl_rx))
             .map_err(|source| StartError::Thread {
                 what: "the scheduler".into(),
                 source,
@@ -530,15 +542,30 @@ impl Scheduler {
         self.queue.push(job);
     }
 
-    fn run(mut self, rx: &Receiver<Msg>) {
+    fn run(mut self, rx: &Receiver<Msg>, ctl: &Receiver<Msg>) {
         let ticker = crossbeam_channel::tick(TICK);
         loop {
             select! {
+                recv(ctl) -> msg => match msg {
+                    Ok(m) => self.on_msg(m),
+                    Err(_) => break,
+                },
                 recv(rx) -> msg => match msg {
                     Ok(m) => self.on_msg(m),
                     Err(_) => break,
                 },
                 recv(ticker) -> _ => self.on_tick(),
+            }
+            // Take what else is waiting (control before every event) and schedule
+            // once for all of it: one pass per batch, not per message.
+            for _ in 0..EVENT_BATCH {
+                while let Ok(m) = ctl.try_recv() {
+                    self.on_msg(m);
+                }
+                match rx.try_recv() {
+                    Ok(m) => self.on_msg(m),
+                    Err(_) => break,
+                }
             }
             if self.shutting_down.is_none() {
                 self.schedule();
@@ -876,7 +903,12 @@ impl Scheduler {
             return;
         };
         let mut job = job;
-        match self.services.store().job_data(&job.id) {
+        let data = if job.has_data {
+            self.services.store().job_data(&job.id)
+        } else {
+            Ok(Some(None))
+        };
+        match data {
             Ok(Some(data)) => job.data = data,
             Ok(None) => {
                 // Its row is gone (the app was removed while the job waited).
