@@ -472,6 +472,72 @@ impl Slot {
     }
 }
 
+/// One scheduling pass as the queue's [`queue::Judge`]: limits, memory, and the class
+/// of each app (nothing running first, then a free slot warm for it, then the rest).
+struct Pass<'a> {
+    apps: &'a HashMap<String, AppCounts>,
+    limits: &'a Limits,
+    available: u64,
+    budget_bytes: u64,
+    /// Reservations of jobs that never end on their own (daemons, no timeout).
+    pinned: u64,
+    reserved_now: u64,
+    /// Starts decided in this pass, per app: (jobs, daemons).
+    pending: HashMap<String, (usize, usize)>,
+    /// Free slots warm for each app, less the ones this pass gave that app.
+    warm_free: HashMap<String, usize>,
+}
+
+impl queue::Judge<Queued> for Pass<'_> {
+    fn class(&self, app: &str) -> u8 {
+        let running = self.apps.get(app).map_or(0, |c| c.running);
+        let pending = self.pending.get(app).map_or(0, |p| p.0);
+        if running + pending == 0 {
+            0
+        } else if self.warm_free.get(app).is_some_and(|&n| n > pending) {
+            1
+        } else {
+            2
+        }
+    }
+
+    fn judge(&mut self, job: &Queued) -> queue::Verdict {
+        use queue::Verdict;
+        let counts = self.apps.get(&job.app);
+        let running = counts.map_or(0, |c| c.running);
+        let daemons = counts.map_or(0, |c| c.daemons);
+        let (p_jobs, p_daemons) = self
+            .pending
+            .get(job.app.as_str())
+            .copied()
+            .unwrap_or((0, 0));
+        if running + p_jobs >= self.limits.per_app_running {
+            return Verdict::SkipApp;
+        }
+        if job.config.daemon && daemons + p_daemons >= self.limits.per_app_daemons {
+            return Verdict::SkipJob;
+        }
+        if job.config.memory_bytes > self.available.saturating_sub(self.reserved_now) {
+            if job.config.memory_bytes > self.budget_bytes.saturating_sub(self.pinned) {
+                // Jobs that never end on their own hold too much for this one to fit
+                // before they stop: let others pass rather than stall every app.
+                return Verdict::SkipJob;
+            }
+            // FIFO on memory: nobody overtakes a job that waits for memory, so a big
+            // job is never starved by a stream of small ones.
+            return Verdict::Stop;
+        }
+        self.reserved_now += job.config.memory_bytes;
+        let e = match self.pending.get_mut(job.app.as_str()) {
+            Some(e) => e,
+            None => self.pending.entry(job.app.clone()).or_insert((0, 0)),
+        };
+        e.0 += 1;
+        e.1 += usize::from(job.config.daemon);
+        Verdict::Start
+    }
+}
+
 #[derive(Default)]
 struct AppCounts {
     running: usize,
@@ -842,45 +908,31 @@ impl Scheduler {
             .filter(|r| r.job.config.daemon || r.job.config.timeout_ms.is_none())
             .map(|r| r.job.config.memory_bytes)
             .sum();
-        let available = self.budget.available();
-        let budget_bytes = self.budget.budget_bytes;
-        let limits = &self.limits;
-        let apps = &self.apps;
-        let mut reserved_now = 0u64;
-        // Starts decided in this pass, per app: (jobs, daemons).
-        let mut pending: HashMap<String, (usize, usize)> = HashMap::new();
-        let start = self.queue.pick(free, Instant::now(), |job| {
-            let counts = apps.get(&job.app);
-            let running = counts.map_or(0, |c| c.running);
-            let daemons = counts.map_or(0, |c| c.daemons);
-            let (p_jobs, p_daemons) = pending.get(job.app.as_str()).copied().unwrap_or((0, 0));
-            if running + p_jobs >= limits.per_app_running {
-                return queue::Verdict::SkipApp;
+        let mut warm_free: HashMap<String, usize> = HashMap::new();
+        for s in self.slots.iter().filter(|s| s.is_free()) {
+            if let Some(app) = &s.warm_app {
+                *warm_free.entry(app.clone()).or_default() += 1;
             }
-            if job.config.daemon && daemons + p_daemons >= limits.per_app_daemons {
-                return queue::Verdict::SkipJob;
-            }
-            if job.config.memory_bytes > available.saturating_sub(reserved_now) {
-                if job.config.memory_bytes > budget_bytes.saturating_sub(pinned) {
-                    // Jobs that never end on their own (daemons, no timeout) hold too
-                    // much for this one to fit before they stop: let others pass
-                    // rather than stall every app behind it.
-                    return queue::Verdict::SkipJob;
-                }
-                // FIFO on memory: nobody overtakes a job that waits for memory, so a
-                // big job is never starved by a stream of small ones.
-                return queue::Verdict::Stop;
-            }
-            reserved_now += job.config.memory_bytes;
-            let e = match pending.get_mut(job.app.as_str()) {
-                Some(e) => e,
-                None => pending.entry(job.app.clone()).or_insert((0, 0)),
-            };
-            e.0 += 1;
-            e.1 += usize::from(job.config.daemon);
-            queue::Verdict::Start
+        }
+        let mut pass = Pass {
+            apps: &self.apps,
+            limits: &self.limits,
+            available: self.budget.available(),
+            budget_bytes: self.budget.budget_bytes,
+            pinned,
+            reserved_now: 0,
+            pending: HashMap::new(),
+            warm_free,
+        };
+        let start = self.queue.pick(free, Instant::now(), &mut pass);
+        // Jobs with a free slot warm for their app first, so the others' dispatch does
+        // not take those slots.
+        let (warm, rest): (Vec<Queued>, Vec<Queued>) = start.into_iter().partition(|j| {
+            self.slots
+                .iter()
+                .any(|s| s.is_free() && s.warm_app.as_deref() == Some(j.app.as_str()))
         });
-        for job in start {
+        for job in warm.into_iter().chain(rest) {
             self.dispatch(job);
         }
     }

@@ -1,11 +1,13 @@
 //! The run queue: which queued job is offered a free slot next. A plain data structure
 //! with a pure policy taking `now`, so the rules test in microseconds.
 //!
-//! One queue per app. Apps take turns: the app served least recently (an app that
-//! never started a job, or only long ago, first; apps never served go by arrival) is
-//! offered the next slot, so one app's backlog never delays another app's job by more
-//! than the slots that free up. Inside an app, higher `priority` goes first, and
-//! waiting ages a job upwards so `low` is never starved; equal ranks go by arrival.
+//! One queue per app. Apps take turns in classes the caller assigns (the pool: apps
+//! with nothing running first, so an idle app's job takes the next free slot whatever
+//! the others queued; then apps a free slot is warm for, since a fresh JS context costs
+//! milliseconds; then the rest). Inside a class the app served least recently goes
+//! first (apps never served by the arrival of their oldest job). Inside an app, higher
+//! `priority` goes first, and waiting ages a job upwards so `low` is never starved;
+//! equal ranks go by arrival.
 //!
 //! The cost of a pick is O(apps with queued jobs × log) plus the jobs it starts or
 //! skips, never O(queued jobs): a backlog of 10,000 jobs costs nothing per free slot.
@@ -31,6 +33,36 @@ pub trait Item {
     fn priority(&self) -> Priority;
     /// When it joined the queue (or re-joined it: retries, daemon restarts).
     fn since(&self) -> Instant;
+}
+
+/// The caller's side of a pick: which class an app is in now, and whether the job the
+/// queue offers may start.
+pub trait Judge<T> {
+    /// Lower classes are offered slots first. Asked again whenever the app comes up,
+    /// and a class may only grow during a pick (the caller's state only fills up).
+    fn class(&self, app: &str) -> u8;
+    fn judge(&mut self, item: &T) -> Verdict;
+}
+
+/// Every app in one class, the verdict from a closure: plain turns.
+pub struct Turns<F>(F);
+
+impl<F> Turns<F> {
+    pub fn new<T>(f: F) -> Self
+    where
+        F: FnMut(&T) -> Verdict,
+    {
+        Turns(f)
+    }
+}
+
+impl<T, F: FnMut(&T) -> Verdict> Judge<T> for Turns<F> {
+    fn class(&self, _: &str) -> u8 {
+        0
+    }
+    fn judge(&mut self, item: &T) -> Verdict {
+        (self.0)(item)
+    }
 }
 
 /// The caller's judgement of the job the queue offers next (limits, memory).
@@ -147,26 +179,21 @@ impl<T: Item> Queue<T> {
     /// Offers queued jobs to `judge` in turn order until it started `free` of them,
     /// said [`Verdict::Stop`], or every app was offered all it has; returns the started
     /// ones, in the order they were started. Each start ends its app's turn: the next
-    /// offer goes to the app served least recently (apps never served first, by the
-    /// arrival of their oldest job).
-    pub fn pick(
-        &mut self,
-        free: usize,
-        now: Instant,
-        mut judge: impl FnMut(&T) -> Verdict,
-    ) -> Vec<T> {
+    /// offer goes to the lowest class, in it to the app served least recently (apps
+    /// never served first, by the arrival of their oldest job).
+    pub fn pick(&mut self, free: usize, now: Instant, judge: &mut impl Judge<T>) -> Vec<T> {
         if free == 0 || self.is_empty() {
             return Vec::new();
         }
-        // Min-heap of apps by (last served, oldest arrival, name).
-        let mut turns: BinaryHeap<Reverse<(u64, u64, &str)>> = BinaryHeap::new();
+        // Min-heap of apps by (class, last served, oldest arrival, name).
+        let mut turns: BinaryHeap<Reverse<(u8, u64, u64, &str)>> = BinaryHeap::new();
         let mut cursors: HashMap<&str, Cursor> = HashMap::new();
         for (app, q) in &self.apps {
             let Some((&first, _)) = q.jobs.first_key_value() else {
                 continue;
             };
             let served = self.served.get(app).copied().unwrap_or(0);
-            turns.push(Reverse((served, first, app.as_str())));
+            turns.push(Reverse((judge.class(app), served, first, app.as_str())));
             let cursor = if q.prioritized == 0 {
                 Cursor::Fifo(None)
             } else {
@@ -183,9 +210,15 @@ impl<T: Item> Queue<T> {
         let mut started: Vec<(String, u64)> = Vec::new();
         let mut turn = self.turn;
         while started.len() < free {
-            let Some(Reverse((served, first, app))) = turns.pop() else {
+            let Some(Reverse((class, served, first, app))) = turns.pop() else {
                 break;
             };
+            let now_class = judge.class(app);
+            if now_class != class {
+                // Its class grew since it was queued for a turn: queue it again.
+                turns.push(Reverse((now_class, served, first, app)));
+                continue;
+            }
             let q = &self.apps[app];
             let Some(cursor) = cursors.get_mut(app) else {
                 continue;
@@ -210,13 +243,13 @@ impl<T: Item> Queue<T> {
             let Some(seq) = seq else {
                 continue; // Offered all it has.
             };
-            match judge(&q.jobs[&seq]) {
+            match judge.judge(&q.jobs[&seq]) {
                 Verdict::Start => {
                     turn += 1;
                     started.push((app.to_string(), seq));
-                    turns.push(Reverse((turn, first, app)));
+                    turns.push(Reverse((judge.class(app), turn, first, app)));
                 }
-                Verdict::SkipJob => turns.push(Reverse((served, first, app))),
+                Verdict::SkipJob => turns.push(Reverse((class, served, first, app))),
                 Verdict::SkipApp => {}
                 Verdict::Stop => break,
             }
@@ -295,7 +328,7 @@ mod tests {
     }
 
     fn all(q: &mut Queue<J>, now: Instant) -> Vec<J> {
-        q.pick(usize::MAX, now, |_| Verdict::Start)
+        q.pick(usize::MAX, now, &mut Turns::new(|_| Verdict::Start))
     }
 
     #[test]
@@ -346,7 +379,7 @@ mod tests {
         let mut q = queue(&jobs);
         // Never served, the apps go by arrival: one job of each flood app, then the
         // idle app's, before any flood app's second.
-        let first = q.pick(5, t, |_| Verdict::Start);
+        let first = q.pick(5, t, &mut Turns::new(|_| Verdict::Start));
         assert_eq!(ids(&first), ["0", "1", "2", "3", "99999"]);
     }
 
@@ -358,9 +391,12 @@ mod tests {
                 .map(|i| j(i, if i % 2 == 0 { "a" } else { "b" }, Priority::Normal, t))
                 .collect::<Vec<_>>(),
         );
-        assert_eq!(q.pick(20, t, |_| Verdict::Start).len(), 20);
+        assert_eq!(q.pick(20, t, &mut Turns::new(|_| Verdict::Start)).len(), 20);
         q.push(j(5000, "late", Priority::Normal, t));
-        assert_eq!(ids(&q.pick(1, t, |_| Verdict::Start)), ["5000"]);
+        assert_eq!(
+            ids(&q.pick(1, t, &mut Turns::new(|_| Verdict::Start))),
+            ["5000"]
+        );
     }
 
     #[test]
@@ -373,17 +409,27 @@ mod tests {
             j(4, "b", Priority::Normal, t),
         ]);
         // b is at its limit this pass: a is served.
-        let first = q.pick(1, t, |j| {
-            if j.app == "b" {
-                Verdict::SkipApp
-            } else {
-                Verdict::Start
-            }
-        });
+        let first = q.pick(
+            1,
+            t,
+            &mut Turns::new(|j: &J| {
+                if j.app == "b" {
+                    Verdict::SkipApp
+                } else {
+                    Verdict::Start
+                }
+            }),
+        );
         assert_eq!(ids(&first), ["1"]);
         // Next free slot: b was never served, a just was.
-        assert_eq!(ids(&q.pick(1, t, |_| Verdict::Start)), ["2"]);
-        assert_eq!(ids(&q.pick(1, t, |_| Verdict::Start)), ["3"]);
+        assert_eq!(
+            ids(&q.pick(1, t, &mut Turns::new(|_| Verdict::Start))),
+            ["2"]
+        );
+        assert_eq!(
+            ids(&q.pick(1, t, &mut Turns::new(|_| Verdict::Start))),
+            ["3"]
+        );
     }
 
     #[test]
@@ -394,13 +440,17 @@ mod tests {
             j(2, "a", Priority::Normal, t),
             j(3, "b", Priority::Normal, t),
         ]);
-        let got = q.pick(5, t, |j| {
-            if j.app == "a" {
-                Verdict::SkipApp
-            } else {
-                Verdict::Start
-            }
-        });
+        let got = q.pick(
+            5,
+            t,
+            &mut Turns::new(|j: &J| {
+                if j.app == "a" {
+                    Verdict::SkipApp
+                } else {
+                    Verdict::Start
+                }
+            }),
+        );
         assert_eq!(ids(&got), ["3"]);
         assert_eq!(q.len(), 2);
     }
@@ -413,13 +463,17 @@ mod tests {
             j(2, "a", Priority::Normal, t),
             j(3, "b", Priority::Normal, t),
         ]);
-        let got = q.pick(1, t, |j| {
-            if j.id == "1" {
-                Verdict::SkipJob
-            } else {
-                Verdict::Start
-            }
-        });
+        let got = q.pick(
+            1,
+            t,
+            &mut Turns::new(|j: &J| {
+                if j.id == "1" {
+                    Verdict::SkipJob
+                } else {
+                    Verdict::Start
+                }
+            }),
+        );
         assert_eq!(ids(&got), ["2"]);
     }
 
@@ -431,15 +485,57 @@ mod tests {
             j(2, "b", Priority::Normal, t),
             j(3, "c", Priority::Normal, t),
         ]);
-        let got = q.pick(3, t, |j| {
-            if j.id == "2" {
-                Verdict::Stop
-            } else {
-                Verdict::Start
-            }
-        });
+        let got = q.pick(
+            3,
+            t,
+            &mut Turns::new(|j: &J| {
+                if j.id == "2" {
+                    Verdict::Stop
+                } else {
+                    Verdict::Start
+                }
+            }),
+        );
         assert_eq!(ids(&got), ["1"]);
         assert_eq!(q.len(), 2);
+    }
+
+    /// Classes as the pool assigns them: "idle" has nothing running (0), "warm" has
+    /// a free slot warm for it (1, until it used it), the rest 2.
+    struct Classes {
+        warm_left: usize,
+    }
+
+    impl Judge<J> for Classes {
+        fn class(&self, app: &str) -> u8 {
+            match app {
+                "idle" => 0,
+                "warm" if self.warm_left > 0 => 1,
+                _ => 2,
+            }
+        }
+        fn judge(&mut self, j: &J) -> Verdict {
+            if j.app == "warm" {
+                self.warm_left = self.warm_left.saturating_sub(1);
+            }
+            Verdict::Start
+        }
+    }
+
+    #[test]
+    fn lower_classes_go_first_then_turns() {
+        let t = Instant::now();
+        let mut q = queue(&[
+            j(1, "busy", Priority::Normal, t),
+            j(2, "warm", Priority::Normal, t),
+            j(3, "warm", Priority::Normal, t),
+            j(4, "idle", Priority::Normal, t),
+            j(5, "busy", Priority::Normal, t),
+        ]);
+        let got = q.pick(5, t, &mut Classes { warm_left: 1 });
+        // idle (class 0); warm for its one warm slot (class 1); then turns between
+        // busy and warm, busy never served.
+        assert_eq!(ids(&got), ["4", "2", "1", "3", "5"]);
     }
 
     #[test]
@@ -471,7 +567,10 @@ mod tests {
                 t0 + Duration::from_secs(20 + i as u64),
             )
         }));
-        assert_eq!(ids(&queue(&jobs).pick(1, now, |_| Verdict::Start)), ["1"]);
+        assert_eq!(
+            ids(&queue(&jobs).pick(1, now, &mut Turns::new(|_| Verdict::Start))),
+            ["1"]
+        );
     }
 
     #[test]
