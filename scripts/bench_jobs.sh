@@ -35,7 +35,7 @@ PARALLEL="${PARALLEL:-4}"
 PROBE_JOBS="${PROBE_JOBS:-1000}"
 PROBE_RATE="${PROBE_RATE:-200}"
 export PROBE_RATE
-PEERS="${PEERS:-bullmq}"
+PEERS="${PEERS-bullmq}"
 PEER_DIR="${PEER_DIR:-$SHARED_BENCH/peers/jobs}"
 PER_APP=$((JOBS / APPS))
 [ $((PER_APP * APPS)) -eq "$JOBS" ] && [ $((PER_APP % BATCH)) -eq 0 ] ||
