@@ -90,7 +90,11 @@ pub(crate) fn run(
                 boa_gc::force_collect();
                 w.grown -= pre - heap_now();
                 if w.grown > MAX_WARM_BYTES {
-                    log::debug!("slot: warm context of '{}' dropped: grew {} bytes", w.app, w.grown);
+                    log::debug!(
+                        "slot: warm context of '{}' dropped: grew {} bytes",
+                        w.app,
+                        w.grown
+                    );
                     warm = None;
                     boa_gc::force_collect();
                 }
