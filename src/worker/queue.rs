@@ -207,7 +207,8 @@ impl<T: Item> Queue<T> {
             };
             cursors.insert(app.as_str(), cursor);
         }
-        let mut started: Vec<(String, u64)> = Vec::new();
+        // (app, arrival number, turn number of the start)
+        let mut started: Vec<(String, u64, u64)> = Vec::new();
         let mut turn = self.turn;
         while started.len() < free {
             let Some(Reverse((class, served, first, app))) = turns.pop() else {
@@ -246,7 +247,7 @@ impl<T: Item> Queue<T> {
             match judge.judge(&q.jobs[&seq]) {
                 Verdict::Start => {
                     turn += 1;
-                    started.push((app.to_string(), seq));
+                    started.push((app.to_string(), seq, turn));
                     turns.push(Reverse((judge.class(app), turn, first, app)));
                 }
                 Verdict::SkipJob => turns.push(Reverse((class, served, first, app))),
@@ -258,8 +259,8 @@ impl<T: Item> Queue<T> {
         drop(cursors);
         self.turn = turn;
         let mut out = Vec::with_capacity(started.len());
-        for (app, seq) in started {
-            self.turn_taken(&app);
+        for (app, seq, turn) in started {
+            self.turn_taken(&app, turn);
             if let Some(item) = self.take(&app, seq) {
                 out.push(item);
             }
@@ -267,9 +268,9 @@ impl<T: Item> Queue<T> {
         out
     }
 
-    fn turn_taken(&mut self, app: &str) {
-        // Turn numbers are unique; the last start of the app is its highest.
-        self.served.insert(app.to_string(), self.turn);
+    fn turn_taken(&mut self, app: &str, turn: u64) {
+        // Turn numbers are unique and grow: an app's last start is its highest.
+        self.served.insert(app.to_string(), turn);
         // Forget apps with nothing queued once the map grows: a forgotten app counts
         // as never served, which only favours an app that has one job now and then.
         if self.served.len() > 4 * self.apps.len() + 64 {
@@ -536,6 +537,36 @@ mod tests {
         // idle (class 0); warm for its one warm slot (class 1); then turns between
         // busy and warm, busy never served.
         assert_eq!(ids(&got), ["4", "2", "1", "3", "5"]);
+    }
+
+    #[test]
+    fn each_start_of_a_pass_keeps_its_own_turn() {
+        let t = Instant::now();
+        let mut q = queue(&[
+            j(1, "busy", Priority::Normal, t),
+            j(2, "busy", Priority::Normal, t),
+            j(3, "idle", Priority::Normal, t),
+            j(4, "idle", Priority::Normal, t),
+        ]);
+        // Like the pool: an app with nothing running is class 0, until it starts one.
+        struct NothingRunningFirst(Vec<&'static str>);
+        impl Judge<J> for NothingRunningFirst {
+            fn class(&self, app: &str) -> u8 {
+                u8::from(self.0.contains(&app))
+            }
+            fn judge(&mut self, j: &J) -> Verdict {
+                self.0.push(j.app);
+                Verdict::Start
+            }
+        }
+        // Busy runs a job already; idle goes first although busy's jobs came first.
+        let first = q.pick(2, t, &mut NothingRunningFirst(vec!["busy"]));
+        assert_eq!(ids(&first), ["3", "1"]);
+        // Next slot, plain turns: idle was served before busy in that pass.
+        assert_eq!(
+            ids(&q.pick(1, t, &mut Turns::new(|_| Verdict::Start))),
+            ["4"]
+        );
     }
 
     #[test]
