@@ -2,7 +2,7 @@
 //! run jobs and report back over a channel; a monitor thread samples RSS. Handlers and
 //! the HTTP API talk to the scheduler through [`Pool`], never to slots directly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use super::budget::{self, Budget, OverrunTracker, Sample, Verdict};
+use super::queue::{self, Queue};
 use super::slot::{self, Outcome, RunJob, SlotMsg};
 use super::Env;
 use super::{JobConfig, Status};
@@ -52,6 +53,8 @@ const CANCEL_GRACE: Duration = Duration::from_millis(40);
 /// An idle stop is not urgent: the job gets this long to return by itself.
 const IDLE_GRACE: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(10);
+/// Events the scheduler takes in one go before it schedules.
+const EVENT_BATCH: usize = 256;
 /// Daemons: backoff 1 s, 2 s, 4 s … capped here, reset after `HEALTHY` of running.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const HEALTHY: Duration = Duration::from_secs(300);
@@ -100,10 +103,27 @@ pub(crate) struct Queued {
     pub path: String,
     pub config: JobConfig,
     pub data: Option<String>,
+    /// Whether the job was spawned with data: one without skips the read at dispatch.
+    pub has_data: bool,
     pub attempt: i64,
     pub restarts: i64,
     /// When it joined the queue, for priority aging (see `queue.rs`).
     pub since: Instant,
+}
+
+impl queue::Item for Queued {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn app(&self) -> &str {
+        &self.app
+    }
+    fn priority(&self) -> queue::Priority {
+        self.config.priority
+    }
+    fn since(&self) -> Instant {
+        self.since
+    }
 }
 
 impl Queued {
@@ -115,6 +135,7 @@ impl Queued {
             config: r.config.clone(),
             // The data stays in the store while the job waits; dispatch reads it.
             data: None,
+            has_data: r.data.is_some(),
             attempt: r.attempt,
             restarts: r.restarts,
             since: Instant::now(),
@@ -124,7 +145,10 @@ impl Queued {
 
 /// Handle to the pool, held by [`Services`].
 pub struct Pool {
+    /// Events: enqueues (a flood of them, at times), slots' outcomes, the monitor.
     tx: Sender<Msg>,
+    /// Control: cancels and shutdown, which no flood of events may delay.
+    ctl: Sender<Msg>,
     pub stats: Arc<PoolStats>,
     pub budget: Arc<Budget>,
     pub limits: Limits,
@@ -136,6 +160,7 @@ pub struct Pool {
 /// What the scheduler thread needs once services exist.
 pub struct PoolRunner {
     rx: Receiver<Msg>,
+    ctl_rx: Receiver<Msg>,
     tx: Sender<Msg>,
     stats: Arc<PoolStats>,
     budget: Arc<Budget>,
@@ -148,11 +173,13 @@ impl Pool {
     /// services (which hold this handle) exist.
     pub fn new(limits: Limits, store: Store) -> (Pool, PoolRunner) {
         let (tx, rx) = crossbeam_channel::bounded(16 * 1024);
+        let (ctl, ctl_rx) = crossbeam_channel::bounded(16 * 1024);
         let stats = Arc::new(PoolStats::default());
         let budget = Budget::new(limits.memory_budget);
         let stopping = Arc::new(AtomicBool::new(false));
         let runner = PoolRunner {
             rx,
+            ctl_rx,
             tx: tx.clone(),
             stats: stats.clone(),
             budget: budget.clone(),
@@ -162,6 +189,7 @@ impl Pool {
         (
             Pool {
                 tx,
+                ctl,
                 stats,
                 budget,
                 limits,
@@ -209,7 +237,7 @@ impl Pool {
         }
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
         if self
-            .tx
+            .ctl
             .send(Msg::Cancel {
                 id: id.to_string(),
                 reply: reply_tx,
@@ -229,7 +257,7 @@ impl Pool {
         let mut replies = Vec::new();
         for id in self.store.live_job_ids(app)? {
             let (reply, rx) = crossbeam_channel::bounded(1);
-            if self.tx.send(Msg::Cancel { id, reply }).is_ok() {
+            if self.ctl.send(Msg::Cancel { id, reply }).is_ok() {
                 replies.push(rx);
             }
         }
@@ -247,7 +275,7 @@ impl Pool {
             return;
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self.tx.send(Msg::Shutdown(tx)).is_ok() {
+        if self.ctl.send(Msg::Shutdown(tx)).is_ok() {
             let _ = rx.recv();
         }
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
@@ -301,10 +329,10 @@ impl PoolRunner {
                 })?
         };
         threads.push(monitor);
-        let rx = self.rx;
+        let (rx, ctl_rx) = (self.rx, self.ctl_rx);
         let scheduler = std::thread::Builder::new()
             .name("fazt-scheduler".into())
-            .spawn(move || sched.run(&rx))
+            .spawn(move || sched.run(&rx, &ctl_rx))
             .map_err(|source| StartError::Thread {
                 what: "the scheduler".into(),
                 source,
@@ -444,6 +472,72 @@ impl Slot {
     }
 }
 
+/// One scheduling pass as the queue's [`queue::Judge`]: limits, memory, and the class
+/// of each app (nothing running first, then a free slot warm for it, then the rest).
+struct Pass<'a> {
+    apps: &'a HashMap<String, AppCounts>,
+    limits: &'a Limits,
+    available: u64,
+    budget_bytes: u64,
+    /// Reservations of jobs that never end on their own (daemons, no timeout).
+    pinned: u64,
+    reserved_now: u64,
+    /// Starts decided in this pass, per app: (jobs, daemons).
+    pending: HashMap<String, (usize, usize)>,
+    /// Free slots warm for each app, less the ones this pass gave that app.
+    warm_free: HashMap<String, usize>,
+}
+
+impl queue::Judge<Queued> for Pass<'_> {
+    fn class(&self, app: &str) -> u8 {
+        let running = self.apps.get(app).map_or(0, |c| c.running);
+        let pending = self.pending.get(app).map_or(0, |p| p.0);
+        if running + pending == 0 {
+            0
+        } else if self.warm_free.get(app).is_some_and(|&n| n > pending) {
+            1
+        } else {
+            2
+        }
+    }
+
+    fn judge(&mut self, job: &Queued) -> queue::Verdict {
+        use queue::Verdict;
+        let counts = self.apps.get(&job.app);
+        let running = counts.map_or(0, |c| c.running);
+        let daemons = counts.map_or(0, |c| c.daemons);
+        let (p_jobs, p_daemons) = self
+            .pending
+            .get(job.app.as_str())
+            .copied()
+            .unwrap_or((0, 0));
+        if running + p_jobs >= self.limits.per_app_running {
+            return Verdict::SkipApp;
+        }
+        if job.config.daemon && daemons + p_daemons >= self.limits.per_app_daemons {
+            return Verdict::SkipJob;
+        }
+        if job.config.memory_bytes > self.available.saturating_sub(self.reserved_now) {
+            if job.config.memory_bytes > self.budget_bytes.saturating_sub(self.pinned) {
+                // Jobs that never end on their own hold too much for this one to fit
+                // before they stop: let others pass rather than stall every app.
+                return Verdict::SkipJob;
+            }
+            // FIFO on memory: nobody overtakes a job that waits for memory, so a big
+            // job is never starved by a stream of small ones.
+            return Verdict::Stop;
+        }
+        self.reserved_now += job.config.memory_bytes;
+        let e = match self.pending.get_mut(job.app.as_str()) {
+            Some(e) => e,
+            None => self.pending.entry(job.app.clone()).or_insert((0, 0)),
+        };
+        e.0 += 1;
+        e.1 += usize::from(job.config.daemon);
+        Verdict::Start
+    }
+}
+
 #[derive(Default)]
 struct AppCounts {
     running: usize,
@@ -457,9 +551,8 @@ struct Scheduler {
     budget: Arc<Budget>,
     limits: Limits,
     slots: Vec<Slot>,
-    /// FIFO of runnable jobs by arrival number.
-    queue: BTreeMap<u64, Queued>,
-    seq: u64,
+    /// Runnable jobs: per-app queues, apps taking turns (see `queue.rs`).
+    queue: Queue<Queued>,
     /// Jobs waiting out a retry delay or a daemon backoff.
     delayed: Vec<(Instant, Queued)>,
     /// Daemons that failed while the store could not write: most likely the store's
@@ -496,8 +589,7 @@ impl Scheduler {
             budget: r.budget.clone(),
             limits: r.limits.clone(),
             slots: Vec::new(),
-            queue: BTreeMap::new(),
-            seq: 0,
+            queue: Queue::default(),
             delayed: Vec::new(),
             held: Vec::new(),
             apps: HashMap::new(),
@@ -513,19 +605,33 @@ impl Scheduler {
         // the store, not here; dispatch reads it back.
         job.data = None;
         job.since = Instant::now();
-        self.seq += 1;
-        self.queue.insert(self.seq, job);
+        self.queue.push(job);
     }
 
-    fn run(mut self, rx: &Receiver<Msg>) {
+    fn run(mut self, rx: &Receiver<Msg>, ctl: &Receiver<Msg>) {
         let ticker = crossbeam_channel::tick(TICK);
         loop {
             select! {
+                recv(ctl) -> msg => match msg {
+                    Ok(m) => self.on_msg(m),
+                    Err(_) => break,
+                },
                 recv(rx) -> msg => match msg {
                     Ok(m) => self.on_msg(m),
                     Err(_) => break,
                 },
                 recv(ticker) -> _ => self.on_tick(),
+            }
+            // Take what else is waiting (control before every event) and schedule
+            // once for all of it: one pass per batch, not per message.
+            for _ in 0..EVENT_BATCH {
+                while let Ok(m) = ctl.try_recv() {
+                    self.on_msg(m);
+                }
+                match rx.try_recv() {
+                    Ok(m) => self.on_msg(m),
+                    Err(_) => break,
+                }
             }
             if self.shutting_down.is_none() {
                 self.schedule();
@@ -582,10 +688,8 @@ impl Scheduler {
     }
 
     fn cancel(&mut self, id: &str, reply: Option<Sender<()>>) {
-        if let Some((&seq, _)) = self.queue.iter().find(|(_, j)| j.id == id) {
-            if let Some(job) = self.queue.remove(&seq) {
-                self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
-            }
+        if let Some(job) = self.queue.remove(id) {
+            self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
             reply.map(|r| r.send(()));
             return;
         }
@@ -793,12 +897,10 @@ impl Scheduler {
     }
 
     fn schedule(&mut self) {
-        let mut free = self.slots.iter().filter(|s| s.is_free()).count();
+        let free = self.slots.iter().filter(|s| s.is_free()).count();
         if free == 0 || self.queue.is_empty() {
             return;
         }
-        let mut start = Vec::new();
-        let mut reserved_now = 0u64;
         let pinned: u64 = self
             .slots
             .iter()
@@ -806,60 +908,32 @@ impl Scheduler {
             .filter(|r| r.job.config.daemon || r.job.config.timeout_ms.is_none())
             .map(|r| r.job.config.memory_bytes)
             .sum();
-        let waiting: Vec<super::queue::Waiting<'_>> = self
-            .queue
-            .iter()
-            .map(|(&seq, j)| super::queue::Waiting {
-                seq,
-                app: &j.app,
-                priority: j.config.priority,
-                since: j.since,
-            })
-            .collect();
-        let order = super::queue::order(&waiting, Instant::now());
-        for seq in order {
-            if free == 0 {
-                break;
+        let mut warm_free: HashMap<String, usize> = HashMap::new();
+        for s in self.slots.iter().filter(|s| s.is_free()) {
+            if let Some(app) = &s.warm_app {
+                *warm_free.entry(app.clone()).or_default() += 1;
             }
-            let Some(job) = self.queue.get(&seq) else {
-                continue;
-            };
-            let counts = self.apps.get(&job.app);
-            let running = counts.map_or(0, |c| c.running);
-            let daemons = counts.map_or(0, |c| c.daemons);
-            let pending_same_app = start
-                .iter()
-                .filter(|(_, a, _): &&(u64, String, bool)| *a == job.app)
-                .count();
-            let pending_daemons = start
-                .iter()
-                .filter(|(_, a, d): &&(u64, String, bool)| *a == job.app && *d)
-                .count();
-            if running + pending_same_app >= self.limits.per_app_running {
-                continue;
-            }
-            if job.config.daemon && daemons + pending_daemons >= self.limits.per_app_daemons {
-                continue;
-            }
-            if job.config.memory_bytes > self.budget.available().saturating_sub(reserved_now) {
-                if job.config.memory_bytes > self.budget.budget_bytes.saturating_sub(pinned) {
-                    // Jobs that never end on their own (daemons, no timeout) hold too
-                    // much for this one to fit before they stop: let others pass
-                    // rather than stall every app behind it.
-                    continue;
-                }
-                // FIFO on memory: nobody overtakes a job that waits for memory, so a
-                // big job is never starved by a stream of small ones.
-                break;
-            }
-            reserved_now += job.config.memory_bytes;
-            start.push((seq, job.app.clone(), job.config.daemon));
-            free -= 1;
         }
-        for (seq, _, _) in start {
-            if let Some(job) = self.queue.remove(&seq) {
-                self.dispatch(job);
-            }
+        let mut pass = Pass {
+            apps: &self.apps,
+            limits: &self.limits,
+            available: self.budget.available(),
+            budget_bytes: self.budget.budget_bytes,
+            pinned,
+            reserved_now: 0,
+            pending: HashMap::new(),
+            warm_free,
+        };
+        let start = self.queue.pick(free, Instant::now(), &mut pass);
+        // Jobs with a free slot warm for their app first, so the others' dispatch does
+        // not take those slots.
+        let (warm, rest): (Vec<Queued>, Vec<Queued>) = start.into_iter().partition(|j| {
+            self.slots
+                .iter()
+                .any(|s| s.is_free() && s.warm_app.as_deref() == Some(j.app.as_str()))
+        });
+        for job in warm.into_iter().chain(rest) {
+            self.dispatch(job);
         }
     }
 
@@ -881,7 +955,12 @@ impl Scheduler {
             return;
         };
         let mut job = job;
-        match self.services.store().job_data(&job.id) {
+        let data = if job.has_data {
+            self.services.store().job_data(&job.id)
+        } else {
+            Ok(Some(None))
+        };
+        match data {
             Ok(Some(data)) => job.data = data,
             Ok(None) => {
                 // Its row is gone (the app was removed while the job waited).

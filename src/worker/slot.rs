@@ -90,6 +90,11 @@ pub(crate) fn run(
                 boa_gc::force_collect();
                 w.grown -= pre - heap_now();
                 if w.grown > MAX_WARM_BYTES {
+                    log::debug!(
+                        "slot: warm context of '{}' dropped: grew {} bytes",
+                        w.app,
+                        w.grown
+                    );
                     warm = None;
                     boa_gc::force_collect();
                 }
@@ -127,6 +132,11 @@ fn run_job(
         .as_ref()
         .is_some_and(|w| w.app == job.app && w.deploy == deploy);
     if !reusable {
+        log::debug!(
+            "slot: fresh context for app '{}' (warm for {:?})",
+            job.app,
+            warm.as_ref().map(|w| (&w.app, w.deploy))
+        );
         *warm = None;
     }
     let loaded = warm

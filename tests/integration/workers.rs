@@ -889,3 +889,74 @@ fn removing_an_app_stops_its_jobs_and_forgets_them() {
     let logs = s.api("GET", &format!("/api/jobs/{running}/logs"), None);
     assert_eq!(logs.status, 404);
 }
+
+/// Issue 10, goal 5: with 10,000 jobs queued by other apps, one job of an idle app
+/// starts as soon as a slot frees, not behind the other apps' backlog (it waited 48 s
+/// when the queue was one FIFO across apps).
+#[test]
+fn idle_app_job_starts_promptly_behind_a_flood() {
+    const FLOOD_APPS: usize = 10;
+    const JOB_MS: i64 = 200;
+    let flood_files: &[(&str, &str)] = &[
+        (
+            "api/flood.js",
+            r#"module.exports = () => {
+  let n = 0;
+  try { for (; n < 100; n++) fazt.worker.spawn("workers/slow.js", { memory: "1MB" }); }
+  catch (e) { return { spawned: n, full: String(e).includes("is full") }; }
+  return { spawned: n, full: false };
+};"#,
+        ),
+        // 200 ms each: 20 slots drain 100 jobs/s, so the backlog of 10,000 lasts
+        // well past the check, and some slot frees within 200 ms at any moment.
+        (
+            "workers/slow.js",
+            "module.exports = (job) => { job.sleep(200); return 1; };",
+        ),
+    ];
+    let s = server_with(&["idle"]);
+    let apps: Vec<String> = (0..FLOOD_APPS).map(|i| format!("flood{i}")).collect();
+    for a in &apps {
+        s.deploy_ok(a, flood_files);
+    }
+    // Each app fills its queue to the bound of 1,000 (a loaded machine may stop a
+    // request at the 5 s handler deadline: the jobs it spawned stay, the next goes on).
+    std::thread::scope(|scope| {
+        for a in &apps {
+            let s = &s;
+            scope.spawn(move || {
+                let filled = wait_until(180, || {
+                    let r = s.app(a, "GET", "/api/flood", None);
+                    r.status == 200 && r.json()["full"] == true
+                });
+                assert!(filled, "{a} could not fill its queue in 180 s");
+            });
+        }
+    });
+    let queued = s.health()["workers"]["queued"].as_u64().unwrap_or(0);
+    assert!(queued >= 5000, "the flood is not queued: {queued} waiting");
+    let job = spawn(
+        &s,
+        "idle",
+        "workers/w.js",
+        serde_json::json!({ "data": { "x": 1 } }),
+    );
+    let done = s.wait_status(&id(&job), "done", 30);
+    let waited =
+        done["startedAt"].as_i64().unwrap_or(i64::MAX) - done["createdAt"].as_i64().unwrap_or(0);
+    let still_queued = s.health()["workers"]["queued"].as_u64().unwrap_or(0);
+    eprintln!(
+        "idle app's job waited {waited} ms behind {queued} queued jobs of {FLOOD_APPS} apps \
+         (flood jobs run {JOB_MS} ms; {still_queued} still queued after)"
+    );
+    assert!(
+        still_queued >= 3000,
+        "the flood drained before the check meant anything ({still_queued} left)"
+    );
+    // At most one flood job's run until a slot frees, plus room for a loaded machine;
+    // FIFO across apps it was `queued` / 100 jobs/s, tens of seconds.
+    assert!(
+        (0..=JOB_MS + 500).contains(&waited),
+        "the idle app's job waited {waited} ms behind the other apps' backlog"
+    );
+}
