@@ -147,6 +147,34 @@ impl<R: Read + Send> SequentialReader<R> {
     }
 }
 
+/// fazt patch: the buffered reader underneath, once it is this reader's turn, so a
+/// request head is scanned in the buffer a line at a time instead of a byte per call.
+impl<R: std::io::BufRead + Send> SequentialReader<R> {
+    /// Like `BufRead::fill_buf`, waiting for the turn first.
+    pub fn fill_buf(&mut self) -> IoResult<&[u8]> {
+        if !self.wait_turn() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "connection closed",
+            ));
+        }
+        match self.inner {
+            SequentialReaderInner::MyTurn(ref mut reader) => reader.fill_buf(),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "connection closed",
+            )),
+        }
+    }
+
+    /// Like `BufRead::consume`; only after `fill_buf`.
+    pub fn consume(&mut self, n: usize) {
+        if let SequentialReaderInner::MyTurn(ref mut reader) = self.inner {
+            reader.consume(n);
+        }
+    }
+}
+
 impl<R: Read + Send> Read for SequentialReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
         // fazt patch: a broken chain is an error, not a panic.
