@@ -8,6 +8,7 @@ mod app_traffic;
 mod console;
 mod handlers;
 mod headers;
+mod static_files;
 mod system;
 mod util;
 
@@ -114,6 +115,8 @@ struct Shared {
     stopping: AtomicBool,
     services: Arc<Services>,
     limits: HttpLimits,
+    /// Small static files by app and deploy id, shared by all HTTP threads.
+    statics: static_files::StaticCache,
     /// See `KILL_THREAD_ENV`; None unless the test variable is set.
     kill_path: Option<String>,
 }
@@ -153,6 +156,7 @@ impl HttpServer {
             stopping: AtomicBool::new(false),
             services,
             limits,
+            statics: static_files::StaticCache::default(),
             kill_path: std::env::var(KILL_THREAD_ENV).ok(),
         });
         let mut workers = Vec::with_capacity(threads);
@@ -310,7 +314,7 @@ fn serve(shared: &Shared, js_since: Arc<AtomicI64>, abandoned: &AtomicBool) {
         // Everything a request does, the upgrade and the response write included, runs
         // under catch_unwind: a panic there costs that request, not the thread.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            handle(req, services, &shared.limits, &mut cache)
+            handle(req, shared, &mut cache)
         }));
         if outcome.is_err() {
             cache.clear();
@@ -322,17 +326,13 @@ fn serve(shared: &Shared, js_since: Arc<AtomicI64>, abandoned: &AtomicBool) {
     }
 }
 
-fn handle(
-    mut req: tiny_http::Request,
-    services: &Arc<Services>,
-    limits: &HttpLimits,
-    cache: &mut HandlerCache,
-) {
+fn handle(mut req: tiny_http::Request, shared: &Shared, cache: &mut HandlerCache) {
+    let services = &shared.services;
     let host = util::header(&req, "host").unwrap_or_default();
     let route = util::route_host(&host);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &route {
         util::Route::System => system::handle(&mut req, services),
-        util::Route::App(app) => app_traffic::handle(&mut req, app, services, limits, cache),
+        util::Route::App(app) => app_traffic::handle(&mut req, app, shared, cache),
     }));
     let reply = match outcome {
         Ok(Ok(Reply::Upgrade)) => return app_traffic::upgrade(req, route, services),
