@@ -121,6 +121,10 @@ struct Shared {
     kill_path: Option<String>,
 }
 
+/// A handler thread that served no request for this long drops its warm contexts (a
+/// context costs about 1 MB; building one again costs a few ms).
+const WARM_IDLE: Duration = Duration::from_secs(5);
+
 /// Abandoned handler threads still alive. Each may spin on a core until boa's loop
 /// limit ends it, so their number is capped: past the cap a stuck thread is left in
 /// place (the pool serves with one thread less) instead of adding another spinner.
@@ -291,8 +295,20 @@ fn serve(shared: &Shared, js_since: Arc<AtomicI64>, abandoned: &AtomicBool) {
     let stopping = &shared.stopping;
     let mut cache = HandlerCache::new(js_since);
     while !stopping.load(Ordering::SeqCst) && !abandoned.load(Ordering::SeqCst) {
-        let req = match shared.server.recv() {
-            Ok(r) => r,
+        // Requests go to the thread that waited last (tiny_http's queue is a stack), so
+        // after a burst most threads wait long: one that served nothing for
+        // `WARM_IDLE` drops its warm contexts, and their memory goes back to the OS.
+        let next = if cache.is_empty() {
+            shared.server.recv().map(Some)
+        } else {
+            shared.server.recv_timeout(WARM_IDLE)
+        };
+        let req = match next {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                cache.drop_all();
+                continue;
+            }
             Err(e) => {
                 if !stopping.load(Ordering::SeqCst) {
                     log::warn!("accepting a request failed: {e}");
