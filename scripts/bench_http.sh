@@ -10,7 +10,7 @@
 #   fazt.static    fazt static file (index.html)
 # The four run interleaved, ROUNDS times (default 3); the summary gives each one's
 # median and the median (and spread) of the per-round ratios. Also prints fazt's
-# resident memory (VmRSS) idle after start and idle after the load.
+# resident memory (VmRSS) idle after start, and 2 s and 10 s after the load.
 #
 # Usage: scripts/bench_http.sh      (SKIP_BUILD=1 to reuse the release binaries;
 #        ROUNDS=3; WRK_DURATION=10s, WRK_CONNS=50, WRK_THREADS=2 go to the driver;
@@ -95,6 +95,10 @@ done
 sleep 2
 RSS_AFTER="$(rss_kb "$FAZT_PID")"
 [ -n "${FAZT_BASELINE:-}" ] && RSS_BASE="$(rss_kb "$BASE_PID")"
+# HTTP threads left idle drop their warm contexts after 5 s (src/http/mod.rs WARM_IDLE).
+sleep 8
+RSS_SETTLED="$(rss_kb "$FAZT_PID")"
+[ -n "${FAZT_BASELINE:-}" ] && RSS_BASE_SETTLED="$(rss_kb "$BASE_PID")"
 
 # --- summary ------------------------------------------------------------------------
 v() { result_value "$WORK/$1.$3.result" "$1" "$2"; }            # NAME METRIC ROUND
@@ -124,7 +128,7 @@ if [ -n "${FAZT_BASELINE:-}" ]; then
   rline "fazt.static / base.static" fazt.static base.static
   rline "base.handler / node" base.handler node.counter
   rline "base.static / node" base.static node.counter
-  echo "baseline ($FAZT_BASELINE) RSS idle after the load: ${RSS_BASE} kB"
+  echo "baseline ($FAZT_BASELINE) RSS idle after the load: ${RSS_BASE} kB 2 s after, ${RSS_BASE_SETTLED} kB 10 s after"
 fi
-echo "fazt RSS: idle after start ${RSS_START} kB, idle after the load ${RSS_AFTER} kB"
+echo "fazt RSS: idle after start ${RSS_START} kB, idle after the load ${RSS_AFTER} kB 2 s after, ${RSS_SETTLED} kB 10 s after"
 echo "reference (shared/bench/README.md): Node 20 plain http counter JSON ~43,600 req/s, p99 7.7 ms"

@@ -77,10 +77,13 @@ impl StaticCache {
         inner
             .apps
             .retain(|(app, deploy), _| live(app) == Some(*deploy));
-        let (entries, bytes) = inner.apps.values().flat_map(|f| f.values()).fold(
-            (0, 0),
-            |(n, b), c| (n + 1, b + c.as_ref().map_or(0, |c| c.len())),
-        );
+        let (entries, bytes) = inner
+            .apps
+            .values()
+            .flat_map(|f| f.values())
+            .fold((0, 0), |(n, b), c| {
+                (n + 1, b + c.as_ref().map_or(0, |c| c.len()))
+            });
         inner.entries = entries;
         inner.bytes = bytes;
     }
@@ -101,7 +104,11 @@ mod tests {
         c.put("a", 1, "about", None);
         assert_eq!(c.get("a", 1, "index.html"), Some(file("one")));
         assert_eq!(c.get("a", 1, "about"), Some(None));
-        assert_eq!(c.get("a", 2, "index.html"), None, "another deploy is another key");
+        assert_eq!(
+            c.get("a", 2, "index.html"),
+            None,
+            "another deploy is another key"
+        );
         assert_eq!(c.get("b", 1, "index.html"), None);
         c.put("a", 2, "index.html", file("two"));
         c.sweep(1, |app| (app == "a").then_some(2));

@@ -96,7 +96,8 @@ fn hello_server() -> (Server, String) {
 /// connection's thread sleeps once per request (waiting for it), not twice (waiting
 /// for the answer, then for the next request). On a loaded machine the next request
 /// sometimes arrives before the answering thread has said it is done (a second
-/// sleep), hence the margin; before the change every request cost at least two.
+/// sleep): 400-640 sleeps alone, up to 733 beside the whole suite, hence the margin;
+/// before the change every request cost at least two (>= 800).
 #[test]
 fn keep_alive_requests_wake_the_connection_thread_once_each() {
     let (server, host) = hello_server();
@@ -109,7 +110,7 @@ fn keep_alive_requests_wake_the_connection_thread_once_each() {
         let total: u64 = grown(&before, &after).iter().sum();
         println!("{path}: connection threads slept {total} times for {N} requests");
         assert!(
-            total < N * 7 / 4,
+            total < N * 19 / 10,
             "{path}: connection threads slept {total} times for {N} requests (2 per request \
              when they wait for each answer)"
         );
@@ -177,7 +178,11 @@ fn handler_threads_left_idle_after_a_burst_give_their_memory_back() {
         now = rss(&server);
         now + (3 << 20) < peak
     });
-    println!("RSS after the burst {} MB, then {} MB", peak >> 20, now >> 20);
+    println!(
+        "RSS after the burst {} MB, then {} MB",
+        peak >> 20,
+        now >> 20
+    );
     assert!(
         dropped,
         "RSS stayed at {} MB after the burst (peak {} MB)",
