@@ -4,6 +4,7 @@
 //! the serving rules try `about` before `about/index.html`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Files larger than this are read from the store every time.
@@ -23,6 +24,9 @@ pub type Cached = Option<Arc<[u8]>>;
 #[derive(Default)]
 pub struct StaticCache {
     inner: Mutex<Inner>,
+    /// `Registry::changes` at the last sweep, readable without the lock: every static
+    /// request asks, and almost never needs a sweep.
+    swept_at: AtomicU64,
 }
 
 #[derive(Default)]
@@ -31,8 +35,6 @@ struct Inner {
     apps: HashMap<(String, i64), HashMap<String, Cached>>,
     entries: usize,
     bytes: usize,
-    /// `Registry::changes` at the last sweep.
-    seen_changes: u64,
 }
 
 impl StaticCache {
@@ -69,11 +71,13 @@ impl StaticCache {
     /// Drops the entries of deployments that are no longer live, when the registry
     /// changed since the last sweep (`changes`); `live` says an app's live deploy id.
     pub fn sweep(&self, changes: u64, live: impl Fn(&str) -> Option<i64>) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if inner.seen_changes == changes {
+        if self.swept_at.load(Ordering::Acquire) == changes {
             return;
         }
-        inner.seen_changes = changes;
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if self.swept_at.swap(changes, Ordering::AcqRel) == changes {
+            return;
+        }
         inner
             .apps
             .retain(|(app, deploy), _| live(app) == Some(*deploy));
