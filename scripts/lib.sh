@@ -37,22 +37,24 @@ build_release() {
   (cd "$ROOT" && cargo build --release --bin fazt >&2)
 }
 
-# Starts fazt on 127.0.0.1:0 with a fresh data dir. Sets FAZT_PID, FAZT_ADDR,
-# FAZT_PORT, FAZT_DATA, FAZT_TOKEN.
+# start_fazt [BINARY]: starts fazt (default $FAZT) on 127.0.0.1:0 with a fresh data
+# dir. Sets FAZT_PID, FAZT_ADDR, FAZT_PORT, FAZT_DATA, FAZT_TOKEN.
 start_fazt() {
-  FAZT_DATA="$WORK/fazt-data"
-  "$FAZT" --data-dir "$FAZT_DATA" server --listen 127.0.0.1:0 \
-    >"$WORK/fazt.out" 2>"$WORK/fazt.err" &
+  local bin="${1:-$FAZT}" n=0
+  while [ -e "$WORK/fazt$n.out" ]; do n=$((n + 1)); done
+  FAZT_DATA="$WORK/fazt-data$n"
+  "$bin" --data-dir "$FAZT_DATA" server --listen 127.0.0.1:0 \
+    >"$WORK/fazt$n.out" 2>"$WORK/fazt$n.err" &
   FAZT_PID=$!
   PIDS+=("$FAZT_PID")
   FAZT_ADDR=""
   for _ in $(seq 1 300); do
-    FAZT_ADDR="$(sed -n 's|^fazt listening on http://||p' "$WORK/fazt.out" | head -n1)"
+    FAZT_ADDR="$(sed -n 's|^fazt listening on http://||p' "$WORK/fazt$n.out" | head -n1)"
     [ -n "$FAZT_ADDR" ] && break
-    kill -0 "$FAZT_PID" 2>/dev/null || { cat "$WORK/fazt.err" >&2; echo "fazt exited at start" >&2; exit 1; }
+    kill -0 "$FAZT_PID" 2>/dev/null || { cat "$WORK/fazt$n.err" >&2; echo "fazt exited at start" >&2; exit 1; }
     sleep 0.1
   done
-  [ -n "$FAZT_ADDR" ] || { cat "$WORK/fazt.err" >&2; echo "fazt did not print its address" >&2; exit 1; }
+  [ -n "$FAZT_ADDR" ] || { cat "$WORK/fazt$n.err" >&2; echo "fazt did not print its address" >&2; exit 1; }
   FAZT_PORT="${FAZT_ADDR##*:}"
   FAZT_TOKEN="$(cat "$FAZT_DATA/admin.token")"
   note "fazt pid $FAZT_PID on http://$FAZT_ADDR (data dir $FAZT_DATA)"
@@ -75,21 +77,37 @@ app_get() {
   curl -sS --fail-with-body -H "Host: $app.localhost:$FAZT_PORT" "$@" "http://$FAZT_ADDR$path"
 }
 
-# rss_kb PID: resident set size in kB.
 # Runs a Node baseline server (a script that prints "listening <port>") in the
 # background and sets NODE_PORT once it listens.
 start_node_baseline() {
-  node "$1" >"$WORK/node.out" 2>&1 &
-  PIDS+=("$!")
-  NODE_PORT=""
-  for _ in $(seq 1 100); do
-    NODE_PORT="$(sed -n 's/^listening //p' "$WORK/node.out")"
-    [ -n "$NODE_PORT" ] && break
-    sleep 0.1
-  done
-  [ -n "$NODE_PORT" ] || { cat "$WORK/node.out" >&2; echo "node did not start" >&2; exit 1; }
+  start_listening NODE_PORT node "$1"
 }
 
+# start_listening VAR CMD...: runs CMD (which prints "listening <port>") in the
+# background and sets VAR to the port once it listens, and VAR_PID to its pid.
+start_listening() {
+  local var=$1 port="" out
+  shift
+  out="$WORK/$var.out"
+  "$@" >"$out" 2>&1 &
+  PIDS+=("$!")
+  printf -v "${var}_PID" '%s' "$!"
+  for _ in $(seq 1 100); do
+    port="$(sed -n 's/^listening //p' "$out")"
+    [ -n "$port" ] && break
+    sleep 0.1
+  done
+  [ -n "$port" ] || { cat "$out" >&2; echo "$* did not start" >&2; exit 1; }
+  printf -v "$var" '%s' "$port"
+}
+
+# median: the median of the numbers on stdin (one a line), or nothing.
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
+
+# spread: "min–max" of the numbers on stdin.
+spread() { sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR) printf "%s-%s", lo, hi }'; }
+
+# rss_kb PID: resident set size in kB.
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
 # The shared drivers take loopback URLs only and set no Host header, but fazt routes

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tiny_http::Request;
 
 use super::handlers::{HandlerCache, HandlerRequest};
+use super::static_files::StaticCache;
 use super::util::{self, HttpError, Reply, Route};
 use crate::js::Interrupt;
 use crate::services::Services;
@@ -13,16 +14,18 @@ use crate::services::Services;
 pub fn handle(
     req: &mut Request,
     app: &str,
-    services: &Arc<Services>,
-    limits: &super::HttpLimits,
+    shared: &super::Shared,
     cache: &mut HandlerCache,
 ) -> Result<Reply, HttpError> {
+    let (services, limits) = (&shared.services, &shared.limits);
     let (path, query) = util::split_url(req.url());
     let route = app_route(&path);
     // The request is a run of the app's live deployment until `run` drops: removing the
-    // app stops a handler (its deadline counts from here) and waits for the rest.
-    let interrupt = cache.new_interrupt();
-    let Some(run) = services.enter_app(app, Some(interrupt.clone()))? else {
+    // app stops a handler (its deadline counts from here) and waits for the rest. Only
+    // a handler runs JS, so only a handler needs an interrupt (each one registers with
+    // the deadline watcher).
+    let interrupt = matches!(route, AppRoute::Handler { .. }).then(|| cache.new_interrupt());
+    let Some(run) = services.enter_app(app, interrupt.clone())? else {
         return Err(HttpError::not_found(format!(
             "no app named '{app}' is deployed"
         )));
@@ -31,6 +34,9 @@ pub fn handle(
     match route {
         AppRoute::WebSocket => Ok(Reply::Upgrade),
         AppRoute::Handler { name, path } => {
+            let Some(interrupt) = interrupt else {
+                return Err(HttpError::internal("a handler run without an interrupt"));
+            };
             let call = HandlerCall {
                 app,
                 deploy,
@@ -48,7 +54,9 @@ pub fn handle(
             crate::metrics::global().handler_called(app, status, started.elapsed());
             reply
         }
-        AppRoute::Static { candidates } => serve_static(app, &path, &candidates, services),
+        AppRoute::Static { candidates } => {
+            serve_static(app, deploy, &path, &candidates, services, &shared.statics)
+        }
         AppRoute::NotFound => Err(HttpError::not_found(format!("no file at {path}"))),
     }
 }
@@ -130,12 +138,26 @@ pub fn upgrade(req: Request, route: Route, services: &Arc<Services>) {
 
 fn serve_static(
     app: &str,
+    deploy: i64,
     path: &str,
     candidates: &[String],
     services: &Services,
+    statics: &StaticCache,
 ) -> Result<Reply, HttpError> {
+    statics.sweep(services.apps.changes(), |name| {
+        services.apps.known(name).map(|d| d.deploy_id)
+    });
     for rel in candidates {
-        if let Some(content) = services.store.app_file(app, rel)? {
+        let content = match statics.get(app, deploy, rel) {
+            Some(cached) => cached.map(|c| c.to_vec()),
+            None => {
+                let content = services.store.app_file(app, rel)?;
+                let shared = content.as_deref().map(Arc::<[u8]>::from);
+                statics.put(app, deploy, rel, shared);
+                content
+            }
+        };
+        if let Some(content) = content {
             return Ok(Reply::bytes(200, content_type(rel), content));
         }
     }
@@ -244,8 +266,19 @@ fn run_handler(
 
 /// The content type for a file name, by extension.
 pub fn content_type(path: &str) -> &'static str {
-    let ext = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
-    match ext.as_deref() {
+    // Lower-cased on the stack: every static answer asks, and no extension we know is
+    // longer than 8 bytes.
+    let mut buf = [0u8; 8];
+    let ext = match path.rsplit_once('.') {
+        Some((_, e)) if e.len() <= buf.len() => {
+            let lower = &mut buf[..e.len()];
+            lower.copy_from_slice(e.as_bytes());
+            lower.make_ascii_lowercase();
+            std::str::from_utf8(lower).ok()
+        }
+        _ => None,
+    };
+    match ext {
         Some("html" | "htm") => "text/html; charset=utf-8",
         Some("css") => "text/css; charset=utf-8",
         Some("js" | "mjs") => "text/javascript; charset=utf-8",
@@ -367,5 +400,8 @@ mod tests {
         assert_eq!(content_type("a/b/app.JS"), "text/javascript; charset=utf-8");
         assert_eq!(content_type("logo.png"), "image/png");
         assert_eq!(content_type("noext"), "application/octet-stream");
+        assert_eq!(content_type("a.WOFF2"), "font/woff2");
+        assert_eq!(content_type("a.verylongext"), "application/octet-stream");
+        assert_eq!(content_type("a.é"), "application/octet-stream");
     }
 }

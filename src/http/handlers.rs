@@ -121,6 +121,20 @@ impl HandlerCache {
         self.apps.clear();
     }
 
+    /// Whether no context is warm.
+    pub fn is_empty(&self) -> bool {
+        self.apps.is_empty()
+    }
+
+    /// Drops every warm context and frees what they held: a context's objects live in
+    /// this thread's collector until it runs, and freed pages stay in malloc's arenas
+    /// until a trim.
+    pub fn drop_all(&mut self) {
+        self.apps.clear();
+        boa_gc::force_collect();
+        crate::js::interrupt::trim_soon();
+    }
+
     /// Whether `file` of `app` at deploy `deploy` is already loaded (its source is not
     /// needed).
     pub fn is_loaded(&self, app: &str, deploy: i64, file: &str) -> bool {

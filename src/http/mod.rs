@@ -8,6 +8,7 @@ mod app_traffic;
 mod console;
 mod handlers;
 mod headers;
+mod static_files;
 mod system;
 mod util;
 
@@ -114,9 +115,15 @@ struct Shared {
     stopping: AtomicBool,
     services: Arc<Services>,
     limits: HttpLimits,
+    /// Small static files by app and deploy id, shared by all HTTP threads.
+    statics: static_files::StaticCache,
     /// See `KILL_THREAD_ENV`; None unless the test variable is set.
     kill_path: Option<String>,
 }
+
+/// A handler thread that served no request for this long drops its warm contexts (a
+/// context costs about 1 MB; building one again costs a few ms).
+const WARM_IDLE: Duration = Duration::from_secs(5);
 
 /// Abandoned handler threads still alive. Each may spin on a core until boa's loop
 /// limit ends it, so their number is capped: past the cap a stuck thread is left in
@@ -153,6 +160,7 @@ impl HttpServer {
             stopping: AtomicBool::new(false),
             services,
             limits,
+            statics: static_files::StaticCache::default(),
             kill_path: std::env::var(KILL_THREAD_ENV).ok(),
         });
         let mut workers = Vec::with_capacity(threads);
@@ -287,8 +295,20 @@ fn serve(shared: &Shared, js_since: Arc<AtomicI64>, abandoned: &AtomicBool) {
     let stopping = &shared.stopping;
     let mut cache = HandlerCache::new(js_since);
     while !stopping.load(Ordering::SeqCst) && !abandoned.load(Ordering::SeqCst) {
-        let req = match shared.server.recv() {
-            Ok(r) => r,
+        // Requests go to the thread that waited last (tiny_http's queue is a stack), so
+        // after a burst most threads wait long: one that served nothing for
+        // `WARM_IDLE` drops its warm contexts, and their memory goes back to the OS.
+        let next = if cache.is_empty() {
+            shared.server.recv().map(Some)
+        } else {
+            shared.server.recv_timeout(WARM_IDLE)
+        };
+        let req = match next {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                cache.drop_all();
+                continue;
+            }
             Err(e) => {
                 if !stopping.load(Ordering::SeqCst) {
                     log::warn!("accepting a request failed: {e}");
@@ -310,7 +330,7 @@ fn serve(shared: &Shared, js_since: Arc<AtomicI64>, abandoned: &AtomicBool) {
         // Everything a request does, the upgrade and the response write included, runs
         // under catch_unwind: a panic there costs that request, not the thread.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            handle(req, services, &shared.limits, &mut cache)
+            handle(req, shared, &mut cache)
         }));
         if outcome.is_err() {
             cache.clear();
@@ -322,17 +342,13 @@ fn serve(shared: &Shared, js_since: Arc<AtomicI64>, abandoned: &AtomicBool) {
     }
 }
 
-fn handle(
-    mut req: tiny_http::Request,
-    services: &Arc<Services>,
-    limits: &HttpLimits,
-    cache: &mut HandlerCache,
-) {
+fn handle(mut req: tiny_http::Request, shared: &Shared, cache: &mut HandlerCache) {
+    let services = &shared.services;
     let host = util::header(&req, "host").unwrap_or_default();
     let route = util::route_host(&host);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &route {
         util::Route::System => system::handle(&mut req, services),
-        util::Route::App(app) => app_traffic::handle(&mut req, app, services, limits, cache),
+        util::Route::App(app) => app_traffic::handle(&mut req, app, shared, cache),
     }));
     let reply = match outcome {
         Ok(Ok(Reply::Upgrade)) => return app_traffic::upgrade(req, route, services),

@@ -11,6 +11,7 @@ mod errors;
 mod hostile;
 mod hostile_js;
 mod isolation;
+mod perf_http;
 mod platform;
 mod quotas;
 mod realtime;

@@ -49,6 +49,9 @@ pub struct ClientConnection {
     limits: Arc<Limits>,
     leftover: Arc<AtomicU64>,
     budget: Arc<BodyBudget>,
+    /// The socket's read timeout as last set here (only this thread sets it while the
+    /// connection serves HTTP).
+    read_timeout: std::cell::Cell<Option<Duration>>,
 }
 
 /// Error that can happen when reading a request.
@@ -113,47 +116,35 @@ impl ClientConnection {
             limits,
             leftover: Arc::new(AtomicU64::new(0)),
             budget,
+            read_timeout: std::cell::Cell::new(None),
         }
     }
 
     /// fazt patch: writes a response a handler serialized (`Request::respond`), here in
-    /// the connection's thread, within `write_timeout` plus the time the body takes at
-    /// `body_min_rate` (a client that reads slowly or not at all loses its connection,
-    /// not a handler thread). False (and the connection shut) when that fails.
+    /// the connection's thread (see `write_pending`). False (and the connection shut)
+    /// when that fails.
     pub(crate) fn write_response(&mut self, pending: crate::request::PendingWrite) -> bool {
-        use std::io::Write;
-        let crate::request::PendingWrite {
-            mut writer, bytes, ..
-        } = pending;
-        let t = self.limits.write_timeout;
-        let per_rate = bytes.len() as u64 / self.limits.body_min_rate.max(1);
-        let deadline = Instant::now() + t + Duration::from_secs(per_rate);
-        let mut at = 0;
-        let mut ok = true;
-        while at < bytes.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                ok = false;
-                break;
-            }
-            // The socket's timeout bounds each write call; the deadline bounds them all.
-            let _ = self
-                .control
-                .set_write_timeout(Some(left.min(t).max(Duration::from_millis(1))));
-            match writer.write(&bytes[at..]) {
-                Ok(0) | Err(_) => {
-                    ok = false;
-                    break;
-                }
-                Ok(n) => at += n,
-            }
+        write_pending(&self.control, &self.limits, pending)
+    }
+
+    /// fazt patch: whether the request just returned by `next` is the connection's last
+    /// (`Connection: close`, HTTP/1.0, an upgrade).
+    pub(crate) fn is_last(&self) -> bool {
+        self.no_more_requests
+    }
+
+    /// fazt patch: what a handler thread needs to write a response itself, without
+    /// waiting (`Request::hand_off`): the socket, the limits and the thread pool for a
+    /// rest it could not write at once. None over TLS or without a descriptor.
+    pub(crate) fn direct(&self, pool: &Arc<crate::util::TaskPool>) -> Option<crate::request::Direct> {
+        if self.secure || self.control.raw_fd().is_none() {
+            return None;
         }
-        ok = ok && writer.flush().is_ok();
-        let _ = self.control.set_write_timeout(Some(t));
-        if !ok {
-            let _ = self.control.shutdown(Shutdown::Both);
-        }
-        ok
+        Some(crate::request::Direct {
+            control: self.control.try_clone().ok()?,
+            limits: self.limits.clone(),
+            pool: pool.clone(),
+        })
     }
 
     /// Reads the next line from self.next_header_source, at most `limit` bytes, and
@@ -161,33 +152,38 @@ impl ClientConnection {
     ///
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
+    ///
+    /// fazt patch: scans the read buffer for the line's end instead of reading a byte
+    /// per call (with a clock read per byte); the deadline is checked after every
+    /// read from the socket, which is where a client dripping bytes makes us wait.
     fn read_next_line(&mut self, limit: usize, deadline: Instant) -> Result<Vec<u8>, LineError> {
         let mut buf = Vec::new();
-        let mut prev_byte_was_cr = false;
-
         loop {
-            let byte = self.next_header_source.by_ref().bytes().next();
-
-            let byte = match byte {
-                Some(Ok(b)) => b,
-                Some(Err(e)) if is_timeout(&e) => return Err(LineError::TimedOut),
-                Some(Err(e)) => return Err(LineError::Io(e)),
-                None => {
+            let available = match self.next_header_source.fill_buf() {
+                Ok([]) => {
                     return Err(LineError::Io(IoError::new(
                         ErrorKind::ConnectionAborted,
                         "Unexpected EOF",
                     )))
                 }
+                Ok(b) => b,
+                Err(e) if is_timeout(&e) => return Err(LineError::TimedOut),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(LineError::Io(e)),
             };
-
-            if byte == b'\n' && prev_byte_was_cr {
-                buf.pop(); // removing the '\r'
+            // Take the bytes up to and including the first LF, or all there are.
+            let (take, done) = match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (available.len(), false),
+            };
+            // Never hold more than the limit (plus the CRLF) of one line in memory.
+            let room = (limit + 2).saturating_sub(buf.len());
+            buf.extend_from_slice(&available[..take.min(room)]);
+            self.next_header_source.consume(take.min(room));
+            if done && take <= room && buf.ends_with(b"\r\n") {
+                buf.truncate(buf.len() - 2);
                 return Ok(buf);
             }
-
-            prev_byte_was_cr = byte == b'\r';
-
-            buf.push(byte);
             if buf.len() > limit + 1 {
                 return Err(LineError::TooLong);
             }
@@ -199,9 +195,12 @@ impl ClientConnection {
     }
 
     fn set_read_timeout(&self, t: Duration) {
-        let _ = self
-            .control
-            .set_read_timeout(Some(t.max(Duration::from_millis(1))));
+        // fazt patch: a system call only when the timeout changes (the head and the
+        // body timeouts are often the same).
+        let t = t.max(Duration::from_millis(1));
+        if self.read_timeout.get() != Some(t) && self.control.set_read_timeout(Some(t)).is_ok() {
+            self.read_timeout.set(Some(t));
+        }
     }
 
     /// Skips `n` unread body bytes so the connection can serve its next request: at
@@ -484,6 +483,51 @@ impl Iterator for ClientConnection {
         // returning the request
         Some(rq)
     }
+}
+
+/// fazt patch: writes a serialized response from where `pending.at` says, within
+/// `write_timeout` plus the time the body takes at `body_min_rate` (a client that reads
+/// slowly or not at all loses its connection, not a thread for long). False (and the
+/// connection shut) when that fails.
+pub(crate) fn write_pending(
+    control: &Connection,
+    limits: &Limits,
+    pending: crate::request::PendingWrite,
+) -> bool {
+    use std::io::Write;
+    let crate::request::PendingWrite {
+        mut writer,
+        bytes,
+        at,
+        ..
+    } = pending;
+    let t = limits.write_timeout;
+    let per_rate = bytes.len() as u64 / limits.body_min_rate.max(1);
+    let deadline = Instant::now() + t + Duration::from_secs(per_rate);
+    let mut at = at;
+    let mut ok = true;
+    while at < bytes.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            ok = false;
+            break;
+        }
+        // The socket's timeout bounds each write call; the deadline bounds them all.
+        let _ = control.set_write_timeout(Some(left.min(t).max(Duration::from_millis(1))));
+        match writer.write(&bytes[at..]) {
+            Ok(0) | Err(_) => {
+                ok = false;
+                break;
+            }
+            Ok(n) => at += n,
+        }
+    }
+    ok = ok && writer.flush().is_ok();
+    let _ = control.set_write_timeout(Some(t));
+    if !ok {
+        let _ = control.shutdown(Shutdown::Both);
+    }
+    ok
 }
 
 /// Parses a "HTTP/1.1" string. fazt patch: a well-formed version other than 1.0 and

@@ -117,6 +117,44 @@ impl Connection {
         None
     }
 
+    /// fazt patch: writes what the socket takes of `buf` right now, without waiting
+    /// (`MSG_DONTWAIT`): Ok(0) when its send buffer is full. A handler thread writes a
+    /// response this way and hands only a rest it could not write to another thread,
+    /// so it never waits on a client (see `Request::hand_off`).
+    #[cfg(unix)]
+    #[allow(unsafe_code)]
+    pub(crate) fn send_now(&self, buf: &[u8]) -> std::io::Result<usize> {
+        let Some(fd) = self.raw_fd() else {
+            return Ok(0);
+        };
+        loop {
+            // SAFETY: `fd` is this connection's open socket (it lives as long as
+            // `self`), and `buf` is a valid slice for `buf.len()` bytes.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        }
+    }
+
+    #[cfg(not(unix))]
+    pub(crate) fn send_now(&self, _buf: &[u8]) -> std::io::Result<usize> {
+        Ok(0)
+    }
+
     pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
             Self::Tcp(s) => s.set_read_timeout(t),

@@ -87,7 +87,8 @@
 //! # let response = tiny_http::Response::from_file(File::open(&Path::new("image.png")).unwrap());
 //! let _ = request.respond(response);
 //! ```
-#![forbid(unsafe_code)]
+// fazt patch: `deny`, not `forbid`: one call (`Connection::send_now`) needs libc.
+#![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 #![allow(clippy::match_like_matches_macro)]
 
@@ -249,6 +250,56 @@ impl Default for Limits {
     }
 }
 
+/// fazt patch: hands out a connection's requests one at a time. The next request is
+/// read only once the previous one is answered (upstream did so for HTTPS only, against
+/// a deadlock). Otherwise a client pipelining requests it never reads answers to had
+/// every one handed out at once: the first handler thread blocked writing to the full
+/// socket and all others queued behind it for their turn to write. A connection now
+/// holds at most one handler thread, and an unbounded pipeline costs no memory. An
+/// upgrade is not waited for: it holds its stream for the WebSocket's life.
+///
+/// On a kept-alive connection the thread that answers writes the response itself,
+/// without waiting on the client (`request::Direct`), and this thread goes straight on
+/// to read the next request's head: one thread wake-up per request instead of two. It
+/// hands that request out only once the previous answer is written. The last request
+/// (`Connection: close`, HTTP/1.0, an upgrade) has its answer handed back here and
+/// written by this thread (`ClientConnection::write_response`), as are answers over
+/// TLS; either way under a deadline: see `Request::respond`.
+fn serve_connection(
+    client: &mut ClientConnection,
+    messages: &MessagesQueue<Message>,
+    responses: &Arc<util::BodyBudget>,
+    pool: &Arc<util::TaskPool>,
+) {
+    let (sender, receiver) = mpsc::channel();
+    // Whether the previous request's answer is still being written by another thread.
+    let mut outstanding = false;
+    let answered = |client: &mut ClientConnection| match receiver.recv() {
+        Ok(request::Responded::Done) => true,
+        Ok(request::Responded::Write(pending)) => client.write_response(pending),
+        Err(_) => false,
+    };
+    while let Some(rq) = client.next() {
+        if outstanding && !answered(client) {
+            return;
+        }
+        let direct = if client.is_last() {
+            None
+        } else {
+            client.direct(pool)
+        };
+        outstanding = direct.is_some();
+        let rq = rq.with_notify_sender(sender.clone(), responses.clone(), direct);
+        messages.push(rq.into());
+        if !outstanding && !answered(client) {
+            return;
+        }
+    }
+    if outstanding {
+        answered(client);
+    }
+}
+
 impl Server {
     /// Shortcut for a simple server on a specific address.
     #[inline]
@@ -364,7 +415,7 @@ impl Server {
             .name("tiny-http-accept".into())
             .spawn(move || {
                 // a tasks pool is used to dispatch the connections into threads
-                let tasks_pool = util::TaskPool::new();
+                let tasks_pool = Arc::new(util::TaskPool::new());
                 let mut backoff = util::Backoff::default();
 
                 log::debug!("Running accept thread");
@@ -444,36 +495,11 @@ impl Server {
 
                     let messages = inside_messages.clone();
                     let responses = responses.clone();
+                    let pool = tasks_pool.clone();
                     let mut task = Some((client, slot));
                     tasks_pool.spawn(Box::new(move || {
                         if let Some((mut client, slot)) = task.take() {
-                            // fazt patch: the next request is read only once this one
-                            // is answered (upstream did so for HTTPS only, against a
-                            // deadlock). Otherwise a client pipelining requests it never
-                            // reads answers to had every one handed out at once: the
-                            // first handler thread blocked writing to the full socket and
-                            // all others queued behind it for their turn to write. A
-                            // connection now holds at most one handler thread, and an
-                            // unbounded pipeline costs no memory. An upgrade is not
-                            // waited for: it holds its stream for the WebSocket's life.
-                            //
-                            // The answer, serialized, is written here (not in a handler
-                            // thread) under a deadline: see `Request::respond`.
-                            let (sender, receiver) = mpsc::channel();
-                            while let Some(rq) = client.next() {
-                                let rq = rq.with_notify_sender(sender.clone(), responses.clone());
-                                messages.push(rq.into());
-                                let written = match receiver.recv() {
-                                    Ok(request::Responded::Done) => true,
-                                    Ok(request::Responded::Write(pending)) => {
-                                        client.write_response(pending)
-                                    }
-                                    Err(_) => false,
-                                };
-                                if !written {
-                                    break;
-                                }
-                            }
+                            serve_connection(&mut client, &messages, &responses, &pool);
                             // The slot is released once no more requests come. Dropping
                             // the connection then waits for the last request's reader,
                             // which an upgraded connection (a WebSocket) holds for its

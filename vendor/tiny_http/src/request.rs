@@ -87,6 +87,20 @@ pub struct Request {
 
     // fazt patch: memory for responses handed to the connection's thread to write.
     response_budget: Option<Arc<BodyBudget>>,
+
+    // fazt patch: set when the thread that answers may write the response itself (see
+    // `hand_off`); the connection's thread is then already reading the next request.
+    direct: Option<Direct>,
+}
+
+/// fazt patch: what lets the thread that answers a request write the response itself:
+/// what the socket takes at once goes out there (`Connection::send_now`, never
+/// waiting), a rest goes to a pool thread that writes it under the write deadline.
+/// This saves the connection thread's wake-up per request on kept-alive connections.
+pub(crate) struct Direct {
+    pub(crate) control: crate::connection::Connection,
+    pub(crate) limits: Arc<crate::Limits>,
+    pub(crate) pool: Arc<crate::util::TaskPool>,
 }
 
 /// fazt patch: what the connection's thread hears once a request is answered.
@@ -102,6 +116,8 @@ pub(crate) enum Responded {
 pub(crate) struct PendingWrite {
     pub(crate) writer: Box<dyn Write + Send + 'static>,
     pub(crate) bytes: Vec<u8>,
+    /// How much of `bytes` is already written.
+    pub(crate) at: usize,
     _guard: Option<BudgetGuard>,
 }
 
@@ -322,6 +338,7 @@ where
         must_send_continue: expects_continue,
         notify_when_responded: None,
         response_budget: None,
+        direct: None,
     })
 }
 
@@ -603,6 +620,12 @@ impl Request {
         // large one past the budget is refused 503 rather than written here, where a
         // client that does not read would hold this (application) thread.
         let length = response.data_length();
+        // fazt patch: a small response written by this thread itself (see `Direct`)
+        // needs no share of the budget: it mostly fits in the socket's buffer, and
+        // such responses always went (`HANDOFF_SMALL`).
+        if self.direct.is_some() && length.is_some_and(|len| len <= HANDOFF_SMALL) {
+            return self.hand_off(response, None, &sender);
+        }
         let guard = match (length, &self.response_budget) {
             (Some(len), Some(budget)) => {
                 let ip = self.remote_addr.map(|a| a.ip());
@@ -661,9 +684,14 @@ impl Request {
             self.method == Method::Head,
             None,
         )?;
+        let writer = self.extract_writer_impl();
+        if let Some(direct) = self.direct.take() {
+            return Self::write_direct(direct, writer, bytes, guard, sender);
+        }
         let pending = PendingWrite {
-            writer: self.extract_writer_impl(),
+            writer,
             bytes,
+            at: 0,
             _guard: guard,
         };
         match sender.send(Responded::Write(pending)) {
@@ -674,6 +702,51 @@ impl Request {
             }
             Err(_) => Ok(()),
         }
+    }
+
+    /// fazt patch: writes what the socket takes of `bytes` now, from this thread, and
+    /// hands a rest to a pool thread (under the write deadline, like the connection's
+    /// thread would); the connection's thread hears `Done` once all is written.
+    fn write_direct(
+        direct: Direct,
+        mut writer: Box<dyn Write + Send + 'static>,
+        bytes: Vec<u8>,
+        guard: Option<BudgetGuard>,
+        sender: &Sender<Responded>,
+    ) -> Result<(), IoError> {
+        // Nothing is buffered in the writer (every writer before it flushed), but if
+        // something were, it must go first.
+        let sent = writer.flush().and_then(|()| direct.control.send_now(&bytes));
+        let at = match sent {
+            Ok(n) if n == bytes.len() => {
+                // Drop the writer first: it lets the next response's writer go.
+                drop(writer);
+                let _ = sender.send(Responded::Done);
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) => {
+                let _ = direct.control.shutdown(std::net::Shutdown::Both);
+                drop(writer);
+                let _ = sender.send(Responded::Done);
+                return Self::ignore_client_closing_errors(Err(e));
+            }
+        };
+        let pending = PendingWrite {
+            writer,
+            bytes,
+            at,
+            _guard: guard,
+        };
+        let sender = sender.clone();
+        let mut task = Some((direct.control, direct.limits, pending, sender));
+        direct.pool.spawn(Box::new(move || {
+            if let Some((control, limits, pending, sender)) = task.take() {
+                crate::client::write_pending(&control, &limits, pending);
+                let _ = sender.send(Responded::Done);
+            }
+        }));
+        Ok(())
     }
 
     fn respond_impl<R>(&mut self, response: Response<R>) -> Result<(), IoError>
@@ -709,9 +782,11 @@ impl Request {
         mut self,
         sender: Sender<Responded>,
         budget: Arc<BodyBudget>,
+        direct: Option<Direct>,
     ) -> Self {
         self.notify_when_responded = Some(sender);
         self.response_budget = Some(budget);
+        self.direct = direct;
         self
     }
 }
