@@ -1,94 +1,126 @@
-//! Realtime and store benches: hub fan-out of one message to 100 subscribers, delivered
-//! into their queues and drained by a separate thread (no sockets), and `kv_set` writes
-//! through the store's batching writer as the store baseline.
+//! Realtime and store benches: hub fan-out of one message to 100 subscribers over real
+//! loopback sockets, written by the WebSocket event loop and read by a client thread
+//! (no HTTP handshake), and `kv_set` writes through the store's batching writer as the
+//! store baseline.
 
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use crossbeam_channel::{Receiver, Select};
+use crossbeam_channel::Receiver;
 
-use fazt::realtime::{Hub, Listeners};
+use fazt::realtime::{Env, Hub, Listeners};
 
 const APP: &str = "bench";
 const CHANNEL: &str = "room";
 
-/// A hub with `n` subscribers on `CHANNEL`, and one thread draining their queues in
-/// place of the sessions' writer threads. Both sides block rather than spin, so the
-/// figures hold on 2 busy cores.
-struct FanOut {
+/// The least a session needs from the server: the hub.
+struct BenchEnv {
     hub: Hub,
-    /// Messages taken off the queues so far.
-    delivered: Arc<AtomicU64>,
-    /// The drainer pings this after each pass that took something.
+}
+
+impl Env for BenchEnv {
+    fn hub(&self) -> &Hub {
+        &self.hub
+    }
+    fn app_live(&self, _: &str) -> bool {
+        true
+    }
+    fn ws_connected(&self) {}
+}
+
+/// A hub with `n` subscribers on `CHANNEL`, each a loopback socket served by the event
+/// loop, and one thread reading the client ends (blocking in poll, never spinning, so
+/// the figures hold on 2 busy cores).
+struct FanOut {
+    env: Arc<BenchEnv>,
+    /// Bytes read by the clients so far.
+    received: Arc<AtomicU64>,
+    /// The reader pings this after each pass that read something.
     progress: Receiver<()>,
-    // Set to end the drainer, which is joined on drop.
+    // Set to end the reader, which is joined on drop.
     stop: Arc<AtomicBool>,
-    drainer: Option<std::thread::JoinHandle<()>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl FanOut {
     fn new(n: usize) -> FanOut {
-        let hub = Hub::new(Arc::new(Listeners::default()), Default::default());
-        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
-        let mut receivers = Vec::with_capacity(n);
+        let env = Arc::new(BenchEnv {
+            hub: Hub::new(Arc::new(Listeners::default()), Default::default()),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut clients = Vec::with_capacity(n);
         for _ in 0..n {
-            // The same bound a real session's queue has.
-            let (tx, rx) = crossbeam_channel::bounded(hub.limits.queue);
-            let (session, _) = hub.join(APP, ip, tx, None).expect("join");
-            hub.subscribe(APP, session, CHANNEL).expect("subscribe");
-            receivers.push(rx);
+            let client = TcpStream::connect(addr).expect("connect");
+            let (server_side, _) = listener.accept().expect("accept");
+            let session = fazt::realtime::attach_raw(&env, APP, server_side).expect("attach");
+            env.hub.subscribe(APP, session, CHANNEL).expect("subscribe");
+            client.set_nonblocking(true).expect("non-blocking");
+            clients.push(client);
         }
-        let delivered = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (progress_tx, progress) = crossbeam_channel::bounded(1);
-        let drainer = {
-            let (delivered, stop) = (delivered.clone(), stop.clone());
+        let reader = {
+            let (received, stop) = (received.clone(), stop.clone());
             std::thread::Builder::new()
-                .name("bench-drainer".into())
+                .name("bench-clients".into())
                 .spawn(move || {
-                    let mut sel = Select::new();
-                    for rx in &receivers {
-                        sel.recv(rx);
-                    }
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut fds: Vec<libc::pollfd> = clients
+                        .iter()
+                        .map(|c| libc::pollfd {
+                            fd: c.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        })
+                        .collect();
                     while !stop.load(Ordering::Relaxed) {
-                        let mut got = 0;
-                        for rx in &receivers {
-                            while let Ok(msg) = rx.try_recv() {
-                                drop(msg);
-                                got += 1;
+                        let mut got = 0u64;
+                        for c in &mut clients {
+                            while let Ok(k) = c.read(&mut buf) {
+                                if k == 0 {
+                                    break;
+                                }
+                                got += k as u64;
                             }
                         }
                         if got > 0 {
-                            delivered.fetch_add(got, Ordering::Release);
+                            received.fetch_add(got, Ordering::Release);
                             let _ = progress_tx.try_send(());
                         } else {
-                            // Sleep until some queue has a message.
-                            let _ = sel.ready_timeout(Duration::from_millis(20));
+                            // SAFETY: `fds` is a live array of its length.
+                            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, 20) };
                         }
                     }
                 })
-                .expect("drainer thread")
+                .expect("client reader thread")
         };
         FanOut {
-            hub,
-            delivered,
+            env,
+            received,
             progress,
             stop,
-            drainer: Some(drainer),
+            reader: Some(reader),
         }
     }
 
-    /// Broadcasts one message and waits until every subscriber's copy was drained.
-    fn one(&self, payload: &str, n: u64) {
-        let target = self.delivered.load(Ordering::Acquire) + n;
+    /// Broadcasts one message and waits until every subscriber read its frame
+    /// (`frame` bytes each).
+    fn one(&self, payload: &str, n: u64, frame: u64) {
+        let target = self.received.load(Ordering::Acquire) + n * frame;
         let sent = self
+            .env
             .hub
             .broadcast(APP, Some(CHANNEL), payload)
             .expect("broadcast");
         assert_eq!(sent as u64, n, "every subscriber got it queued");
-        while self.delivered.load(Ordering::Acquire) < target {
+        while self.received.load(Ordering::Acquire) < target {
             let _ = self.progress.recv_timeout(Duration::from_millis(20));
         }
     }
@@ -97,7 +129,7 @@ impl FanOut {
 impl Drop for FanOut {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.drainer.take() {
+        if let Some(t) = self.reader.take() {
             let _ = t.join();
         }
     }
@@ -106,12 +138,19 @@ impl Drop for FanOut {
 fn broadcast(c: &mut Criterion) {
     // The JSON text a handler's `fazt.realtime.broadcast` would pass: a 200-char string.
     let payload = serde_json::Value::String(format!("B|0|0|{}", "x".repeat(194))).to_string();
+    // The frame every subscriber reads: the hub's JSON envelope with a 13-digit
+    // timestamp, behind a 4-byte header (126 + 16-bit length).
+    let envelope = format!(
+        "{{\"type\":\"message\",\"channel\":\"{CHANNEL}\",\"data\":{payload},\"timestamp\":{}}}",
+        1_700_000_000_000u64
+    );
+    let frame = envelope.len() as u64 + 4;
     let mut g = c.benchmark_group("broadcast");
     for n in [1usize, 100] {
         let fan = FanOut::new(n);
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::new("fanout_delivered", n), &n, |b, &n| {
-            b.iter(|| fan.one(&payload, n as u64))
+            b.iter(|| fan.one(&payload, n as u64, frame))
         });
     }
     g.finish();

@@ -8,6 +8,10 @@
 #   2. paced 500 msg/s (driver mode `http`, --rate 500): each message is one HTTP POST
 #      that a handler (fazt) or a request listener (Node) broadcasts.
 # Prints deliveries/s and p50/p99 latency (send to receipt) for both, and fazt/Node.
+# The shared peer script (shared/bench/peers/ws/node_ws.sh: Node 20 + ws 8.23, its own
+# server, modes `server` and `paced`, where the driver publishes over WebSocket at
+# RATE/s) runs in the same script run too, and fazt's figures are also given as ratios
+# against it.
 # fazt's worker stamps messages with Date.now() (whole ms), Node with fractional ms.
 #
 # Usage: scripts/bench_ws.sh       (env: CLIENTS=100 COUNT=1000 SIZE=200 PACED=2500
@@ -29,7 +33,9 @@ if ! node -e 'require("ws")' 2>/dev/null; then
   npm install --silent --prefix /tmp/wsdrv ws >&2
   export NODE_PATH=/tmp/wsdrv/node_modules
 fi
-DRIVER="$SHARED_BENCH/ws_fanout_client.js"
+DRIVER="$SHARED_BENCH/peers/ws/ws_fanout_client.js"
+[ -f "$DRIVER" ] || DRIVER="$SHARED_BENCH/ws_fanout_client.js"
+PEER_WS="$SHARED_BENCH/peers/ws/node_ws.sh"
 
 build_release
 install_host_shims
@@ -143,6 +149,16 @@ drive node.paced "127.0.0.1:$NODE_PORT" --url "ws://127.0.0.1:$NODE_PORT/" \
 drive fazt.paced "$FAZT_HOST" --url "ws://127.0.0.1:$FAZT_PORT/_ws" \
   --mode http --publish-url "http://127.0.0.1:$FAZT_PORT/api/publish" \
   --count "$PACED" --size "$SIZE" --rate "$RATE"
+# 3. The shared peer, Node + ws, in this run.
+if [ -f "$PEER_WS" ]; then
+  note "peer: $PEER_WS (MODES='server paced', PACED_RATE=$RATE)"
+  CLIENTS="$CLIENTS" COUNT="$COUNT" SIZE="$SIZE" PACED_RATE="$RATE" MODES="server paced" \
+    bash "$PEER_WS" >"$WORK/peer.result" 2>"$WORK/peer.err" || {
+      echo "node_ws.sh exited $?; stderr:" >&2
+      tail -n 5 "$WORK/peer.err" >&2
+    }
+  grep '^RESULT' "$WORK/peer.result" || true
+fi
 SLOW="$(api /metrics | awk '$1 == "fazt_ws_slow_disconnects_total" { print $2 }')"
 
 # --- summary ------------------------------------------------------------------------
@@ -156,5 +172,12 @@ for n in node.trigger fazt.trigger node.paced fazt.paced; do
 done
 echo "ratio fazt/node, server-generated: deliveries/s $(ratio "$(v fazt.trigger deliveries_per_s)" "$(v node.trigger deliveries_per_s)"), p99 $(ratio "$(v fazt.trigger latency_p99)" "$(v node.trigger latency_p99)")"
 echo "ratio fazt/node, paced $RATE msg/s: p99 $(ratio "$(v fazt.paced latency_p99)" "$(v node.paced latency_p99)")"
+pv() { result_value "$WORK/peer.result" "$1" "$2"; }
+PEER_PACED="ws.node_ws.publish_paced$RATE"
+if [ -s "$WORK/peer.result" ]; then
+  echo "peer node_ws.sh: server_gen $(pv ws.node_ws.server_gen deliveries_per_s) deliveries/s (p99 $(pv ws.node_ws.server_gen latency_p99) ms, lost $(pv ws.node_ws.server_gen lost)); paced $RATE/s over WS p50 $(pv "$PEER_PACED" latency_p50) ms, p99 $(pv "$PEER_PACED" latency_p99) ms, lost $(pv "$PEER_PACED" lost)"
+  echo "ratio fazt/node_ws.sh, server-generated: deliveries/s $(ratio "$(v fazt.trigger deliveries_per_s)" "$(pv ws.node_ws.server_gen deliveries_per_s)")"
+  echo "ratio fazt/node_ws.sh, paced $RATE msg/s: p99 $(ratio "$(v fazt.paced latency_p99)" "$(pv "$PEER_PACED" latency_p99)") (fazt publishes by HTTP POST, the peer over WebSocket)"
+fi
 echo "fazt broadcaster job: $JOB_STATUS; slow-client disconnects: ${SLOW:-?}"
 echo "reference (shared/bench/README.md): Node 20 + ws, 100 subscribers: ~180,000 deliveries/s, p99 21 ms; paced 500 msg/s p99 8.5 ms, 0 lost"

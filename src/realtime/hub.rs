@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crossbeam_channel::{Sender, TrySendError};
+use super::conn::{text_frame, Conn, Frame, SendError};
 
 /// Listener counters by (app, channel). A reader fetches a counter once (one read lock)
 /// and then loads it atomically forever after.
@@ -80,24 +80,12 @@ impl Listeners {
     }
 }
 
-/// What a session's writer thread is sent.
-pub enum Out {
-    /// A text frame (a JSON message), shared by every recipient of a broadcast.
-    Text(Arc<str>),
-    /// Bytes already framed by the session's reader (pong and close replies).
-    Raw(Vec<u8>),
-    /// Close the connection (the reason is logged).
-    Close(&'static str),
-}
-
 pub(crate) struct SessionHandle {
     pub id: String,
-    pub tx: Sender<Out>,
+    /// Where its frames are queued; closing it ends the session in the event loop.
+    pub conn: Arc<Conn>,
     pub channels: HashSet<String>,
     pub ip: std::net::IpAddr,
-    /// A handle on the session's socket, to cut off a client that fell behind: shutting
-    /// it down ends both of the session's threads.
-    pub socket: Option<std::net::TcpStream>,
 }
 
 #[derive(Default)]
@@ -107,7 +95,7 @@ struct AppHub {
 }
 
 /// All apps' sessions. One mutex guards membership; broadcasts hold it only to copy
-/// out the recipients' senders, never while writing to a socket.
+/// out the recipients' connections, never while writing to a socket.
 pub struct Hub {
     apps: Mutex<HashMap<String, AppHub>>,
     /// Open connections per client IP, for the per-IP cap.
@@ -119,6 +107,8 @@ pub struct Hub {
     pub deliveries: AtomicU64,
     pub dropped_slow: AtomicU64,
     pub limits: HubLimits,
+    /// The WebSocket event loop, started by the first upgrade.
+    event_loop: Mutex<Option<Arc<super::event_loop::Shared>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -156,7 +146,22 @@ impl Hub {
             deliveries: AtomicU64::new(0),
             dropped_slow: AtomicU64::new(0),
             limits,
+            event_loop: Mutex::new(None),
         }
+    }
+
+    /// The event loop serving this hub's sessions, started on first use.
+    pub(crate) fn event_loop(
+        &self,
+        env: &Arc<dyn super::Env>,
+    ) -> std::io::Result<Arc<super::event_loop::Shared>> {
+        let mut l = self.event_loop.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = &*l {
+            return Ok(shared.clone());
+        }
+        let shared = super::event_loop::start(env.clone())?;
+        *l = Some(shared.clone());
+        Ok(shared)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AppHub>> {
@@ -164,12 +169,11 @@ impl Hub {
     }
 
     /// Registers a session, or refuses it when the app or the IP is at its cap.
-    pub fn join(
+    pub(crate) fn join(
         &self,
         app: &str,
         ip: std::net::IpAddr,
-        tx: Sender<Out>,
-        socket: Option<std::net::TcpStream>,
+        conn: Arc<Conn>,
     ) -> Result<(u64, String), String> {
         let mut apps = self.lock();
         // Lock order: `apps`, then `per_ip`.
@@ -194,24 +198,12 @@ impl Hub {
             n,
             SessionHandle {
                 id: id.clone(),
-                tx,
+                conn,
                 channels: HashSet::new(),
                 ip,
-                socket,
             },
         );
         Ok((n, id))
-    }
-
-    /// Gives the hub a handle on the session's socket once the upgrade is done.
-    pub(crate) fn attach_socket(&self, app: &str, session: u64, socket: std::net::TcpStream) {
-        if let Some(s) = self
-            .lock()
-            .get_mut(app)
-            .and_then(|h| h.sessions.get_mut(&session))
-        {
-            s.socket = Some(socket);
-        }
     }
 
     /// Closes every session of `app` (it is being removed) and forgets its channels,
@@ -229,10 +221,7 @@ impl Hub {
                     per_ip.remove(&s.ip);
                 }
             }
-            let _ = s.tx.try_send(Out::Close("app removed"));
-            if let Some(sock) = &s.socket {
-                let _ = sock.shutdown(std::net::Shutdown::Both);
-            }
+            s.conn.close("app removed");
             for ch in s.channels {
                 self.listeners.decrement(app, &ch);
             }
@@ -253,9 +242,7 @@ impl Hub {
                 }
             }
             drop(per_ip);
-            if let Some(sock) = &s.socket {
-                let _ = sock.shutdown(std::net::Shutdown::Both);
-            }
+            s.conn.abort();
             for ch in s.channels {
                 if let Some(set) = hub.channels.get_mut(&ch) {
                     set.remove(&session);
@@ -332,10 +319,12 @@ impl Hub {
             Some(c) => serde_json::Value::String(c.to_string()).to_string(),
             None => "null".to_string(),
         };
-        let text: Arc<str> = Arc::from(format!(
+        let text = format!(
             "{{\"type\":\"message\",\"channel\":{ch_json},\"data\":{data},\"timestamp\":{ts}}}"
-        ));
-        let recipients: Vec<(u64, Sender<Out>)> = {
+        );
+        // Framed once, shared by every recipient.
+        let frame: Arc<[u8]> = Arc::from(text_frame(&text));
+        let recipients: Vec<(u64, Arc<Conn>)> = {
             let apps = self.lock();
             let Some(hub) = apps.get(app) else {
                 self.broadcasts.fetch_add(1, Ordering::Relaxed);
@@ -347,29 +336,29 @@ impl Hub {
                     .get(c)
                     .map(|set| {
                         set.iter()
-                            .filter_map(|id| hub.sessions.get(id).map(|s| (*id, s.tx.clone())))
+                            .filter_map(|id| hub.sessions.get(id).map(|s| (*id, s.conn.clone())))
                             .collect()
                     })
                     .unwrap_or_default(),
                 None => hub
                     .sessions
                     .iter()
-                    .map(|(id, s)| (*id, s.tx.clone()))
+                    .map(|(id, s)| (*id, s.conn.clone()))
                     .collect(),
             }
         };
         self.broadcasts.fetch_add(1, Ordering::Relaxed);
         let mut sent = 0;
-        for (id, tx) in recipients {
-            match tx.try_send(Out::Text(text.clone())) {
+        for (id, conn) in recipients {
+            match conn.send(Frame::Shared(frame.clone())) {
                 Ok(()) => sent += 1,
-                Err(TrySendError::Full(_)) => {
+                Err(SendError::Full) => {
                     // Too far behind: drop it so it reconnects, instead of starving it.
                     self.dropped_slow.fetch_add(1, Ordering::Relaxed);
                     log::warn!("app {app}: disconnecting a slow WebSocket client (queue full)");
                     self.leave(app, id);
                 }
-                Err(TrySendError::Disconnected(_)) => self.leave(app, id),
+                Err(SendError::Closed) => self.leave(app, id),
             }
         }
         self.deliveries.fetch_add(sent as u64, Ordering::Relaxed);
@@ -407,7 +396,7 @@ impl Hub {
         let apps = self.lock();
         for hub in apps.values() {
             for s in hub.sessions.values() {
-                let _ = s.tx.try_send(Out::Close("server shutting down"));
+                s.conn.close("server shutting down");
             }
         }
     }
@@ -437,15 +426,15 @@ mod tests {
     fn counts_follow_subscriptions() {
         let l = Arc::new(Listeners::default());
         let hub = Hub::new(l.clone(), HubLimits::default());
-        let (tx, rx) = crossbeam_channel::bounded(8);
-        let (s, _) = hub.join("a", ip(), tx, None).expect("join");
+        let tx = Conn::new(8, None);
+        let (s, _) = hub.join("a", ip(), tx.clone()).expect("join");
         hub.subscribe("a", s, "c").expect("subscribe");
         hub.subscribe("a", s, "c").expect("idempotent");
         assert_eq!(l.count("a", "c"), 1);
         assert_eq!(l.count("b", "c"), 0, "apps are separate");
         assert_eq!(hub.broadcast("a", Some("c"), "1"), Ok(1));
         assert_eq!(hub.broadcast("b", Some("c"), "1"), Ok(0));
-        assert!(matches!(rx.try_recv(), Ok(Out::Text(_))));
+        assert_eq!(tx.queued(), 1);
         hub.unsubscribe("a", s, "c");
         assert_eq!(l.count("a", "c"), 0);
         hub.subscribe("a", s, "c").expect("subscribe");
@@ -459,14 +448,14 @@ mod tests {
         let l = Arc::new(Listeners::default());
         let hub = Hub::new(l.clone(), HubLimits::default());
         let watched = l.counter("a", "c");
-        let (tx, _rx) = crossbeam_channel::bounded(8);
-        let (s, _) = hub.join("a", ip(), tx, None).expect("join");
+        let tx = Conn::new(8, None);
+        let (s, _) = hub.join("a", ip(), tx.clone()).expect("join");
         hub.subscribe("a", s, "c").expect("subscribe");
         assert_eq!(watched.load(Ordering::Relaxed), 1);
         hub.leave("a", s);
         assert_eq!(watched.load(Ordering::Relaxed), 0);
-        let (tx, _rx2) = crossbeam_channel::bounded(8);
-        let (s, _) = hub.join("a", ip(), tx, None).expect("join");
+        let tx = Conn::new(8, None);
+        let (s, _) = hub.join("a", ip(), tx.clone()).expect("join");
         hub.subscribe("a", s, "c").expect("subscribe");
         assert_eq!(
             watched.load(Ordering::Relaxed),
@@ -485,8 +474,8 @@ mod tests {
                 ..HubLimits::default()
             },
         );
-        let (tx, _rx) = crossbeam_channel::bounded(1);
-        let (s, _) = hub.join("a", ip(), tx, None).expect("join");
+        let tx = Conn::new(1, None);
+        let (s, _) = hub.join("a", ip(), tx.clone()).expect("join");
         hub.subscribe("a", s, "c").expect("subscribe");
         assert_eq!(hub.broadcast("a", Some("c"), "1"), Ok(1));
         assert_eq!(hub.broadcast("a", Some("c"), "2"), Ok(0));
@@ -498,13 +487,13 @@ mod tests {
     fn close_app_ends_sessions_and_counts() {
         let l = Arc::new(Listeners::default());
         let hub = Hub::new(l.clone(), HubLimits::default());
-        let (tx, rx) = crossbeam_channel::bounded(8);
-        let (s, _) = hub.join("a", ip(), tx, None).expect("join");
+        let tx = Conn::new(8, None);
+        let (s, _) = hub.join("a", ip(), tx.clone()).expect("join");
         hub.subscribe("a", s, "c").expect("subscribe");
-        let (tx_b, _rx_b) = crossbeam_channel::bounded(8);
-        hub.join("b", ip(), tx_b, None).expect("join b");
+        let tx_b = Conn::new(8, None);
+        hub.join("b", ip(), tx_b).expect("join b");
         hub.close_app("a");
-        assert!(matches!(rx.try_recv(), Ok(Out::Close(_))));
+        assert_eq!(tx.send_text("late"), Err(SendError::Closed), "closed");
         assert_eq!(hub.connections("a"), 0);
         assert_eq!(hub.connections("b"), 1, "other apps keep theirs");
         assert_eq!(l.count("a", "c"), 0);
@@ -516,9 +505,9 @@ mod tests {
     #[test]
     fn client_ids_are_not_a_counter() {
         let hub = Hub::new(Arc::default(), HubLimits::default());
-        let (tx, _rx) = crossbeam_channel::bounded(1);
-        let (_, a) = hub.join("a", ip(), tx.clone(), None).expect("a");
-        let (_, b) = hub.join("a", ip(), tx, None).expect("b");
+        let tx = Conn::new(1, None);
+        let (_, a) = hub.join("a", ip(), tx.clone()).expect("a");
+        let (_, b) = hub.join("a", ip(), tx.clone()).expect("b");
         assert_ne!(a, b);
         assert_eq!(a.len(), 17, "{a}");
         assert!(a != "c1" && b != "c2", "{a} {b}");
@@ -533,8 +522,8 @@ mod tests {
                 ..HubLimits::default()
             },
         );
-        let (tx, _rx) = crossbeam_channel::bounded(1);
-        hub.join("a", ip(), tx.clone(), None).expect("first");
-        assert!(hub.join("b", ip(), tx, None).is_err());
+        let tx = Conn::new(1, None);
+        hub.join("a", ip(), tx.clone()).expect("first");
+        assert!(hub.join("b", ip(), tx.clone()).is_err());
     }
 }

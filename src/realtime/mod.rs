@@ -1,12 +1,14 @@
 //! Realtime: per-app WebSocket hubs with channels, listener counts shared with the
 //! worker pool (idle timeouts), and the `fazt.realtime.*` host functions.
 
+mod conn;
+mod event_loop;
 mod hub;
 mod session;
 mod socket;
 
 pub use hub::{Hub, HubLimits, Listeners};
-pub use session::{accept, SYSTEM_HUB};
+pub use session::{accept, attach_raw, SYSTEM_HUB};
 
 use boa_engine::object::builtins::JsArray;
 use boa_engine::{Context, JsResult, JsString, JsValue};

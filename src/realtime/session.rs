@@ -1,35 +1,32 @@
-//! One WebSocket connection: the upgrade, then two threads. The reader parses client
-//! frames (subscribe, unsubscribe, ping) on tiny_http's stream; the writer owns a
-//! duplicate of the socket and sends everything else, so broadcasts never wait on a
-//! blocked read. Pings every 30 s; a peer silent for 75 s is dropped.
+//! One WebSocket connection: the upgrade, which hands the socket (non-blocking) to the
+//! event loop, and the session's side of that loop: parsing client frames (subscribe,
+//! unsubscribe, ping) and its ping schedule. Pings every 30 s; a peer silent for 75 s
+//! is dropped. No thread per session (see `event_loop.rs`).
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tiny_http::{Header, Request, Response};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
-use super::hub::Out;
+use super::conn::{Conn, Frame};
 use super::Env;
 
-/// Milliseconds on the monotonic clock since the first call: when a peer was last
-/// heard from. The wall clock can jump (NTP, a manual change): a step forward would
-/// drop every live peer at the next ping, a step back would keep dead ones for as long.
-fn mono_ms() -> i64 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as i64
-}
-
 const PING_EVERY: Duration = Duration::from_secs(30);
-const DEAD_AFTER_MS: i64 = 75_000;
+const DEAD_AFTER: Duration = Duration::from_secs(75);
 /// Largest frame a client may send; control messages are tiny.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
-
+/// Bytes read from the socket at a time. Client messages are small; tungstenite's
+/// default (128 KB, zero-filled on first read) made every idle connection cost that.
+const READ_CHUNK: usize = 1024;
+/// Client messages handled per session per loop turn, so one chatty client cannot
+/// hold the loop.
+const READ_BUDGET: usize = 32;
+/// Bytes of a pipelined first frame taken from tiny_http's buffer at the hand-over.
+const MAX_LEFTOVER: usize = 64 * 1024;
 /// Answers with the JSON error every HTTP error has (`{"error": ...}`), built here so
 /// realtime needs nothing from `http` (which calls into realtime).
 fn refuse(req: Request, status: u16, msg: &str) {
@@ -46,10 +43,9 @@ fn refuse(req: Request, status: u16, msg: &str) {
 pub const SYSTEM_HUB: &str = "_system";
 
 /// Upgrades `req` (a GET /_ws on an app host, or on the system host for [`SYSTEM_HUB`]
-/// once the admin check passed) and starts the session threads.
+/// once the admin check passed) and hands the session to the event loop.
 pub fn accept<E: Env + 'static>(req: Request, app: &str, services: &Arc<E>) {
-    let services: Arc<dyn Env> = services.clone();
-    let services = &services;
+    let env: Arc<dyn Env> = services.clone();
     let header = |name: &str| {
         req.headers()
             .iter()
@@ -67,16 +63,27 @@ pub fn accept<E: Env + 'static>(req: Request, app: &str, services: &Arc<E>) {
     let Some(peer) = req.remote_addr().copied() else {
         return refuse(req, 400, "unknown peer address");
     };
-    let hub = services.hub();
-    let (tx, rx) = crossbeam_channel::bounded::<Out>(hub.limits.queue);
+    let hub = env.hub();
+    let event_loop = match hub.event_loop(&env) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("cannot start the WebSocket event loop: {e}");
+            return refuse(
+                req,
+                503,
+                "WebSockets are unavailable: the server could not start their event loop",
+            );
+        }
+    };
+    let conn = Conn::new(hub.limits.queue, Some(event_loop.clone()));
     // Join before upgrading, so a refusal is a plain HTTP error the client can read.
-    let (session, client_id) = match hub.join(app, peer.ip(), tx.clone(), None) {
-        Ok(s) => s,
+    let session = match hub.join(app, peer.ip(), conn.clone()) {
+        Ok((s, _)) => s,
         Err(e) => return refuse(req, 429, &e),
     };
     // Joined first, checked second: a removal marks the app gone before it closes the
     // app's sessions, so a session is either closed by the removal or sees it here.
-    if app != SYSTEM_HUB && !services.app_live(app) {
+    if app != SYSTEM_HUB && !env.app_live(app) {
         hub.leave(app, session);
         return refuse(req, 404, &format!("no app named '{app}' is deployed"));
     }
@@ -87,147 +94,213 @@ pub fn accept<E: Env + 'static>(req: Request, app: &str, services: &Arc<E>) {
         }),
     );
     let fd = req.connection_fd();
-    let stream = req.upgrade("websocket", resp);
-    let taken = fd
+    let mut stream = req.upgrade("websocket", resp);
+    let prepared = fd
         .ok_or_else(|| std::io::Error::other("the connection has no descriptor"))
-        .and_then(|fd| super::socket::duplicate_connection(fd, peer));
-    let sock = match taken {
-        Ok(s) => s,
+        .and_then(|fd| super::socket::prepare(fd, peer).map(|()| fd));
+    let fd = match prepared {
+        Ok(fd) => fd,
         Err(e) => {
             log::error!("WebSocket from {peer}: cannot take over the socket: {e}");
             hub.leave(app, session);
             return;
         }
     };
-    let _ = sock.set_write_timeout(Some(Duration::from_secs(10)));
-    // The socket still has the HTTP body timeout for reads (the duplicate shares it);
-    // a WebSocket may be quiet for long, and dead peers are found by pings instead.
-    let _ = sock.set_read_timeout(None);
-    let _ = sock.set_nodelay(true);
-    if let Ok(kill) = sock.try_clone() {
-        hub.attach_socket(app, session, kill);
+    // The socket is non-blocking now: whatever tiny_http had buffered past the
+    // handshake (a client that did not wait for the 101) comes out, then WouldBlock.
+    let mut leftover = Vec::new();
+    let mut buf = [0u8; 4096];
+    while leftover.len() < MAX_LEFTOVER {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                hub.leave(app, session);
+                return;
+            }
+            Ok(n) => leftover.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
     }
-    services.ws_connected();
-    let last_seen = Arc::new(AtomicI64::new(mono_ms()));
-    let writer = {
-        let last_seen = last_seen.clone();
-        std::thread::Builder::new()
-            .name(format!("fazt-ws-w-{client_id}"))
-            .stack_size(256 * 1024)
-            .spawn(move || write_loop(sock, &rx, &last_seen))
+    // Our own descriptor; tiny_http's stream goes now, which frees its connection
+    // thread (it waits for the stream's end) instead of holding it for the session.
+    let owned = super::socket::take_over(fd);
+    drop(stream);
+    let owned = match owned {
+        Ok(o) => o,
+        Err(e) => {
+            log::error!("WebSocket from {peer}: cannot take over the socket: {e}");
+            hub.leave(app, session);
+            return;
+        }
     };
-    if let Err(e) = writer {
-        log::error!("cannot start a WebSocket writer: {e}");
-        hub.leave(app, session);
-        return;
-    }
-    let services_for_cleanup = services.clone();
-    let app_for_cleanup = app.to_string();
-    let services = services.clone();
-    let app = app.to_string();
-    let reader = std::thread::Builder::new()
-        .name(format!("fazt-ws-r-{client_id}"))
-        .stack_size(256 * 1024)
-        .spawn(move || {
-            read_loop(stream, &tx, &*services, &app, session, &last_seen);
-            services.hub().leave(&app, session);
-            let _ = tx.try_send(Out::Close("client gone"));
-        });
-    if let Err(e) = reader {
-        // The closure (and its stream) is gone; leaving the hub shuts the socket,
-        // which ends the writer.
-        log::error!("cannot start a WebSocket reader: {e}");
-        services_for_cleanup.hub().leave(&app_for_cleanup, session);
-    }
+    let fd = owned.as_raw_fd();
+    conn.attach(owned);
+    env.ws_connected();
+    event_loop.register(Session::new(session, app, fd, conn, leftover));
 }
 
-/// tiny_http's stream for reading; whatever tungstenite writes on this side (pong and
-/// close replies) is framed here and handed to the writer thread at flush.
-struct ReaderIo {
-    inner: Box<dyn tiny_http::ReadWrite + Send>,
+/// tiny_http's socket for reading, non-blocking; whatever tungstenite writes on this
+/// side (pong and close replies) is collected and queued on the connection.
+struct Io {
+    fd: RawFd,
     pending: Vec<u8>,
-    out: Sender<Out>,
 }
 
-impl Read for ReaderIo {
+impl Read for Io {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.inner.read(buf)
+        // SAFETY: `buf` is writable for its length; the descriptor stays open while the
+        // session's connection (which owns it) lives.
+        let n = unsafe { libc::read(self.fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }
 
-impl Write for ReaderIo {
+impl Write for Io {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.pending.extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        if !self.pending.is_empty() {
-            let bytes = std::mem::take(&mut self.pending);
-            let _ = self.out.try_send(Out::Raw(bytes));
-        }
         Ok(())
     }
 }
 
-fn reply(tx: &Sender<Out>, value: serde_json::Value) {
-    let _ = tx.try_send(Out::Text(Arc::from(value.to_string())));
+/// What a read turn left.
+pub(crate) enum Readable {
+    /// The socket has nothing more for now.
+    Drained,
+    /// The turn's budget ran out with input left.
+    More,
+    /// The session ended (closed, failed or misbehaved).
+    Gone,
 }
 
-fn read_loop(
-    stream: Box<dyn tiny_http::ReadWrite + Send>,
-    tx: &Sender<Out>,
-    services: &dyn Env,
-    app: &str,
-    session: u64,
-    last_seen: &AtomicI64,
-) {
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_CLIENT_MESSAGE))
-        .max_frame_size(Some(MAX_CLIENT_MESSAGE));
-    let io = ReaderIo {
-        inner: stream,
-        pending: Vec::new(),
-        out: tx.clone(),
-    };
-    let mut ws = WebSocket::from_raw_socket(io, Role::Server, Some(config));
-    loop {
-        let msg = match ws.read() {
-            Ok(m) => m,
-            Err(tungstenite::Error::Capacity(e)) => {
-                reply(
-                    tx,
-                    serde_json::json!({"type": "error", "error": format!("message too large: {e}")}),
-                );
-                let _ = ws.flush();
-                return;
-            }
-            Err(_) => {
-                let _ = ws.flush();
-                return;
-            }
+/// A session as the event loop holds it.
+pub(crate) struct Session {
+    /// The hub's key for it (also its epoll token).
+    pub id: u64,
+    pub app: String,
+    pub fd: RawFd,
+    pub conn: Arc<Conn>,
+    ws: WebSocket<Io>,
+    last_seen: Instant,
+    next_ping: Instant,
+}
+
+impl Session {
+    fn new(id: u64, app: &str, fd: RawFd, conn: Arc<Conn>, leftover: Vec<u8>) -> Session {
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_CHUNK)
+            .write_buffer_size(0)
+            .max_message_size(Some(MAX_CLIENT_MESSAGE))
+            .max_frame_size(Some(MAX_CLIENT_MESSAGE));
+        let io = Io {
+            fd,
+            pending: Vec::new(),
         };
-        let _ = ws.flush();
-        last_seen.store(mono_ms(), Ordering::Relaxed);
-        match msg {
-            Message::Text(t) => handle_client_message(t.as_str(), tx, services, app, session),
-            Message::Binary(_) => reply(
-                tx,
-                serde_json::json!({"type": "error", "error": "binary frames are not supported; send JSON text"}),
-            ),
-            Message::Close(_) => return,
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        let ws = WebSocket::from_partially_read(io, leftover, Role::Server, Some(config));
+        let now = Instant::now();
+        Session {
+            id,
+            app: app.to_string(),
+            fd,
+            conn,
+            ws,
+            last_seen: now,
+            next_ping: now + PING_EVERY,
         }
     }
+
+    /// Queues what tungstenite wrote (pong and close replies).
+    fn flush_replies(&mut self) {
+        let _ = self.ws.flush();
+        let bytes = std::mem::take(&mut self.ws.get_mut().pending);
+        if !bytes.is_empty() {
+            let _ = self.conn.send(Frame::Owned(bytes));
+        }
+    }
+
+    /// Reads and handles what the client sent, up to the turn's budget.
+    pub(crate) fn on_readable(&mut self, env: &dyn Env) -> Readable {
+        for _ in 0..READ_BUDGET {
+            let msg = match self.ws.read() {
+                Ok(m) => m,
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.flush_replies();
+                    return Readable::Drained;
+                }
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    continue;
+                }
+                Err(tungstenite::Error::Capacity(e)) => {
+                    reply(
+                        &self.conn,
+                        serde_json::json!({"type": "error", "error": format!("message too large: {e}")}),
+                    );
+                    self.flush_replies();
+                    self.conn.close_after_flush(None);
+                    return Readable::Gone;
+                }
+                Err(_) => {
+                    self.flush_replies();
+                    self.conn.close_after_flush(None);
+                    return Readable::Gone;
+                }
+            };
+            self.last_seen = Instant::now();
+            match msg {
+                Message::Text(t) => {
+                    handle_client_message(t.as_str(), &self.conn, env, &self.app, self.id)
+                }
+                Message::Binary(_) => reply(
+                    &self.conn,
+                    serde_json::json!({"type": "error", "error": "binary frames are not supported; send JSON text"}),
+                ),
+                Message::Close(_) => {
+                    // tungstenite framed the close reply; it goes out before the shut.
+                    let _ = self.ws.flush();
+                    let bytes = std::mem::take(&mut self.ws.get_mut().pending);
+                    self.conn
+                        .close_after_flush(Some(bytes).filter(|b| !b.is_empty()));
+                    return Readable::Gone;
+                }
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+            self.flush_replies();
+        }
+        Readable::More
+    }
+
+    /// The ping schedule: false when the peer is to be dropped (silent too long, or too
+    /// far behind to take a ping).
+    pub(crate) fn tick(&mut self, now: Instant) -> bool {
+        if now < self.next_ping {
+            return true;
+        }
+        if now.duration_since(self.last_seen) > DEAD_AFTER {
+            log::info!("dropping a WebSocket peer that stopped answering pings");
+            return false;
+        }
+        self.next_ping = now + PING_EVERY;
+        self.conn.send_ping().is_ok()
+    }
+}
+
+fn reply(conn: &Arc<Conn>, value: serde_json::Value) {
+    let _ = conn.send_text(&value.to_string());
 }
 
 fn handle_client_message(
     text: &str,
-    tx: &Sender<Out>,
+    conn: &Arc<Conn>,
     services: &dyn Env,
     app: &str,
     session: u64,
 ) {
-    let err = |m: String| reply(tx, serde_json::json!({"type": "error", "error": m}));
+    let err = |m: String| reply(conn, serde_json::json!({"type": "error", "error": m}));
     let v: serde_json::Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => return err(format!("malformed JSON: {e}")),
@@ -235,21 +308,24 @@ fn handle_client_message(
     let kind = v.get("type").and_then(|t| t.as_str()).unwrap_or("");
     let channel = v.get("channel").and_then(|c| c.as_str());
     match (kind, channel) {
-        ("ping", _) => reply(tx, serde_json::json!({"type": "pong"})),
+        ("ping", _) => reply(conn, serde_json::json!({"type": "pong"})),
         ("subscribe" | "unsubscribe", None) => err(format!("'{kind}' needs a string 'channel'")),
         ("subscribe", Some(ch)) => {
             if let Err(e) = super::check_channel(ch) {
                 return err(e);
             }
             match services.hub().subscribe(app, session, ch) {
-                Ok(()) => reply(tx, serde_json::json!({"type": "subscribed", "channel": ch})),
+                Ok(()) => reply(
+                    conn,
+                    serde_json::json!({"type": "subscribed", "channel": ch}),
+                ),
                 Err(e) => err(e),
             }
         }
         ("unsubscribe", Some(ch)) => {
             services.hub().unsubscribe(app, session, ch);
             reply(
-                tx,
+                conn,
                 serde_json::json!({"type": "unsubscribed", "channel": ch}),
             );
         }
@@ -259,49 +335,26 @@ fn handle_client_message(
     }
 }
 
-fn write_loop(sock: TcpStream, rx: &Receiver<Out>, last_seen: &AtomicI64) {
-    let mut ws = WebSocket::from_raw_socket(sock, Role::Server, None);
-    // Pings go out on a fixed schedule, busy or not: a peer that stopped reading on a
-    // chatty channel must still be found dead.
-    let mut next_ping = Instant::now() + PING_EVERY;
-    'outer: loop {
-        if Instant::now() >= next_ping {
-            if mono_ms() - last_seen.load(Ordering::Relaxed) > DEAD_AFTER_MS {
-                log::info!("dropping a WebSocket peer that stopped answering pings");
-                break;
-            }
-            if ws.send(Message::Ping(Default::default())).is_err() {
-                break;
-            }
-            next_ping = Instant::now() + PING_EVERY;
-        }
-        let first = match rx.recv_deadline(next_ping) {
-            Ok(m) => m,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        // Write everything already waiting, then flush once.
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            let ok = match out {
-                Out::Text(t) => ws.write(Message::text(t.as_ref())).is_ok(),
-                Out::Raw(bytes) => ws.flush().is_ok() && ws.get_mut().write_all(&bytes).is_ok(),
-                Out::Close(why) => {
-                    log::debug!("closing a WebSocket session: {why}");
-                    let _ = ws.close(None);
-                    let _ = ws.flush();
-                    break 'outer;
-                }
-            };
-            if !ok {
-                break 'outer;
-            }
-            next = rx.try_recv().ok();
-        }
-        if ws.flush().is_err() {
-            break;
-        }
-    }
-    // Ends the reader too: its blocked read returns.
-    let _ = ws.get_ref().shutdown(Shutdown::Both);
+/// Serves an already connected socket (the server side of a TCP connection whose
+/// WebSocket handshake is skipped) as a session of `app`, as if upgraded: for benches
+/// of the fan-out over real sockets without HTTP in the way. Returns the session key.
+#[doc(hidden)]
+pub fn attach_raw<E: Env + 'static>(
+    services: &Arc<E>,
+    app: &str,
+    stream: std::net::TcpStream,
+) -> std::io::Result<u64> {
+    let env: Arc<dyn Env> = services.clone();
+    let hub = env.hub();
+    let event_loop = hub.event_loop(&env)?;
+    let peer = stream.peer_addr()?;
+    let fd = stream.as_raw_fd();
+    super::socket::prepare(fd, peer)?;
+    let conn = Conn::new(hub.limits.queue, Some(event_loop.clone()));
+    let (session, _) = hub
+        .join(app, peer.ip(), conn.clone())
+        .map_err(std::io::Error::other)?;
+    conn.attach(stream.into());
+    event_loop.register(Session::new(session, app, fd, conn, Vec::new()));
+    Ok(session)
 }

@@ -292,3 +292,110 @@ fn connection_caps_refuse_with_a_clear_error() {
         r.text()
     );
 }
+
+/// Resident memory of the server process (VmRSS), in KB.
+fn rss_kb(s: &Server) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", s.pid()))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raises this process's open-file soft limit to at least `want` (up to the hard
+/// limit); false when even the hard limit is below it.
+fn raise_nofile(want: u64) -> bool {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return false;
+        }
+        if lim.rlim_cur >= want {
+            return true;
+        }
+        lim.rlim_cur = lim.rlim_max.min(want.max(lim.rlim_cur));
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur >= want
+    }
+}
+
+/// A subscriber with a small read buffer (tungstenite's default, 128 KB zero-filled,
+/// would make 2,000 of them cost this test process 256 MB).
+fn small_subscriber(addr: std::net::SocketAddr, app: &str, ch: &str) -> Ws {
+    let stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let url = format!("ws://{app}.localhost:{}/_ws", addr.port());
+    let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    let (ws, _) = tungstenite::client::client_with_config(url.as_str(), stream, Some(config))
+        .unwrap_or_else(|e| panic!("WebSocket connect: {e}"));
+    let mut ws = Ws { ws };
+    ws.subscribe(ch);
+    ws
+}
+
+/// Issue 10, goal 6 (WebSocket scale): 1,000 subscribers cost 3,043 threads and 222 MB
+/// (a reader and a writer thread per socket, 128 KB read buffers). Sessions now live
+/// in one event loop: 2,000 subscribers add almost no threads, little memory each,
+/// and every broadcast reaches every one of them.
+#[test]
+fn websocket_scale_two_thousand_subscribers_few_threads_small_rss() {
+    const SUBS: usize = 2000;
+    const BROADCASTS: u64 = 20;
+    assert!(
+        raise_nofile(SUBS as u64 + 512),
+        "this test needs {} open files",
+        SUBS + 512
+    );
+    let s = Server::start_with(&["--ws-max-per-app", "5000", "--ws-max-per-ip", "5000"]);
+    s.deploy_ok("scale", &[("api/rt.js", RT_API)]);
+    // Warm the HTTP side first so its threads and contexts are in the baseline.
+    assert_eq!(s.call("scale", "/api/rt?op=count")["count"], 0);
+    let threads_before = s.thread_count();
+    let rss_before = rss_kb(&s);
+    let t = Instant::now();
+    let mut clients: Vec<Ws> = (0..SUBS)
+        .map(|_| small_subscriber(s.addr, "scale", "all"))
+        .collect();
+    println!("{SUBS} subscribers connected in {:?}", t.elapsed());
+    assert_eq!(s.call("scale", "/api/rt?op=count&ch=all")["count"], SUBS);
+    let threads = s.thread_count().saturating_sub(threads_before);
+    let rss = rss_kb(&s).saturating_sub(rss_before);
+    let per_sub_kb = rss as f64 / SUBS as f64;
+    println!(
+        "{SUBS} subscribers: +{threads} threads, +{} MB RSS ({per_sub_kb:.1} KB each)",
+        rss / 1024
+    );
+    assert!(
+        threads <= 20,
+        "{threads} more threads for {SUBS} subscribers (was 3 per subscriber)"
+    );
+    assert!(
+        per_sub_kb <= 16.0,
+        "{per_sub_kb:.1} KB of RSS per subscriber (was ~220 KB)"
+    );
+    for n in 1..=BROADCASTS {
+        let sent = s.call("scale", &format!("/api/rt?op=broadcast&ch=all&n={n}"));
+        assert_eq!(sent["sent"], SUBS, "broadcast {n}");
+    }
+    for c in &mut clients {
+        for n in 1..=BROADCASTS {
+            assert_eq!(message_on(c, "all")["data"]["n"], n);
+        }
+    }
+    println!(
+        "{} deliveries to {SUBS} subscribers in {:?}",
+        SUBS as u64 * BROADCASTS,
+        t.elapsed()
+    );
+    let metrics = s.api("GET", "/metrics", None).text();
+    assert!(
+        metrics.contains("fazt_ws_slow_disconnects_total 0"),
+        "{metrics}"
+    );
+}
