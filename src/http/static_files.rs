@@ -18,6 +18,11 @@ pub const MAX_TOTAL_BYTES: usize = 4 << 20;
 /// the map without bound.
 pub const MAX_ENTRIES: usize = 4096;
 
+/// Misses ("no such file") held at most; past it they are all forgotten at once, so a
+/// client probing random paths can neither grow the cache nor fill it and lock real
+/// files out of it.
+pub const MAX_MISSES: usize = 1024;
+
 /// One cached answer: the file's content, or None for "no such file".
 pub type Cached = Option<Arc<[u8]>>;
 
@@ -35,6 +40,7 @@ struct Inner {
     apps: HashMap<(String, i64), HashMap<String, Cached>>,
     entries: usize,
     bytes: usize,
+    misses: usize,
 }
 
 impl StaticCache {
@@ -58,6 +64,14 @@ impl StaticCache {
             return;
         }
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let miss = content.is_none();
+        if miss && inner.misses >= MAX_MISSES {
+            for files in inner.apps.values_mut() {
+                files.retain(|_, c| c.is_some());
+            }
+            inner.entries -= inner.misses;
+            inner.misses = 0;
+        }
         if inner.entries >= MAX_ENTRIES || inner.bytes + size > MAX_TOTAL_BYTES {
             return;
         }
@@ -65,6 +79,7 @@ impl StaticCache {
         if files.insert(path.to_string(), content).is_none() {
             inner.entries += 1;
             inner.bytes += size;
+            inner.misses += usize::from(miss);
         }
     }
 
@@ -81,15 +96,21 @@ impl StaticCache {
         inner
             .apps
             .retain(|(app, deploy), _| live(app) == Some(*deploy));
-        let (entries, bytes) = inner
-            .apps
-            .values()
-            .flat_map(|f| f.values())
-            .fold((0, 0), |(n, b), c| {
-                (n + 1, b + c.as_ref().map_or(0, |c| c.len()))
-            });
+        let (entries, bytes, misses) =
+            inner
+                .apps
+                .values()
+                .flat_map(|f| f.values())
+                .fold((0, 0, 0), |(n, b, m), c| {
+                    (
+                        n + 1,
+                        b + c.as_ref().map_or(0, |c| c.len()),
+                        m + usize::from(c.is_none()),
+                    )
+                });
         inner.entries = entries;
         inner.bytes = bytes;
+        inner.misses = misses;
     }
 }
 
@@ -99,6 +120,20 @@ mod tests {
 
     fn file(s: &str) -> Cached {
         Some(Arc::from(s.as_bytes()))
+    }
+
+    /// Review F3: misses counted against the one entry cap let a client probing random
+    /// paths fill the cache, and no app's files were cached until the next deploy.
+    #[test]
+    fn random_path_probes_do_not_lock_files_out_of_the_cache() {
+        let c = StaticCache::default();
+        for i in 0..3 * MAX_ENTRIES {
+            c.put("a", 1, &format!("probe-{i}"), None);
+        }
+        c.put("b", 7, "index.html", file("real"));
+        assert_eq!(c.get("b", 7, "index.html"), Some(file("real")));
+        let inner = c.inner.lock().expect("lock");
+        assert!(inner.misses <= MAX_MISSES && inner.entries <= MAX_MISSES + 1);
     }
 
     #[test]
@@ -132,10 +167,10 @@ mod tests {
         c.put("a", 1, "big", Some(Arc::from(big.as_slice())));
         assert_eq!(c.get("a", 1, "big"), None);
         for i in 0..MAX_ENTRIES + 10 {
-            c.put("a", 1, &format!("miss{i}"), None);
+            c.put("a", 1, &format!("small{i}"), file("s"));
         }
-        assert_eq!(c.get("a", 1, &format!("miss{}", MAX_ENTRIES + 5)), None);
-        assert_eq!(c.get("a", 1, "miss0"), Some(None));
+        assert_eq!(c.get("a", 1, &format!("small{}", MAX_ENTRIES + 5)), None);
+        assert_eq!(c.get("a", 1, "small0"), Some(file("s")));
         let chunk = vec![b'y'; MAX_FILE_BYTES];
         let c = StaticCache::default();
         for i in 0..(MAX_TOTAL_BYTES / MAX_FILE_BYTES) + 3 {

@@ -219,10 +219,17 @@ impl Loop<'_> {
         let Some(s) = self.sessions.get_mut(&token) else {
             return;
         };
-        match s.on_readable(self.env) {
-            Readable::Drained => {}
-            Readable::More => self.again.push(token),
-            Readable::Gone => self.remove(token),
+        let env = self.env;
+        // One session's bug must not end the loop every session of every app shares.
+        let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.on_readable(env)));
+        match turn {
+            Ok(Readable::Drained) => {}
+            Ok(Readable::More) => self.again.push(token),
+            Ok(Readable::Gone) => self.remove(token),
+            Err(_) => {
+                log::error!("a WebSocket session panicked while reading; closing it");
+                self.remove(token);
+            }
         }
     }
 

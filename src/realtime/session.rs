@@ -25,6 +25,10 @@ const READ_CHUNK: usize = 1024;
 /// Client messages handled per session per loop turn, so one chatty client cannot
 /// hold the loop.
 const READ_BUDGET: usize = 32;
+/// Bytes read per session per loop turn. Messages alone are no bound: a message that
+/// never completes (a text frame without FIN followed by endless empty continuation
+/// frames) keeps one `WebSocket::read` call going for as long as the client sends.
+const READ_BYTES_PER_TURN: usize = 64 * 1024;
 /// Bytes of a pipelined first frame taken from tiny_http's buffer at the hand-over.
 const MAX_LEFTOVER: usize = 64 * 1024;
 /// Answers with the JSON error every HTTP error has (`{"error": ...}`), built here so
@@ -144,16 +148,26 @@ pub fn accept<E: Env + 'static>(req: Request, app: &str, services: &Arc<E>) {
 struct Io {
     fd: RawFd,
     pending: Vec<u8>,
+    /// Bytes this turn may still read; at 0 reads say WouldBlock and set `spent`.
+    budget: usize,
+    spent: bool,
 }
 
 impl Read for Io {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.budget == 0 {
+            self.spent = true;
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let room = buf.len().min(self.budget);
+        let buf = &mut buf[..room];
         // SAFETY: `buf` is writable for its length; the descriptor stays open while the
         // session's connection (which owns it) lives.
         let n = unsafe { libc::read(self.fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        self.budget -= n as usize;
         Ok(n as usize)
     }
 }
@@ -200,6 +214,8 @@ impl Session {
         let io = Io {
             fd,
             pending: Vec::new(),
+            budget: READ_BYTES_PER_TURN,
+            spent: false,
         };
         let ws = WebSocket::from_partially_read(io, leftover, Role::Server, Some(config));
         let now = Instant::now();
@@ -225,11 +241,19 @@ impl Session {
 
     /// Reads and handles what the client sent, up to the turn's budget.
     pub(crate) fn on_readable(&mut self, env: &dyn Env) -> Readable {
+        let io = self.ws.get_mut();
+        io.budget = READ_BYTES_PER_TURN;
+        io.spent = false;
         for _ in 0..READ_BUDGET {
             let msg = match self.ws.read() {
                 Ok(m) => m,
                 Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     self.flush_replies();
+                    // Out of bytes for this turn with input maybe left: come back after
+                    // the other sessions had theirs (edge-triggered: no new event comes).
+                    if self.ws.get_ref().spent {
+                        return Readable::More;
+                    }
                     return Readable::Drained;
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {

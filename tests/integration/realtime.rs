@@ -399,3 +399,67 @@ fn websocket_scale_two_thousand_subscribers_few_threads_small_rss() {
         "{metrics}"
     );
 }
+
+/// Review F1: a text frame without FIN followed by endless empty continuation frames
+/// never completes a message, so one `read` of that session never returned while the
+/// client kept sending, and the one event loop stopped serving every other session.
+/// Each session now reads at most 64 KB per loop turn.
+#[test]
+fn endless_empty_continuation_frames_do_not_stall_other_sessions() {
+    use std::io::{Read, Write};
+    let s = rt_server(&["live"]);
+    let mut victim = s.ws("live");
+    victim.send(json!({"type": "ping"}));
+    assert_eq!(victim.recv()["type"], "pong");
+
+    let mut attacker = std::net::TcpStream::connect(s.addr).expect("connect");
+    write!(
+        attacker,
+        "GET /_ws HTTP/1.1\r\nHost: live.localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .expect("handshake");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        attacker.read_exact(&mut byte).expect("101");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // Masked client frames: text without FIN, then empty continuations without FIN.
+    attacker
+        .write_all(&[0x01, 0x80, 0, 0, 0, 0])
+        .expect("first frame");
+    let flood: Vec<u8> = [0x00u8, 0x80, 0, 0, 0, 0].repeat(20_000);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if attacker.write_all(&flood).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        let t = Instant::now();
+        victim.send(json!({"type": "ping"}));
+        let pong = victim.recv_within(5_000);
+        worst = worst.max(t.elapsed());
+        assert_eq!(
+            pong.as_ref().map(|m| m["type"].clone()),
+            Some(json!("pong")),
+            "no pong within 5 s while another client floods continuation frames"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = flooder.join();
+    assert!(worst < Duration::from_secs(1), "worst pong {worst:?}");
+}

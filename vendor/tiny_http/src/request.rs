@@ -103,6 +103,25 @@ pub(crate) struct Direct {
     pub(crate) pool: Arc<crate::util::TaskPool>,
 }
 
+/// fazt patch: tells the connection's thread that a handed-off write is over, however it
+/// ends. Dropped unrun (the pool could not start a thread) or unwound (a panic), it
+/// shuts the socket first: the connection's thread waits for `Done` before anything
+/// else, so a lost task would hold that thread and its connection slot for good.
+struct Finish {
+    control: crate::connection::Connection,
+    sender: Sender<Responded>,
+    written: bool,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if !self.written {
+            let _ = self.control.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = self.sender.send(Responded::Done);
+    }
+}
+
 /// fazt patch: what the connection's thread hears once a request is answered.
 pub(crate) enum Responded {
     /// The answer is written (or the writer is with the application: `into_writer`).
@@ -738,12 +757,16 @@ impl Request {
             at,
             _guard: guard,
         };
-        let sender = sender.clone();
-        let mut task = Some((direct.control, direct.limits, pending, sender));
+        let finish = Finish {
+            control: direct.control,
+            sender: sender.clone(),
+            written: false,
+        };
+        let mut task = Some((direct.limits, pending, finish));
         direct.pool.spawn(Box::new(move || {
-            if let Some((control, limits, pending, sender)) = task.take() {
-                crate::client::write_pending(&control, &limits, pending);
-                let _ = sender.send(Responded::Done);
+            if let Some((limits, pending, mut finish)) = task.take() {
+                crate::client::write_pending(&finish.control, &limits, pending);
+                finish.written = true;
             }
         }));
         Ok(())
