@@ -7,19 +7,29 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The system allocator plus per-owner byte counting.
 pub struct CountingAlloc;
 
+/// One counter on a cache line of its own.
+#[repr(align(64))]
+struct Stripe(AtomicI64);
+
+const STRIPES: usize = 32;
+
 /// Heap bytes of every thread that is not a slot (HTTP handlers and their contexts,
-/// connection and WebSocket threads, the store): the server's own, not jobs'.
-static OTHER: AtomicI64 = AtomicI64::new(0);
+/// connection and WebSocket threads, the store): the server's own, not jobs'. Striped:
+/// each such thread counts on one of these lines (handed out in turn) and a read sums
+/// them, so two cores don't pass one line back and forth on every malloc and free.
+static OTHER: [Stripe; STRIPES] = [const { Stripe(AtomicI64::new(0)) }; STRIPES];
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    // Where this thread's allocations are counted; null for threads counted in OTHER.
+    // Where this thread's allocations are counted: a slot's own counter, or this
+    // thread's stripe of OTHER (null until the thread's first allocation).
     static COUNTER: Cell<*const AtomicI64> = const { Cell::new(std::ptr::null()) };
 }
 
@@ -27,10 +37,17 @@ thread_local! {
 #[inline]
 fn owner() -> *const AtomicI64 {
     COUNTER
-        .try_with(|c| c.get())
-        .ok()
-        .filter(|p| !p.is_null())
-        .unwrap_or(&OTHER as *const AtomicI64)
+        .try_with(|c| {
+            let p = c.get();
+            if !p.is_null() {
+                return p;
+            }
+            let stripe = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+            let p = &OTHER[stripe].0 as *const AtomicI64;
+            c.set(p);
+            p
+        })
+        .unwrap_or(&OTHER[0].0 as *const AtomicI64)
 }
 
 /// Every block carries its owner's counter just before the bytes handed out, so a free
@@ -142,7 +159,8 @@ pub fn watch_this_thread() -> &'static AtomicI64 {
 
 /// Live heap bytes allocated by threads that are not slots (see [`OTHER`]).
 pub fn other_heap_bytes() -> u64 {
-    OTHER.load(Ordering::Relaxed).max(0) as u64
+    let sum: i64 = OTHER.iter().map(|s| s.0.load(Ordering::Relaxed)).sum();
+    sum.max(0) as u64
 }
 
 /// Resident set size of this process, from /proc/self/statm.
@@ -267,6 +285,43 @@ impl OverrunTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn s(rss: u64, jobs: u64) -> Sample {
+        Sample {
+            rss,
+            jobs,
+            baseline: 100,
+        }
+    }
+
+    #[test]
+    fn heap_of_threads_on_any_stripe_is_summed() {
+        let before = other_heap_bytes();
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        let hold_rx = Arc::new(std::sync::Mutex::new(hold_rx));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let threads: Vec<_> = (0..2 * STRIPES)
+            .map(|_| {
+                let (hold_rx, ready_tx) = (hold_rx.clone(), ready_tx.clone());
+                std::thread::spawn(move || {
+                    let block = vec![1u8; 1 << 20];
+                    let _ = ready_tx.send(());
+                    let _ = hold_rx.lock().map(|rx| rx.recv());
+                    drop(block);
+                })
+            })
+            .collect();
+        for _ in 0..2 * STRIPES {
+            ready_rx.recv().expect("thread ready");
+        }
+        let held = other_heap_bytes().saturating_sub(before);
+        drop(hold_tx);
+        for t in threads {
+            t.join().expect("thread");
+        }
+        // Other tests allocate and free meanwhile: a generous margin.
+        assert!(held >= (2 * STRIPES as u64 - 8) << 20, "held {held}");
+    }
 
     #[test]
     fn overrun_needs_the_grace_period() {
