@@ -102,9 +102,14 @@ fn finished_jobs_are_pruned_by_count_and_age() {
     s.deploy_ok("a", APP);
     s.deploy_ok("b", APP);
     let held = spawn(&s, "a", "workers/hold.js", json!({}));
+    // One at a time, so they finish in spawn order: with five running at once a job
+    // on a cold slot can end after later ones (seen in CI), and "newest" means last
+    // finished. The newest finished job is never pruned, so waiting on it is safe.
     let mut ids = Vec::new();
     for i in 0..20 {
-        ids.push(spawn(&s, "a", "workers/quick.js", json!({ "data": i })));
+        let id = spawn(&s, "a", "workers/quick.js", json!({ "data": i }));
+        s.wait_status(&id, "done", 10);
+        ids.push(id);
     }
     let b = spawn(&s, "b", "workers/quick.js", json!({ "data": 1 }));
     s.wait_status(&b, "done", 10);
