@@ -28,20 +28,9 @@ install_host_shims
 ulimit -n "$(ulimit -Hn)"
 
 CAP=$((SUBS * 2 + 100))
-FAZT_DATA="$WORK/fazt-data"
-"$FAZT" --data-dir "$FAZT_DATA" server --listen 127.0.0.1:0 \
-  --ws-max-per-app "$CAP" --ws-max-per-ip "$CAP" \
-  --max-connections "$CAP" --max-connections-per-ip "$CAP" \
-  >"$WORK/fazt.out" 2>"$WORK/fazt.err" &
-FAZT_PID=$!
-PIDS+=("$FAZT_PID")
-for _ in $(seq 1 300); do
-  FAZT_ADDR="$(sed -n 's|^fazt listening on http://||p' "$WORK/fazt.out" | head -n1)"
-  [ -n "$FAZT_ADDR" ] && break
-  sleep 0.1
-done
-[ -n "${FAZT_ADDR:-}" ] || { cat "$WORK/fazt.err" >&2; exit 1; }
-FAZT_PORT="${FAZT_ADDR##*:}"
+FAZT_SERVER_ARGS=(--ws-max-per-app "$CAP" --ws-max-per-ip "$CAP"
+  --max-connections "$CAP" --max-connections-per-ip "$CAP")
+start_fazt
 mkdir -p "$WORK/app/api"
 cat >"$WORK/app/api/publish.js" <<'EOF'
 module.exports = function (request) {
@@ -73,7 +62,7 @@ BENCH_HOST_HEADER="ws.localhost:$FAZT_PORT" NODE_OPTIONS="--require $HOST_SHIM_J
     echo "driver exited $? (lost messages or a timeout); stderr:" >&2
     tail -n 5 "$WORK/driver.err" >&2
     echo "server stderr:" >&2
-    tail -n 5 "$WORK/fazt.err" >&2
+    tail -n 5 "$WORK/fazt0.err" >&2
   }
 kill "$SAMPLER" 2>/dev/null || true
 wait "$SAMPLER" 2>/dev/null || true

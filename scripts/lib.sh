@@ -43,7 +43,9 @@ start_fazt() {
   local bin="${1:-$FAZT}" n=0
   while [ -e "$WORK/fazt$n.out" ]; do n=$((n + 1)); done
   FAZT_DATA="$WORK/fazt-data$n"
+  # FAZT_SERVER_ARGS (an array, optional): extra `fazt server` flags.
   "$bin" --data-dir "$FAZT_DATA" server --listen 127.0.0.1:0 \
+    ${FAZT_SERVER_ARGS[@]+"${FAZT_SERVER_ARGS[@]}"} \
     >"$WORK/fazt$n.out" 2>"$WORK/fazt$n.err" &
   FAZT_PID=$!
   PIDS+=("$FAZT_PID")
