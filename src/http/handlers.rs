@@ -209,6 +209,7 @@ impl HandlerCache {
         };
         entry.last_used = self.clock;
         entry.ctx.insert_data(host);
+        entry.ctx.insert_data(crate::worker::SpawnBatch::default());
         let busy = Busy::start(&self.js_since);
         let mut grown = 0;
         let body_bytes = i64::try_from(request.body_bytes).unwrap_or(i64::MAX);
@@ -217,6 +218,8 @@ impl HandlerCache {
         let result = call_handler(
             entry, file, source, request, &interrupt, self.heap, &mut grown,
         );
+        // The run's spawns are committed and queued before its response goes out.
+        let spawned = crate::worker::finish_spawns(&entry.ctx);
         interrupt.disarm();
         drop(busy);
         if let Err(RunError::Interrupted(_)) = &result {
@@ -237,9 +240,10 @@ impl HandlerCache {
             boa_gc::force_collect();
             crate::js::interrupt::trim_soon();
         }
-        match result {
-            Ok(reply) => Ok(reply),
-            Err(e) => Err(run_error(e, app)),
+        match (result, spawned) {
+            (Ok(reply), Ok(())) => Ok(reply),
+            (Err(e), _) => Err(run_error(e, app)),
+            (Ok(_), Err(e)) => Err(e.into()),
         }
     }
 }

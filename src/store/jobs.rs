@@ -103,6 +103,78 @@ pub(super) fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     })
 }
 
+/// A new queued job as `insert` stores it (its `created_at` fixed now, so a retried
+/// write keeps it).
+fn new_row(id: String, app: &str, path: &str, config: &JobConfig, data: Option<String>) -> JobRow {
+    JobRow {
+        id,
+        app: app.to_string(),
+        path: path.to_string(),
+        status: Status::Queued,
+        config: config.clone(),
+        data,
+        progress: 0,
+        result: None,
+        error: None,
+        attempt: 1,
+        restarts: 0,
+        created_at: now_ms(),
+        started_at: None,
+        done_at: None,
+    }
+}
+
+/// Inserts `row` (see [`Store::insert_job`]); the stored row is `row` itself, as the
+/// table's defaults agree with [`new_row`].
+fn insert(c: &Connection, row: JobRow, queue_limit: Option<i64>) -> Result<Inserted> {
+    if let Some(key) = &row.config.unique_key {
+        let existing: Option<String> = c
+            .prepare_cached(
+                "SELECT id FROM worker_jobs WHERE app = ?1 AND unique_key = ?2
+                 AND status IN ('queued', 'running') LIMIT 1",
+            )
+            .ctx("checking uniqueKey")?
+            .query_row(params![row.app, key], |r| r.get(0))
+            .optional()
+            .ctx("checking uniqueKey")?;
+        if let Some(eid) = existing {
+            let found = get_job(c, &eid)?.ok_or_else(|| Error::NotFound(format!("job {eid}")))?;
+            return Ok(Inserted::Existing(found));
+        }
+    }
+    if let Some(limit) = queue_limit {
+        // The trigger-kept counter: O(1), not a count over the app's queue.
+        let queued: i64 = c
+            .prepare_cached("SELECT n FROM job_counts WHERE app = ?1 AND status = 'queued'")
+            .ctx("counting the queue")?
+            .query_row([&row.app], |r| r.get(0))
+            .optional()
+            .ctx("counting the queue")?
+            .unwrap_or(0);
+        if queued >= limit {
+            return Ok(Inserted::QueueFull { limit });
+        }
+    }
+    let cfg = serde_json::to_string(&row.config)
+        .map_err(|e| Error::Internal(format!("encoding job config: {e}")))?;
+    c.prepare_cached(
+        "INSERT INTO worker_jobs(id, app, path, status, config, data, unique_key, created_at)
+         VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",
+    )
+    .ctx("inserting a job")?
+    .execute(params![
+        row.id,
+        row.app,
+        row.path,
+        cfg,
+        row.data,
+        row.config.unique_key,
+        row.created_at
+    ])
+    .ctx("inserting a job")?;
+    Ok(Inserted::New(row))
+}
+
 pub(super) fn get_job(c: &Connection, id: &str) -> Result<Option<JobRow>> {
     c.prepare_cached(&format!("{JOB_COLUMNS} WHERE id = ?1"))
         .ctx("reading a job")?
@@ -124,51 +196,48 @@ impl Store {
         data: Option<String>,
         queue_limit: Option<i64>,
     ) -> Result<Inserted> {
-        let app = app.to_string();
-        let path = path.to_string();
-        let config = config.clone();
-        self.write(false, move |c| {
-            if let Some(key) = &config.unique_key {
-                let existing: Option<String> = c
-                    .prepare_cached(
-                        "SELECT id FROM worker_jobs WHERE app = ?1 AND unique_key = ?2
-                         AND status IN ('queued', 'running') LIMIT 1",
-                    )
-                    .ctx("checking uniqueKey")?
-                    .query_row(params![app, key], |r| r.get(0))
-                    .optional()
-                    .ctx("checking uniqueKey")?;
-                if let Some(eid) = existing {
-                    let row = get_job(c, &eid)?.ok_or_else(|| Error::NotFound(format!("job {eid}")))?;
-                    return Ok(Inserted::Existing(row));
+        let row = new_row(id, app, path, config, data);
+        self.write(false, move |c| insert(c, row, queue_limit))
+    }
+
+    /// Queues the insert of a job with no uniqueKey and no queue count (the caller
+    /// knows the app's queue is far from its bound) and returns at once: the job as it
+    /// will be stored, and its [`Pending`] outcome. `then` runs on the writer thread
+    /// right after the commit (see [`Store::write_begin`]).
+    pub fn insert_job_begin(
+        &self,
+        id: String,
+        app: &str,
+        path: &str,
+        config: &JobConfig,
+        data: Option<String>,
+        then: impl FnOnce(&mut JobRow) + Send + 'static,
+    ) -> Result<(JobRow, super::Pending<JobRow>)> {
+        let mut row = new_row(id, app, path, config, data);
+        row.config.unique_key = None;
+        let stored = row.clone();
+        let pending = self.write_begin(
+            false,
+            move |c| match insert(c, stored, None)? {
+                Inserted::New(row) => Ok(row),
+                Inserted::Existing(_) | Inserted::QueueFull { .. } => {
+                    Err(Error::Internal("an unchecked insert was refused".into()))
                 }
-            }
-            if let Some(limit) = queue_limit {
-                // The trigger-kept counter: O(1), not a count over the app's queue.
-                let queued: i64 = c
-                    .prepare_cached(
-                        "SELECT n FROM job_counts WHERE app = ?1 AND status = 'queued'",
-                    )
-                    .ctx("counting the queue")?
-                    .query_row([&app], |r| r.get(0))
-                    .optional()
-                    .ctx("counting the queue")?
-                    .unwrap_or(0);
-                if queued >= limit {
-                    return Ok(Inserted::QueueFull { limit });
-                }
-            }
-            let cfg = serde_json::to_string(&config)
-                .map_err(|e| Error::Internal(format!("encoding job config: {e}")))?;
-            c.prepare_cached(
-                "INSERT INTO worker_jobs(id, app, path, status, config, data, unique_key, created_at)
-                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",
-            )
-            .ctx("inserting a job")?
-            .execute(params![id, app, path, cfg, data, config.unique_key, now_ms()])
-            .ctx("inserting a job")?;
-            let row = get_job(c, &id)?.ok_or_else(|| Error::NotFound(format!("job {id}")))?;
-            Ok(Inserted::New(row))
+            },
+            then,
+        )?;
+        Ok((row, pending))
+    }
+
+    /// How many committed jobs of `app` are queued (the trigger-kept counter: O(1)).
+    pub fn app_queue_len(&self, app: &str) -> Result<i64> {
+        self.read(|c| {
+            c.prepare_cached("SELECT n FROM job_counts WHERE app = ?1 AND status = 'queued'")
+                .ctx("counting the queue")?
+                .query_row([app], |r| r.get(0))
+                .optional()
+                .ctx("counting the queue")
+                .map(|n| n.unwrap_or(0))
         })
     }
 

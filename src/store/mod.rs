@@ -278,38 +278,60 @@ impl Store {
         durable: bool,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        let (val_tx, val_rx) = crossbeam_channel::bounded(1);
+        self.write_begin(durable, f, |_| {})?.wait()
+    }
+
+    /// [`write`](Self::write) without waiting: queues `f` and returns at once; the
+    /// returned [`Pending`] says the outcome once the batch holding `f` committed (or
+    /// failed). `then` runs on the writer thread right after a commit that kept `f`'s
+    /// value, before the caller is told: it must not block.
+    pub(crate) fn write_begin<T: Send + 'static>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        then: impl FnOnce(&mut T) + Send + 'static,
+    ) -> Result<Pending<T>> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        // The op's value waits here for the batch's outcome.
+        let slot: Arc<Mutex<Option<Result<T>>>> = Arc::new(Mutex::new(None));
+        let kept = slot.clone();
         let mut f = Some(f);
         let op: WriteFn = Box::new(move |c| {
             // A waited write runs at most once: a failed batch fails it, never retries it.
             let Some(f) = f.take() else {
                 return OpResult::Failed;
             };
-            match f(c) {
-                Ok(v) => {
-                    let _ = val_tx.send(Ok(v));
-                    OpResult::Ok
+            let (value, result) = match f(c) {
+                Ok(v) => (Ok(v), OpResult::Ok),
+                Err(e) if e.is_transient() => return OpResult::Transient(e.to_string()),
+                Err(e) => (Err(e), OpResult::Failed),
+            };
+            *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+            result
+        });
+        let done: writer::Done = Box::new(move |outcome| {
+            let value = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let out = match (outcome, value) {
+                (Ok(()), Some(Ok(mut v))) => {
+                    then(&mut v);
+                    Ok(v)
                 }
-                Err(e) if e.is_transient() => OpResult::Transient(e.to_string()),
-                Err(e) => {
-                    let _ = val_tx.send(Err(e));
-                    OpResult::Failed
-                }
-            }
+                (Ok(()), Some(Err(e))) => Err(e),
+                // The op never ran (a batch failed before it): the store is closing.
+                (Ok(()), None) => Err(Error::Closed),
+                (Err(e), _) => Err(e),
+            };
+            let _ = tx.send(out);
         });
         self.sender()?
             .send(WriteReq {
                 op,
                 kind: Kind::Waited,
                 durable,
-                done: Some(done_tx),
+                done: Some(done),
             })
             .map_err(|_| Error::Closed)?;
-        // The batch outcome comes after the op's value; a batch that did not commit
-        // (or an op that never ran) says why.
-        done_rx.recv().map_err(|_| Error::Closed)??;
-        val_rx.try_recv().map_err(|_| Error::Closed)?
+        Ok(Pending { rx })
     }
 
     /// Queues `f` for the writer thread without waiting. `kind` says whether it is a
@@ -413,6 +435,19 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// A write queued by [`Store::write_begin`]: its value once the batch committed.
+#[must_use = "a pending write says whether it committed only when waited for"]
+pub struct Pending<T> {
+    rx: crossbeam_channel::Receiver<Result<T>>,
+}
+
+impl<T> Pending<T> {
+    /// Waits until the write's batch committed (or failed).
+    pub fn wait(self) -> Result<T> {
+        self.rx.recv().map_err(|_| Error::Closed)?
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rusqlite::Connection;
 
 use super::{now_ms, Error, Result};
@@ -52,6 +52,10 @@ pub(super) enum OpResult {
 /// is rolled back and run again), so they must compute their values up front.
 pub(super) type WriteFn = Box<dyn FnMut(&Connection) -> OpResult + Send>;
 
+/// Told the commit outcome of the batch that held a write, on the writer thread, once:
+/// it must not block (it only sends on channels that never fill, or tries to).
+pub(super) type Done = Box<dyn FnOnce(Result<()>) + Send>;
+
 /// How a write is treated when the store cannot write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -73,7 +77,7 @@ pub(super) struct WriteReq {
     /// told "done" only once the data would survive a power cut, not just a crash.
     pub durable: bool,
     /// Told the commit outcome after the batch holding `op` commits (or fails).
-    pub done: Option<Sender<Result<()>>>,
+    pub done: Option<Done>,
 }
 
 /// The writer's condition, shared with /health and /metrics.
@@ -411,7 +415,7 @@ impl Writer {
         self.waited = 0;
         self.publish();
         for done in waiting {
-            let _ = done.send(Err(Error::Unavailable(reason.clone())));
+            done(Err(Error::Unavailable(reason.clone())));
         }
     }
 
@@ -458,7 +462,7 @@ impl Writer {
                 self.publish();
                 for req in batch {
                     if let Some(done) = req.done {
-                        let _ = done.send(Ok(()));
+                        done(Ok(()));
                     }
                 }
             }
@@ -499,7 +503,7 @@ impl Writer {
                 // Callers learn of the failure only once /health can show it.
                 self.publish();
                 for done in waiting {
-                    let _ = done.send(Err(Error::Unavailable(reason.clone())));
+                    done(Err(Error::Unavailable(reason.clone())));
                 }
                 // A full disk may be the WAL's doing: try to give its space back.
                 if self.last_truncate.elapsed() >= WAL_GAP {
@@ -634,9 +638,16 @@ fn commit_batch(
             sql(conn, "PRAGMA synchronous=FULL")?;
         }
         sql(conn, "BEGIN IMMEDIATE")?;
-        for (i, req) in batch.iter_mut().enumerate() {
-            let sp = format!("op{i}");
-            sql(conn, &format!("SAVEPOINT {sp}"))?;
+        // One savepoint name for every op (each is released before the next begins),
+        // so its three statements are prepared once, not parsed per op.
+        let cached = |c: &Connection, s: &str| {
+            c.prepare_cached(s)
+                .and_then(|mut st| st.execute([]))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        for req in batch.iter_mut() {
+            cached(conn, "SAVEPOINT op")?;
             let op = &mut req.op;
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(conn)))
                 .unwrap_or_else(|_| {
@@ -645,10 +656,10 @@ fn commit_batch(
                 });
             match res {
                 OpResult::Ok => {}
-                OpResult::Failed => sql(conn, &format!("ROLLBACK TO {sp}"))?,
+                OpResult::Failed => cached(conn, "ROLLBACK TO op")?,
                 OpResult::Transient(reason) => return Err(reason),
             }
-            sql(conn, &format!("RELEASE {sp}"))?;
+            cached(conn, "RELEASE op")?;
         }
         sql(conn, "COMMIT")
     })();

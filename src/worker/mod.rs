@@ -16,6 +16,7 @@ pub use crate::job::{
     truncate_log_line, JobConfig, ListFilter, Priority, Status, DEFAULT_MEMORY, LOG_KEEP,
 };
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use boa_engine::{Context, JsResult, JsString, JsValue};
@@ -103,7 +104,7 @@ pub enum StartError {
 }
 
 /// Validates and enqueues a job of `app`. With a uniqueKey that matches a live job, the
-/// live job is returned instead.
+/// live job is returned instead. Returns once the job is committed and queued.
 pub fn spawn(
     store: &Store,
     pool: &Pool,
@@ -111,22 +112,53 @@ pub fn spawn(
     path: &str,
     opts: &serde_json::Value,
 ) -> Result<JobRow, SpawnError> {
+    let (config, data) = parse_spawn(store, pool, app, path, opts, None)?;
+    insert_checked(store, pool, app, path, &config, data)
+}
+
+/// Options and path of a spawn, checked. `known` holds the worker files this run
+/// already found, so a run spawning in a loop reads each file's row once.
+fn parse_spawn(
+    store: &Store,
+    pool: &Pool,
+    app: &str,
+    path: &str,
+    opts: &serde_json::Value,
+    known: Option<&mut Vec<String>>,
+) -> Result<(JobConfig, Option<String>), SpawnError> {
     check_worker_path(path).map_err(SpawnError::Invalid)?;
     // The server's budget (`--memory-budget`), not the default: a reservation that
     // could never fit would wait for memory forever.
     let (config, data) =
         parse_options(opts, pool.limits.memory_budget).map_err(SpawnError::Invalid)?;
-    if !store.app_file_exists(app, path)? {
-        return Err(SpawnError::Invalid(format!(
-            "no worker file {path} in app '{app}'"
-        )));
+    let seen = known.as_ref().is_some_and(|k| k.iter().any(|p| p == path));
+    if !seen {
+        if !store.app_file_exists(app, path)? {
+            return Err(SpawnError::Invalid(format!(
+                "no worker file {path} in app '{app}'"
+            )));
+        }
+        if let Some(k) = known {
+            k.push(path.to_string());
+        }
     }
+    Ok((config, data))
+}
+
+/// The insert that waits for its commit, with the uniqueKey and queue-bound rules.
+fn insert_checked(
+    store: &Store,
+    pool: &Pool,
+    app: &str,
+    path: &str,
+    config: &JobConfig,
+    data: Option<String>,
+) -> Result<JobRow, SpawnError> {
     // Counting an app's queue in SQL costs O(queue); while the whole pool has fewer
     // than half the per-app bound waiting, no app can be near it, so skip the count.
     let limit = pool.limits.queue_per_app;
-    let pool_waiting = pool.stats.queued.load(std::sync::atomic::Ordering::Relaxed) as i64;
-    let check = (pool_waiting >= limit / 2).then_some(limit);
-    let inserted = store.insert_job(new_job_id(), app, path, &config, data, check)?;
+    let check = (waiting_or_in_flight(pool) >= limit / 2).then_some(limit);
+    let inserted = store.insert_job(new_job_id(), app, path, config, data, check)?;
     match inserted {
         crate::store::Inserted::New(row) => {
             pool.enqueue(pool::Queued::from_row(&row));
@@ -138,6 +170,182 @@ pub fn spawn(
             limit,
         }),
     }
+}
+
+/// Jobs the pool has queued, plus spawns of handler runs not yet committed.
+fn waiting_or_in_flight(pool: &Pool) -> i64 {
+    let queued = pool.stats.queued.load(std::sync::atomic::Ordering::Relaxed) as i64;
+    queued + IN_FLIGHT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Spawns queued for the writer by handler runs and not yet committed, over all runs.
+static IN_FLIGHT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// The same, per app: a batched spawn counts its app's uncommitted spawns with the
+/// committed queue, so batching never lets an app's queue past its bound.
+static IN_FLIGHT_BY_APP: std::sync::LazyLock<std::sync::Mutex<HashMap<String, i64>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Near its bound, an app's spawns wait for their own commit (the exact, counted
+/// insert); this many places below it absorb the counts' moment of staleness.
+const BOUND_MARGIN: i64 = 64;
+
+/// A run waits for its spawns once this many are uncommitted.
+const BATCH_MAX: usize = 256;
+
+/// Takes a place for one batched spawn of `app`, unless its queue may be near the
+/// bound (then the spawn must be counted in the insert: None).
+fn reserve_in_flight(store: &Store, pool: &Pool, app: &str) -> Result<Option<()>, SpawnError> {
+    let limit = pool.limits.queue_per_app;
+    // While the whole pool has fewer than half the bound waiting, no app is near it.
+    let committed = if waiting_or_in_flight(pool) < limit / 2 {
+        0
+    } else {
+        store.app_queue_len(app)?
+    };
+    let mut apps = IN_FLIGHT_BY_APP.lock().unwrap_or_else(|p| p.into_inner());
+    let mine = apps.get(app).copied().unwrap_or(0);
+    if committed + mine >= limit - BOUND_MARGIN {
+        return Ok(None);
+    }
+    *apps.entry(app.to_string()).or_insert(0) += 1;
+    IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(Some(()))
+}
+
+/// Gives back the place [`reserve_in_flight`] took, once the spawn committed or failed.
+fn release_in_flight(app: &str) {
+    IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    let mut apps = IN_FLIGHT_BY_APP.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = apps.get_mut(app) {
+        *n -= 1;
+        if *n <= 0 {
+            apps.remove(app);
+        }
+    }
+}
+
+/// The spawns of one HTTP handler run, batched: `fazt.worker.spawn` queues the insert
+/// for the store's writer and returns the job at once; the job is queued in the pool
+/// right after its commit (on the writer thread), so a handler spawning in a loop
+/// costs one transaction per writer batch instead of one round trip per job. The run
+/// waits for all of them before its response is sent ([`finish_spawns`]), and before
+/// any `fazt.worker` call that reads jobs, so a response or a read never gets ahead of
+/// a spawn's commit. Spawns with a uniqueKey, or while any app's queue may be near its
+/// bound, wait for their own commit as before.
+#[derive(Default)]
+pub struct SpawnBatch {
+    inner: std::cell::RefCell<BatchInner>,
+}
+
+#[derive(Default)]
+struct BatchInner {
+    pending: Vec<InFlight>,
+    /// Worker files this run found.
+    files: Vec<String>,
+}
+
+struct InFlight {
+    app: String,
+    pending: crate::store::Pending<JobRow>,
+    /// The job for the pool, if the writer could not hand it over without waiting.
+    left: Arc<std::sync::Mutex<Option<Box<pool::Queued>>>>,
+    pool: Arc<Pool>,
+}
+
+impl InFlight {
+    /// Waits for the commit; queues the job in the pool if the writer could not.
+    fn settle(self) -> Result<(), crate::store::Error> {
+        match self.pending.wait() {
+            Ok(_) => {
+                let left = self.left.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(q) = left {
+                    self.pool.enqueue(*q);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Not committed, so the writer never gave its place back.
+                release_in_flight(&self.app);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for BatchInner {
+    /// A run that unwound past [`finish_spawns`] (a panic) still settles its spawns
+    /// when the next run replaces the batch: a committed job is never left unqueued.
+    fn drop(&mut self) {
+        for job in self.pending.drain(..) {
+            let app = job.app.clone();
+            if let Err(e) = job.settle() {
+                log::warn!("a spawn of app '{app}' was not stored: {e}");
+            }
+        }
+    }
+}
+
+/// Waits until every spawn batched in `ctx` committed and is queued in the pool. Call
+/// it when a handler run ends, whatever its outcome (its spawns stand, as they would
+/// unbatched); an error means some of them were not stored.
+pub fn finish_spawns(ctx: &Context) -> Result<(), SpawnError> {
+    let pending = match ctx.get_data::<SpawnBatch>() {
+        Some(b) => std::mem::take(&mut b.inner.borrow_mut().pending),
+        None => return Ok(()),
+    };
+    let mut first_err = None;
+    for job in pending {
+        if let Err(e) = job.settle() {
+            first_err.get_or_insert(SpawnError::Store(e));
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// A batched spawn: queues the insert and returns the job as it will be stored. The
+/// caller took the app's in-flight place ([`reserve_in_flight`]).
+fn spawn_batched(
+    w: &JsEnv,
+    batch: &SpawnBatch,
+    app: &str,
+    path: &str,
+    config: JobConfig,
+    data: Option<String>,
+) -> Result<JobRow, SpawnError> {
+    let left = Arc::new(std::sync::Mutex::new(None));
+    let handed = left.clone();
+    let pool = w.pool.clone();
+    let begun = w.store.insert_job_begin(
+        new_job_id(),
+        app,
+        path,
+        &config,
+        data,
+        move |row: &mut JobRow| {
+            // Committed: the job counts in the app's queue from now on.
+            release_in_flight(&row.app);
+            // On the writer thread, which must never wait on the scheduler: a full
+            // event queue leaves the job to the run's `finish_spawns`.
+            if let Err(q) = pool.try_enqueue(Box::new(pool::Queued::from_row(row))) {
+                *handed.lock().unwrap_or_else(|p| p.into_inner()) = Some(q);
+            }
+        },
+    );
+    let (row, pending) = match begun {
+        Ok(b) => b,
+        Err(e) => {
+            release_in_flight(app);
+            return Err(e.into());
+        }
+    };
+    batch.inner.borrow_mut().pending.push(InFlight {
+        app: app.to_string(),
+        pending,
+        left,
+        pool: w.pool.clone(),
+    });
+    Ok(row)
 }
 
 /// `workers/<...>.js`, with no `..`, absolute or odd segments.
@@ -203,7 +411,7 @@ fn worker_spawn(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<Js
         Some(_) => return Err(type_error("fazt.worker.spawn: options must be an object")),
     };
     let w = js_env(ctx)?;
-    match spawn(&w.store, &w.pool, &host.app, &path, &opts) {
+    match spawn_in(ctx, &w, &host.app, &path, &opts) {
         Ok(row) => job_value(&row, ctx),
         Err(e @ SpawnError::Invalid(_)) => Err(plain_error(format!("fazt.worker.spawn: {e}"))),
         Err(e @ SpawnError::QueueFull { .. }) => Err(failure_error(
@@ -214,8 +422,48 @@ fn worker_spawn(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<Js
     }
 }
 
+/// `spawn`, batched when the context is a handler run's (see [`SpawnBatch`]).
+fn spawn_in(
+    ctx: &Context,
+    w: &JsEnv,
+    app: &str,
+    path: &str,
+    opts: &serde_json::Value,
+) -> Result<JobRow, SpawnError> {
+    let Some(batch) = ctx.get_data::<SpawnBatch>() else {
+        return spawn(&w.store, &w.pool, app, path, opts);
+    };
+    let (config, data) = {
+        let mut inner = batch.inner.borrow_mut();
+        parse_spawn(&w.store, &w.pool, app, path, opts, Some(&mut inner.files))?
+    };
+    let reserved = match config.unique_key {
+        Some(_) => None,
+        None => reserve_in_flight(&w.store, &w.pool, app)?,
+    };
+    if reserved.is_none() {
+        // The rules read the app's jobs: the batch goes first, in order.
+        finish_spawns(ctx)?;
+        return insert_checked(&w.store, &w.pool, app, path, &config, data);
+    }
+    let row = spawn_batched(w, batch, app, path, config, data)?;
+    if batch.inner.borrow().pending.len() >= BATCH_MAX {
+        finish_spawns(ctx)?;
+    }
+    Ok(row)
+}
+
+/// Makes the run's batched spawns visible before a call that reads jobs.
+fn settle(ctx: &Context) -> JsResult<()> {
+    finish_spawns(ctx).map_err(|e| match e {
+        SpawnError::Store(e) => store_error(e),
+        e => plain_error(format!("fazt.worker.spawn: {e}")),
+    })
+}
+
 fn worker_get(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
+    settle(ctx)?;
     let id = str_arg(args, 0, "fazt.worker.get: id")?;
     match host.services.store().get_job(&id).map_err(store_error)? {
         // Another app's job reads as not found.
@@ -226,6 +474,7 @@ fn worker_get(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsVa
 
 fn worker_list(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
+    settle(ctx)?;
     let filter = match args.first() {
         Some(v) if v.is_object() => v.to_json(ctx)?.unwrap_or(serde_json::Value::Null),
         _ => serde_json::Value::Null,
@@ -263,6 +512,7 @@ fn worker_list(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsV
 
 fn worker_cancel(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
+    settle(ctx)?;
     let id = str_arg(args, 0, "fazt.worker.cancel: id")?;
     if host.job.as_ref().is_some_and(|j| j.id == id) {
         return Err(plain_error(
@@ -289,6 +539,7 @@ const WAIT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(300);
 /// handler's deadline bounds it (the handler then ends with its usual 504).
 fn worker_wait(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
     let host = host(ctx)?;
+    settle(ctx)?;
     let id = str_arg(args, 0, "fazt.worker.wait: id")?;
     let mut timeout = WAIT_DEFAULT;
     if let Some(opts) = args.get(1).filter(|v| !v.is_undefined() && !v.is_null()) {

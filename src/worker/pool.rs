@@ -207,6 +207,19 @@ impl Pool {
         }
     }
 
+    /// [`enqueue`](Self::enqueue) that never waits: a full event queue hands the job
+    /// back (the store's writer calls this and must not wait on the scheduler).
+    pub(crate) fn try_enqueue(&self, job: Box<Queued>) -> Result<(), Box<Queued>> {
+        match self.tx.try_send(Msg::Enqueue(job)) {
+            Err(crossbeam_channel::TrySendError::Full(Msg::Enqueue(job))) => Err(job),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                log::warn!("job enqueued after the pool stopped; it runs at the next start");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Queues a job the store put back to `queued` (an operator's retry).
     pub fn enqueue_row(&self, row: &JobRow) {
         self.enqueue(Queued::from_row(row));
