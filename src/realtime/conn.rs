@@ -217,6 +217,13 @@ impl Conn {
         }
     }
 
+    /// Closed, with frames (a close reply, an error) still waiting for a socket that
+    /// was full: the event loop keeps writing them until they are out or it stalls.
+    pub(crate) fn draining(&self) -> bool {
+        let st = self.lock();
+        st.closed && !st.shut && !st.queue.is_empty()
+    }
+
     /// Shuts the socket without a word (a dead or too slow peer): the event loop sees
     /// it end and removes the session.
     pub(crate) fn abort(&self) {

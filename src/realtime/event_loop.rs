@@ -111,6 +111,15 @@ struct Loop<'a> {
     /// Sessions that stopped reading at their per-turn budget with input left (edge
     /// triggering reports no new edge for it): read again next turn.
     again: Vec<u64>,
+    /// Ended sessions whose last frames (a close reply, an error) wait for a full
+    /// socket: still watched for writability until written, failed or stalled.
+    closing: HashMap<u64, Closing>,
+}
+
+struct Closing {
+    conn: Arc<Conn>,
+    fd: RawFd,
+    since: Instant,
 }
 
 fn run(shared: &Shared, env: &dyn Env) {
@@ -119,6 +128,7 @@ fn run(shared: &Shared, env: &dyn Env) {
         env,
         sessions: HashMap::new(),
         again: Vec::new(),
+        closing: HashMap::new(),
     };
     let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut next_sweep = Instant::now() + SWEEP_EVERY;
@@ -147,6 +157,10 @@ fn run(shared: &Shared, env: &dyn Env) {
                 let mut buf = 0u64;
                 // SAFETY: reads 8 bytes into a live u64 (resets the counter).
                 unsafe { libc::read(shared.efd, &mut buf as *mut u64 as *mut libc::c_void, 8) };
+                continue;
+            }
+            if lp.closing.contains_key(&token) {
+                lp.drain(token, bits);
                 continue;
             }
             if bits & libc::EPOLLOUT as u32 != 0 {
@@ -237,11 +251,44 @@ impl Loop<'_> {
         let Some(s) = self.sessions.remove(&token) else {
             return;
         };
+        self.env.hub().leave(&s.app, s.id);
+        if s.conn.draining() {
+            // A close reply or error still waits for the socket: keep writing it (the
+            // sweep cuts it off if the peer never reads).
+            self.closing.insert(
+                token,
+                Closing {
+                    conn: s.conn.clone(),
+                    fd: s.fd,
+                    since: Instant::now(),
+                },
+            );
+            return;
+        }
         // Unwatched before the descriptor can close (it closes when the connection's
         // last handle drops, after this).
         let _ = ctl(self.shared.epfd, libc::EPOLL_CTL_DEL, s.fd, token, 0);
-        self.env.hub().leave(&s.app, s.id);
         s.conn.abort();
+    }
+
+    /// An event on a closing connection: write what waits; end it once written, on an
+    /// error or hang-up.
+    fn drain(&mut self, token: u64, bits: u32) {
+        let Some(c) = self.closing.get(&token) else {
+            return;
+        };
+        let hung_up = bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0;
+        if !hung_up && c.conn.flush() != Flushed::Failed && c.conn.draining() {
+            return;
+        }
+        self.end_closing(token);
+    }
+
+    fn end_closing(&mut self, token: u64) {
+        if let Some(c) = self.closing.remove(&token) {
+            let _ = ctl(self.shared.epfd, libc::EPOLL_CTL_DEL, c.fd, token, 0);
+            c.conn.abort();
+        }
     }
 
     fn sweep(&mut self) {
@@ -262,6 +309,15 @@ impl Loop<'_> {
             .collect();
         for token in gone {
             self.remove(token);
+        }
+        let stalled: Vec<u64> = self
+            .closing
+            .iter()
+            .filter(|(_, c)| now - c.since > WRITE_STALL)
+            .map(|(token, _)| *token)
+            .collect();
+        for token in stalled {
+            self.end_closing(token);
         }
     }
 }

@@ -242,7 +242,11 @@ impl Hub {
                 }
             }
             drop(per_ip);
-            s.conn.abort();
+            // A connection still writing its last frames (a close reply) is the event
+            // loop's to end once they are out; any other is cut now.
+            if !s.conn.draining() {
+                s.conn.abort();
+            }
             for ch in s.channels {
                 if let Some(set) = hub.channels.get_mut(&ch) {
                     set.remove(&session);

@@ -12,6 +12,7 @@ module.exports = function (req) {
   const q = req.query;
   if (q.op === "broadcast") return { sent: fazt.realtime.broadcast(q.ch, { n: Number(q.n || 0), from: fazt.app.name }) };
   if (q.op === "blob") return { sent: fazt.realtime.broadcast(q.ch, { n: Number(q.n), pad: "x".repeat(4096) }) };
+  if (q.op === "big") return { sent: fazt.realtime.broadcast(q.ch, { n: Number(q.n), pad: "x".repeat(60000) }) };
   if (q.op === "all") return { sent: fazt.realtime.broadcastAll({ hello: "everyone" }) };
   if (q.op === "count") return { count: q.ch ? fazt.realtime.count(q.ch) : fazt.realtime.count() };
   if (q.op === "subs") return { subs: fazt.realtime.subscribers(q.ch) };
@@ -462,4 +463,49 @@ fn endless_empty_continuation_frames_do_not_stall_other_sessions() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = flooder.join();
     assert!(worst < Duration::from_secs(1), "worst pong {worst:?}");
+}
+
+/// Review F5: a client's close reply (and an error reply) queued behind frames its full
+/// socket had not taken yet was thrown away: the session was removed and its socket
+/// shut at once, so the client got part of what was sent and no closing handshake.
+/// The loop now keeps writing a closed connection's last frames until they are out.
+#[test]
+fn a_close_reply_behind_a_full_socket_still_reaches_the_client() {
+    let s = rt_server(&["drain"]);
+    let mut ws = s.ws("drain");
+    ws.subscribe("big");
+    // ~12 MB, more than the socket buffers hold while the client does not read, in
+    // 200 frames (the per-connection queue holds 1,024).
+    for n in 1..=200 {
+        let r = s.call("drain", &format!("/api/rt?op=big&ch=big&n={n}"));
+        assert_eq!(r["sent"], 1, "{r}");
+    }
+    ws.ws.close(None).expect("send a close frame");
+    let _ = ws.ws.flush();
+    let mut last = 0;
+    let closed = loop {
+        match ws.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                let v: Value = serde_json::from_str(t.as_str()).expect("JSON");
+                if v["channel"] == "big" {
+                    last = v["data"]["n"].as_i64().unwrap_or(0);
+                }
+            }
+            Ok(tungstenite::Message::Close(_)) => break true,
+            Ok(_) => continue,
+            Err(tungstenite::Error::ConnectionClosed) => break true,
+            Err(e) => {
+                println!("read ended: {e}");
+                break false;
+            }
+        }
+    };
+    assert_eq!(
+        last, 200,
+        "the client got the broadcasts up to {last} of 200"
+    );
+    assert!(
+        closed,
+        "no close reply: the socket ended without a closing handshake"
+    );
 }
