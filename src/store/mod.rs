@@ -179,6 +179,12 @@ impl Store {
         let path = data_dir.join("fazt.db");
         let conn = open_conn(&path, true)?;
         migrations::apply(&conn)?;
+        // Every write of a batch runs in its own savepoint, whose undo pages (the
+        // statement journal) SQLite spills to a temp file past 64 KB: thousands of
+        // pwrite calls per batch. Kept in memory, they cost a copy (a batch touches a few
+        // MB at most; a deploy, its files' size).
+        conn.execute_batch("PRAGMA temp_store=MEMORY;")
+            .ctx("setting the writer's temp store")?;
         let (tx, rx) = crossbeam_channel::bounded::<WriteReq>(WRITE_QUEUE);
         let shared = Arc::new(writer::Shared::new());
         let janitor = retention::janitor(limits.clone());
