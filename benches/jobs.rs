@@ -1,6 +1,7 @@
-//! Worker benches: spawn→done latency of one no-op job, and the throughput of a batch
-//! of 1,000 no-op jobs spread over several apps (so neither the per-app queue bound of
-//! 1,000 nor the per-app running limit of 5 is what gets measured).
+//! Worker benches: spawn→done latency of one no-op job, the throughput of a batch of
+//! 1,000 no-op jobs spread over several apps (so neither the per-app queue bound of
+//! 1,000 nor the per-app running limit of 5 is what gets measured), and the store side
+//! of 100 spawns, waited one by one against batched.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -105,6 +106,43 @@ fn jobs(c: &mut Criterion) {
                 total += start.elapsed();
             }
             total
+        })
+    });
+    g.finish();
+
+    // The store side of 100 spawns: each insert waited for (one writer round trip and
+    // commit per job, how a spawn in a worker or with a uniqueKey goes) against the
+    // 100 queued at once and then waited for (how a handler's spawns are batched). The
+    // rows stay queued in the store (the pool is not told), under an app of their own.
+    let mut g = c.benchmark_group("store");
+    g.throughput(Throughput::Elements(100));
+    let config = fazt::worker::JobConfig::default();
+    g.bench_function("insert_100_waited", |b| {
+        b.iter(|| {
+            for _ in 0..100 {
+                let id = fazt::worker::new_job_id();
+                services
+                    .store
+                    .insert_job(id, "ins", WORKER, &config, None, None)
+                    .expect("insert");
+            }
+        })
+    });
+    g.bench_function("insert_100_batched", |b| {
+        b.iter(|| {
+            let pending: Vec<_> = (0..100)
+                .map(|_| {
+                    let id = fazt::worker::new_job_id();
+                    services
+                        .store
+                        .insert_job_begin(id, "ins", WORKER, &config, None, |_| {})
+                        .expect("queue the insert")
+                        .1
+                })
+                .collect();
+            for p in pending {
+                p.wait().expect("insert");
+            }
         })
     });
     g.finish();
