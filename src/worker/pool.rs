@@ -2,6 +2,7 @@
 //! run jobs and report back over a channel; a monitor thread samples RSS. Handlers and
 //! the HTTP API talk to the scheduler through [`Pool`], never to slots directly.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,7 +19,7 @@ use super::Env;
 use super::JobConfig;
 use crate::js::Interrupt;
 use crate::realtime::Listeners;
-use crate::store::{JobRow, Store};
+use crate::store::{now_ms, JobRow, Store, Transition};
 
 /// Limits of the pool, all enforced by the scheduler.
 #[derive(Debug, Clone)]
@@ -441,6 +442,10 @@ struct Scheduler {
     listeners: Arc<Listeners>,
     /// The shutdown caller, answered once every run ended.
     shutdown_reply: Option<Sender<()>>,
+    /// State transitions of this loop turn (starts and outcomes), sent to the store as
+    /// one write at the end of the turn, or before any reply (a canceller reads the
+    /// job's row once answered).
+    transitions: Vec<Transition>,
 }
 
 impl Scheduler {
@@ -455,6 +460,7 @@ impl Scheduler {
             state: State::default(),
             threads: Vec::new(),
             shutdown_reply: None,
+            transitions: Vec::new(),
         }
     }
 
@@ -489,6 +495,7 @@ impl Scheduler {
                 }
             }
             self.schedule();
+            self.flush_transitions();
             self.publish_stats();
             if self.shutdown_reply.is_some() && self.state.running().next().is_none() {
                 self.shutdown_reply.take().map(|done| done.send(()));
@@ -575,13 +582,53 @@ impl Scheduler {
         self.perform(actions);
     }
 
+    /// One read for all the starts among `actions`: each job's data (waiting jobs keep
+    /// it in the store only), and whether its row still exists. None: the read failed.
+    fn read_starts(&self, actions: &[Action]) -> Option<HashMap<String, Option<String>>> {
+        let ids: Vec<&str> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Dispatch { job, .. } => Some(job.id.as_str()),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return Some(HashMap::new());
+        }
+        match self.services.store().jobs_data(&ids) {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                log::error!("cannot read the data of the jobs to start ({e}); trying again in 1 s");
+                None
+            }
+        }
+    }
+
     /// Performs the policy's actions in order.
     fn perform(&mut self, actions: Vec<Action>) {
+        let mut rows = self.read_starts(&actions);
         for a in actions {
             match a {
-                Action::Dispatch { slot, job } => self.dispatch(slot, job),
+                Action::Dispatch { slot, mut job } => {
+                    match rows.as_mut().map(|r| r.remove(&job.id)) {
+                        Some(Some(data)) => {
+                            job.data = data;
+                            self.dispatch(slot, job);
+                        }
+                        // A job whose row is gone (its app was removed after the spawn
+                        // committed) never runs.
+                        Some(None) => {
+                            log::info!("job {} no longer exists; not starting it", job.id)
+                        }
+                        None => {
+                            let at = Instant::now() + policy::UNREAD_DELAY;
+                            self.state.delayed.push((at, job));
+                        }
+                    }
+                }
                 Action::Record(r) => self.record(r),
                 Action::Reply(tx) => {
+                    self.flush_transitions();
                     let _ = tx.send(());
                 }
                 Action::RequestCancel { slot } => {
@@ -644,31 +691,8 @@ impl Scheduler {
         self.perform(actions);
     }
 
-    fn dispatch(&mut self, i: usize, mut job: Queued) {
-        let data = if job.has_data {
-            self.services.store().job_data(&job.id)
-        } else {
-            Ok(Some(None))
-        };
-        match data {
-            Ok(Some(data)) => job.data = data,
-            Ok(None) => {
-                // Its row is gone (the app was removed while the job waited).
-                log::info!("job {} no longer exists; not starting it", job.id);
-                return;
-            }
-            Err(e) => {
-                log::error!(
-                    "cannot read the data of job {} ({e}); trying again in 1 s",
-                    job.id
-                );
-                job.data = None;
-                self.state
-                    .delayed
-                    .push((Instant::now() + policy::UNREAD_DELAY, job));
-                return;
-            }
-        }
+    /// Hands `job` (its data read) to slot `i`.
+    fn dispatch(&mut self, i: usize, job: Queued) {
         let timeout = job.config.timeout_ms.map(Duration::from_millis);
         let interrupt = Interrupt::new(timeout);
         let run = RunJob {
@@ -691,9 +715,12 @@ impl Scheduler {
         self.stats.started_total.fetch_add(1, Ordering::Relaxed);
         crate::metrics::global().job_waited(&job.app, &job.path, job.since.elapsed());
         // Recorded once the slot has it; the store writes it in order with the outcome.
-        self.services
-            .store()
-            .job_started(&job.id, job.attempt, job.restarts);
+        self.transitions.push(Transition::Started {
+            id: job.id.clone(),
+            attempt: job.attempt,
+            restarts: job.restarts,
+            at: now_ms(),
+        });
         let idle_listeners = job
             .config
             .idle_channel
@@ -758,13 +785,27 @@ impl Scheduler {
         policy::conclude(&mut self.state, r, outcome, ended, now)
     }
 
-    fn record(&self, r: Record) {
+    fn record(&mut self, r: Record) {
         if r.status.is_final() {
             crate::metrics::global().job_outcome(&r.app, r.status.as_str());
         }
-        self.services
-            .store()
-            .job_finished(&r.id, r.status, r.result, r.error, r.attempt, r.restarts);
+        self.transitions.push(Transition::Finished {
+            id: r.id,
+            status: r.status,
+            result: r.result,
+            error: r.error,
+            attempt: r.attempt,
+            restarts: r.restarts,
+            at: now_ms(),
+        });
+    }
+
+    /// Sends this turn's transitions to the store as one write.
+    fn flush_transitions(&mut self) {
+        if !self.transitions.is_empty() {
+            let batch = std::mem::take(&mut self.transitions);
+            self.services.store().job_transitions(batch);
+        }
     }
 
     fn publish_stats(&self) {
@@ -902,6 +943,61 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             sched.on_tick();
         }
+        services.store().close();
+    }
+
+    /// A slot without a thread: the test holds its receiver and sees what is handed to it.
+    fn fake_slot(sched: &mut Scheduler) -> Receiver<SlotMsg> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let heap: &'static std::sync::atomic::AtomicI64 =
+            Box::leak(Box::new(std::sync::atomic::AtomicI64::new(0)));
+        sched.add_slot(SlotThread {
+            tx,
+            handle: None,
+            heap,
+        });
+        rx
+    }
+
+    #[test]
+    fn a_job_whose_row_is_gone_does_not_run() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let (mut sched, services) = scheduler(tmp.path());
+        let slot = fake_slot(&mut sched);
+        let (config, data) =
+            super::super::parse_options(&serde_json::Value::Null, super::super::MEMORY_BUDGET)
+                .expect("options");
+        let row = match services
+            .store()
+            .insert_job(
+                super::super::new_job_id(),
+                "a",
+                "workers/w.js",
+                &config,
+                data,
+                None,
+            )
+            .expect("insert")
+        {
+            crate::store::Inserted::New(row) | crate::store::Inserted::Existing(row) => row,
+            crate::store::Inserted::QueueFull { .. } => panic!("an empty queue is full"),
+        };
+        // Spawned without data, and its row deleted before dispatch (its app removed
+        // between the spawn's commit and the scheduler's pass).
+        let mut gone = Queued::from_row(&row);
+        gone.id = "deleted".into();
+        assert!(!gone.has_data);
+        sched.on_msg(Msg::Enqueue(Box::new(gone)));
+        sched.schedule();
+        assert!(
+            slot.try_recv().is_err(),
+            "a job without a row was handed to a slot"
+        );
+        assert!(sched.state.running().next().is_none());
+        // The same job with its row runs.
+        sched.on_msg(Msg::Enqueue(Box::new(Queued::from_row(&row))));
+        sched.schedule();
+        assert!(matches!(slot.try_recv(), Ok(SlotMsg::Run(r)) if r.job.id == row.id));
         services.store().close();
     }
 
