@@ -229,23 +229,28 @@ impl Store {
         })
     }
 
-    /// The data of each of `ids` that still has a row, in one read (a scheduling
-    /// pass's starts); an id without a row is missing from the map.
+    /// The data of each job of `jobs` (id, spawned with data) that still has a row, in
+    /// one read (a scheduling pass's starts); a job without a row is missing from the
+    /// map. A job spawned without data costs only a look-up in the id index.
     pub fn jobs_data(
         &self,
-        ids: &[&str],
+        jobs: &[(&str, bool)],
     ) -> Result<std::collections::HashMap<String, Option<String>>> {
         self.read(|c| {
-            let mut st = c
+            let mut with_data = c
                 .prepare_cached("SELECT data FROM worker_jobs WHERE id = ?1")
                 .ctx("reading job data")?;
-            let mut out = std::collections::HashMap::with_capacity(ids.len());
-            for id in ids {
-                let data = st
-                    .query_row([id], |r| r.get::<_, Option<String>>(0))
-                    .optional()
-                    .ctx("reading job data")?;
-                if let Some(data) = data {
+            let mut exists = c
+                .prepare_cached("SELECT 1 FROM worker_jobs WHERE id = ?1")
+                .ctx("reading job data")?;
+            let mut out = std::collections::HashMap::with_capacity(jobs.len());
+            for &(id, has_data) in jobs {
+                let data = if has_data {
+                    with_data.query_row([id], |r| r.get::<_, Option<String>>(0))
+                } else {
+                    exists.query_row([id], |_| Ok(None))
+                };
+                if let Some(data) = data.optional().ctx("reading job data")? {
                     out.insert(id.to_string(), data);
                 }
             }

@@ -88,7 +88,8 @@ pub(crate) struct Queued {
     pub path: String,
     pub config: JobConfig,
     pub data: Option<String>,
-    /// Whether the job was spawned with data: one without skips the read at dispatch.
+    /// Whether the job was spawned with data: for one without, dispatch only checks that
+    /// its row still exists.
     pub has_data: bool,
     pub attempt: i64,
     pub restarts: i64,
@@ -585,17 +586,17 @@ impl Scheduler {
     /// One read for all the starts among `actions`: each job's data (waiting jobs keep
     /// it in the store only), and whether its row still exists. None: the read failed.
     fn read_starts(&self, actions: &[Action]) -> Option<HashMap<String, Option<String>>> {
-        let ids: Vec<&str> = actions
+        let jobs: Vec<(&str, bool)> = actions
             .iter()
             .filter_map(|a| match a {
-                Action::Dispatch { job, .. } => Some(job.id.as_str()),
+                Action::Dispatch { job, .. } => Some((job.id.as_str(), job.has_data)),
                 _ => None,
             })
             .collect();
-        if ids.is_empty() {
+        if jobs.is_empty() {
             return Some(HashMap::new());
         }
-        match self.services.store().jobs_data(&ids) {
+        match self.services.store().jobs_data(&jobs) {
             Ok(rows) => Some(rows),
             Err(e) => {
                 log::error!("cannot read the data of the jobs to start ({e}); trying again in 1 s");
