@@ -34,6 +34,8 @@ const HEALTHY: Duration = Duration::from_secs(300);
 pub(crate) const EARLY_CANCEL_REPLY: Duration = Duration::from_millis(200);
 /// How long such a cancel is remembered.
 const EARLY_CANCEL_KEEP: Duration = Duration::from_secs(60);
+/// How long a removed app's jobs have their rows checked at dispatch.
+const REMOVED_APP_KEEP: Duration = Duration::from_secs(3600);
 /// A job whose data could not be read waits this long before it is offered again.
 pub(crate) const UNREAD_DELAY: Duration = Duration::from_secs(1);
 
@@ -360,6 +362,9 @@ pub(crate) fn tick(
         }
         now.duration_since(e.at) < EARLY_CANCEL_KEEP
     });
+    state
+        .removed_apps
+        .retain(|_, at| now.duration_since(*at) < REMOVED_APP_KEEP);
     if !state.held.is_empty() && !store_degraded {
         for job in std::mem::take(&mut state.held) {
             state.push_queue(job, now);

@@ -77,6 +77,8 @@ pub(crate) enum Msg {
         outcome: Outcome,
     },
     OverBudget,
+    /// The removal of this app began (see `State::removed_apps`).
+    AppRemoved(String),
     Shutdown(Sender<()>),
 }
 
@@ -240,6 +242,8 @@ impl Pool {
     /// Cancels every live job of an app and waits (bounded) until they stopped, so
     /// nothing of the app keeps running or writing once it is removed.
     pub fn cancel_app(&self, app: &str) -> crate::store::Result<()> {
+        // First, so a job of the app that arrives later has its row checked.
+        let _ = self.ctl.send(Msg::AppRemoved(app.to_string()));
         let mut replies = Vec::new();
         for id in self.store.live_job_ids(app)? {
             let (reply, rx) = crossbeam_channel::bounded(1);
@@ -519,6 +523,10 @@ impl Scheduler {
         let now = Instant::now();
         let actions = match msg {
             Msg::Enqueue(job) => policy::enqueue(&mut self.state, *job, now),
+            Msg::AppRemoved(app) => {
+                self.state.removed_apps.insert(app, now);
+                Vec::new()
+            }
             Msg::Cancel { id, reply } => policy::cancel(&mut self.state, &id, Some(reply), now),
             Msg::Finished { slot, gen, outcome } => self.finished(slot, gen, outcome, now),
             Msg::OverBudget => {
@@ -583,13 +591,21 @@ impl Scheduler {
         self.perform(actions);
     }
 
+    /// Whether dispatch reads `job`'s row: for its data, or because its app's removal
+    /// began and the row may be gone.
+    fn checks_row(&self, job: &Queued) -> bool {
+        job.has_data || self.state.removed_apps.contains_key(&job.app)
+    }
+
     /// One read for all the starts among `actions`: each job's data (waiting jobs keep
     /// it in the store only), and whether its row still exists. None: the read failed.
     fn read_starts(&self, actions: &[Action]) -> Option<HashMap<String, Option<String>>> {
         let jobs: Vec<(&str, bool)> = actions
             .iter()
             .filter_map(|a| match a {
-                Action::Dispatch { job, .. } => Some((job.id.as_str(), job.has_data)),
+                Action::Dispatch { job, .. } if self.checks_row(job) => {
+                    Some((job.id.as_str(), job.has_data))
+                }
                 _ => None,
             })
             .collect();
@@ -618,6 +634,7 @@ impl Scheduler {
                         }
                         // A job whose row is gone (its app was removed after the spawn
                         // committed) never runs.
+                        Some(None) if !self.checks_row(&job) => self.dispatch(slot, job),
                         Some(None) => {
                             log::info!("job {} no longer exists; not starting it", job.id)
                         }
@@ -986,11 +1003,12 @@ mod tests {
             crate::store::Inserted::New(row) | crate::store::Inserted::Existing(row) => row,
             crate::store::Inserted::QueueFull { .. } => panic!("an empty queue is full"),
         };
-        // Spawned without data, and its row deleted before dispatch (its app removed
-        // between the spawn's commit and the scheduler's pass).
+        // Spawned without data, and its row deleted before dispatch: its app's removal
+        // (which tells the pool first) began after the spawn committed.
         let mut gone = Queued::from_row(&row);
         gone.id = "deleted".into();
         assert!(!gone.has_data);
+        sched.on_msg(Msg::AppRemoved("a".into()));
         sched.on_msg(Msg::Enqueue(Box::new(gone)));
         sched.schedule();
         assert!(

@@ -95,6 +95,11 @@ pub(crate) struct State {
     pub early_cancels: HashMap<String, EarlyCancel>,
     /// Since when the pool shuts down: nothing starts any more.
     pub shutting_down: Option<Instant>,
+    /// Apps whose removal began (and when): a job of theirs may reach the queue after
+    /// its row was deleted (spawned by a run that outlived the removal's wait), so
+    /// dispatch checks that such a job's row still exists. Other jobs without data
+    /// skip that read.
+    pub removed_apps: HashMap<String, Instant>,
 }
 
 impl State {
