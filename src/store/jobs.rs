@@ -27,6 +27,38 @@ pub struct JobRow {
     pub done_at: Option<i64>,
 }
 
+/// A job state transition for [`Store::job_transitions`], with the time it happened
+/// (ms since the epoch).
+#[derive(Debug, Clone)]
+pub enum Transition {
+    /// The job went to a slot.
+    Started {
+        id: String,
+        attempt: i64,
+        restarts: i64,
+        at: i64,
+    },
+    /// A final state, or a return to `queued` (retries, restarts); `at` is the
+    /// `done_at` of a final state.
+    Finished {
+        id: String,
+        status: Status,
+        result: Option<String>,
+        error: Option<String>,
+        attempt: i64,
+        restarts: i64,
+        at: i64,
+    },
+}
+
+impl Transition {
+    pub fn id(&self) -> &str {
+        match self {
+            Transition::Started { id, .. } | Transition::Finished { id, .. } => id,
+        }
+    }
+}
+
 impl JobRow {
     /// The job object users see in JS and over HTTP.
     pub fn to_json(&self) -> serde_json::Value {
@@ -266,6 +298,35 @@ impl Store {
         })
     }
 
+    /// The data of each job of `jobs` (id, spawned with data) that still has a row, in
+    /// one read (a scheduling pass's starts); a job without a row is missing from the
+    /// map. A job spawned without data costs only a look-up in the id index.
+    pub fn jobs_data(
+        &self,
+        jobs: &[(&str, bool)],
+    ) -> Result<std::collections::HashMap<String, Option<String>>> {
+        self.read(|c| {
+            let mut with_data = c
+                .prepare_cached("SELECT data FROM worker_jobs WHERE id = ?1")
+                .ctx("reading job data")?;
+            let mut exists = c
+                .prepare_cached("SELECT 1 FROM worker_jobs WHERE id = ?1")
+                .ctx("reading job data")?;
+            let mut out = std::collections::HashMap::with_capacity(jobs.len());
+            for &(id, has_data) in jobs {
+                let data = if has_data {
+                    with_data.query_row([id], |r| r.get::<_, Option<String>>(0))
+                } else {
+                    exists.query_row([id], |_| Ok(None))
+                };
+                if let Some(data) = data.optional().ctx("reading job data")? {
+                    out.insert(id.to_string(), data);
+                }
+            }
+            Ok(out)
+        })
+    }
+
     pub fn get_job(&self, id: &str) -> Result<Option<JobRow>> {
         self.read(|c| get_job(c, id))
     }
@@ -387,6 +448,67 @@ impl Store {
                 progress_done
             ])
             .ctx("recording a job outcome")?;
+            Ok(())
+        });
+    }
+
+    /// Records a batch of state transitions (one scheduling pass's starts and outcomes)
+    /// as one write: one queue entry and one savepoint instead of one per job. Each
+    /// transition is its own statement, so one failing on its own merits is rolled back
+    /// alone (and logged); a transient failure retries the whole batch, in order.
+    pub fn job_transitions(&self, batch: Vec<Transition>) {
+        if batch.is_empty() {
+            return;
+        }
+        self.write_later(Kind::Transition, move |c| {
+            for t in &batch {
+                let res = match t {
+                    Transition::Started {
+                        id,
+                        attempt,
+                        restarts,
+                        at,
+                    } => c
+                        .prepare_cached(
+                            "UPDATE worker_jobs SET status = 'running', started_at = ?2,
+                             attempt = ?3, restarts = ?4, done_at = NULL WHERE id = ?1",
+                        )
+                        .and_then(|mut st| st.execute(params![id, at, attempt, restarts]))
+                        .ctx("marking a job running"),
+                    Transition::Finished {
+                        id,
+                        status,
+                        result,
+                        error,
+                        attempt,
+                        restarts,
+                        at,
+                    } => c
+                        .prepare_cached(
+                            "UPDATE worker_jobs SET status = ?2, result = ?3, error = ?4,
+                             done_at = ?5, attempt = ?6, restarts = ?7,
+                             progress = CASE WHEN ?8 THEN 100 ELSE progress END WHERE id = ?1",
+                        )
+                        .and_then(|mut st| {
+                            st.execute(params![
+                                id,
+                                status.as_str(),
+                                result,
+                                error,
+                                status.is_final().then_some(*at),
+                                attempt,
+                                restarts,
+                                *status == Status::Done
+                            ])
+                        })
+                        .ctx("recording a job outcome"),
+                };
+                match res {
+                    Ok(_) => {}
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(e) => log::error!("job transition of {} failed: {e}", t.id()),
+                }
+            }
             Ok(())
         });
     }

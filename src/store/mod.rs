@@ -13,7 +13,7 @@ mod writer;
 
 pub use apps::{AppFile, AppInfo};
 pub use job_admin::{JobPage, JobQuery, Retried};
-pub use jobs::{Inserted, JobRow, LogLine};
+pub use jobs::{Inserted, JobRow, LogLine, Transition};
 pub use writer::{retry_delay, should_truncate_wal, Backoff, StoreStatus};
 
 use std::path::{Path, PathBuf};

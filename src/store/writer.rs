@@ -18,6 +18,10 @@ use super::{now_ms, Error, Result};
 /// Most writes one transaction takes: enough to amortise fsync, small enough that a
 /// durable caller never waits long behind a flood of log lines.
 const MAX_BATCH: usize = 512;
+/// How long a lone background write (job state transitions, log lines) waits for more
+/// before its batch commits: short beside what a reader of job states polls at, long
+/// enough that a busy pool's transitions share a commit (see `Writer::coalesce`).
+const COALESCE: Duration = Duration::from_millis(2);
 /// Background writes that may be shed (log lines, progress) kept at most while the store
 /// cannot write; state transitions are never shed.
 pub(super) const LOSSY_CAP: usize = 20_000;
@@ -350,7 +354,8 @@ impl Writer {
         loop {
             // Wait for work: forever while all is written, until the next retry while
             // writes are pending, and until the next janitor step while idle.
-            if self.queue.is_empty() {
+            let fresh = self.queue.is_empty();
+            if fresh {
                 let wait = self.next_janitor.saturating_duration_since(Instant::now());
                 match self.rx.recv_timeout(wait) {
                     Ok(r) => self.push(r),
@@ -371,6 +376,9 @@ impl Writer {
             }
             // While writes fail, keep draining so producers (the scheduler above all)
             // never block on the channel; otherwise take at most a batch.
+            if fresh {
+                self.coalesce();
+            }
             while self.backoff.failing() || self.queue.len() < MAX_BATCH {
                 match self.rx.try_recv() {
                     Ok(r) => self.push(r),
@@ -392,6 +400,24 @@ impl Writer {
         self.drain_at_shutdown();
         if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
             log::warn!("final WAL checkpoint failed: {e}");
+        }
+    }
+
+    /// The first write after an idle moment is a background one (a scheduler turn's
+    /// transitions, a log line): wait up to [`COALESCE`] for company before committing.
+    /// A commit writes every page it touched once, so the transitions of many turns in
+    /// one commit cost little more than one turn's; a write someone waits for ends the
+    /// wait at once, so spawns, deploys, checkpoints and flushes never wait here.
+    fn coalesce(&mut self) {
+        if self.backoff.failing() {
+            return;
+        }
+        let until = Instant::now() + COALESCE;
+        while !self.has_waited() && self.queue.len() < MAX_BATCH {
+            match self.rx.recv_deadline(until) {
+                Ok(r) => self.push(r),
+                Err(_) => break,
+            }
         }
     }
 

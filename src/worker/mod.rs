@@ -4,9 +4,11 @@
 
 mod budget;
 mod options;
+mod policy;
 mod pool;
 pub mod queue;
 mod slot;
+mod state;
 
 pub use budget::{rss_bytes, watch_this_thread, Budget, CountingAlloc};
 pub use options::{format_bytes, parse_duration, parse_memory, parse_options};

@@ -11,13 +11,15 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use super::budget::{self, Budget, OverrunTracker, Sample, Verdict};
-use super::queue::{self, Queue};
+use super::policy::{self, Action, Ended, Memory, Observed, Record};
+use super::queue;
 use super::slot::{self, Outcome, RunJob, SlotMsg};
+use super::state::{Running, SlotState, State};
 use super::Env;
-use super::{JobConfig, Status};
-use crate::js::{Interrupt, Reason};
+use super::JobConfig;
+use crate::js::Interrupt;
 use crate::realtime::Listeners;
-use crate::store::{JobRow, Store};
+use crate::store::{now_ms, JobRow, Store, Transition};
 
 /// Limits of the pool, all enforced by the scheduler.
 #[derive(Debug, Clone)]
@@ -47,28 +49,11 @@ impl Default for Limits {
     }
 }
 
-/// Cooperative part of a cancel: `job.cancelled` turns true and `job.sleep` returns at
-/// once; after this grace the JS is stopped for real.
-const CANCEL_GRACE: Duration = Duration::from_millis(40);
-/// An idle stop is not urgent: the job gets this long to return by itself.
-const IDLE_GRACE: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(10);
 /// Events the scheduler takes in one go before it schedules.
 const EVENT_BATCH: usize = 256;
-/// Daemons: backoff 1 s, 2 s, 4 s … capped here, reset after `HEALTHY` of running.
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
-const HEALTHY: Duration = Duration::from_secs(300);
-/// How long a cancel of a job the scheduler has not seen waits for that job's enqueue
-/// (which follows the spawn's commit at once) before answering the caller anyway.
-const EARLY_CANCEL_REPLY: Duration = Duration::from_millis(200);
-/// How long such a cancel is remembered.
-const EARLY_CANCEL_KEEP: Duration = Duration::from_secs(60);
 
-/// Delay before restart number `streak` (1-based) of a failing daemon.
-pub fn backoff_delay(streak: u32) -> Duration {
-    let secs = 1u64 << streak.saturating_sub(1).min(6);
-    Duration::from_secs(secs).min(BACKOFF_MAX)
-}
+pub use super::policy::backoff_delay;
 
 /// Live figures for /health and /metrics, written by the scheduler only.
 #[derive(Debug, Default)]
@@ -92,6 +77,8 @@ pub(crate) enum Msg {
         outcome: Outcome,
     },
     OverBudget,
+    /// The removal of this app began (see `State::removed_apps`).
+    AppRemoved(String),
     Shutdown(Sender<()>),
 }
 
@@ -103,7 +90,8 @@ pub(crate) struct Queued {
     pub path: String,
     pub config: JobConfig,
     pub data: Option<String>,
-    /// Whether the job was spawned with data: one without skips the read at dispatch.
+    /// Whether the job was spawned with data: for one without, dispatch only checks that
+    /// its row still exists.
     pub has_data: bool,
     pub attempt: i64,
     pub restarts: i64,
@@ -267,6 +255,8 @@ impl Pool {
     /// Cancels every live job of an app and waits (bounded) until they stopped, so
     /// nothing of the app keeps running or writing once it is removed.
     pub fn cancel_app(&self, app: &str) -> crate::store::Result<()> {
+        // First, so a job of the app that arrives later has its row checked.
+        let _ = self.ctl.send(Msg::AppRemoved(app.to_string()));
         let mut replies = Vec::new();
         for id in self.store.live_job_ids(app)? {
             let (reply, rx) = crossbeam_channel::bounded(1);
@@ -324,10 +314,12 @@ impl PoolRunner {
         let mut threads = Vec::new();
         let mut sched = Scheduler::new(&self, services.clone());
         for row in &queued {
-            sched.push_queue(Queued::from_row(row));
+            sched
+                .state
+                .push_queue(Queued::from_row(row), Instant::now());
         }
         for i in 0..self.limits.slots {
-            sched.slots.push(Slot::spawn(i, 0, &self.tx, &services)?);
+            sched.add_slot(SlotThread::spawn(i, 0, &self.tx, &services)?);
         }
         let monitor = {
             let tx = self.tx.clone();
@@ -411,49 +403,21 @@ fn monitor_loop(tx: &Sender<Msg>, budget: &Budget, stopping: &AtomicBool) {
         }
     }
 }
-
-/// A slot as the scheduler sees it.
-struct Slot {
-    gen: u64,
+/// A slot's thread, as the scheduler reaches it (its state is in [`State::slots`]).
+struct SlotThread {
     tx: Sender<SlotMsg>,
     handle: Option<JoinHandle<()>>,
     /// Live heap bytes of the slot thread (counting allocator).
     heap: &'static std::sync::atomic::AtomicI64,
-    running: Option<Running>,
-    /// Its thread was abandoned and no replacement could be started yet.
-    broken: bool,
-    /// The app whose context the slot keeps warm (the last one it ran): dispatch
-    /// prefers such a slot, since a fresh context costs milliseconds.
-    warm_app: Option<String>,
 }
 
-struct Running {
-    job: Queued,
-    interrupt: Interrupt,
-    started: Instant,
-    heap_at_start: i64,
-    /// Hard stop due at this instant (cancel grace), with the reason.
-    stop_at: Option<(Instant, Reason)>,
-    /// When the hard stop was sent; the watchdog counts from here.
-    stopped_at: Option<Instant>,
-    /// Callers waiting for this job to stop.
-    waiters: Vec<Sender<()>>,
-    /// Listener counter of the job's idle channel, fetched once at dispatch so the
-    /// per-tick idle check is a plain atomic load.
-    idle_listeners: Option<Arc<AtomicUsize>>,
-}
-
-impl Slot {
-    fn is_free(&self) -> bool {
-        self.running.is_none() && !self.broken
-    }
-
+impl SlotThread {
     fn spawn(
         index: usize,
         gen: u64,
         events: &Sender<Msg>,
         services: &Arc<dyn Env>,
-    ) -> Result<Slot, super::StartError> {
+    ) -> Result<SlotThread, super::StartError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let (heap_tx, heap_rx) = crossbeam_channel::bounded(1);
         let events = events.clone();
@@ -473,123 +437,33 @@ impl Slot {
         let heap = heap_rx
             .recv()
             .map_err(|_| super::StartError::SlotDied(index))?;
-        Ok(Slot {
-            gen,
+        Ok(SlotThread {
             tx,
             handle: Some(handle),
             heap,
-            running: None,
-            broken: false,
-            warm_app: None,
         })
     }
 }
 
-/// One scheduling pass as the queue's [`queue::Judge`]: limits, memory, and the class
-/// of each app (nothing running first, then a free slot warm for it, then the rest).
-struct Pass<'a> {
-    apps: &'a HashMap<String, AppCounts>,
-    limits: &'a Limits,
-    available: u64,
-    budget_bytes: u64,
-    /// Reservations of jobs that never end on their own (daemons, no timeout).
-    pinned: u64,
-    reserved_now: u64,
-    /// Starts decided in this pass, per app: (jobs, daemons).
-    pending: HashMap<String, (usize, usize)>,
-    /// Free slots warm for each app, less the ones this pass gave that app.
-    warm_free: HashMap<String, usize>,
-}
-
-impl queue::Judge<Queued> for Pass<'_> {
-    fn class(&self, app: &str) -> u8 {
-        let running = self.apps.get(app).map_or(0, |c| c.running);
-        let pending = self.pending.get(app).map_or(0, |p| p.0);
-        if running + pending == 0 {
-            0
-        } else if self.warm_free.get(app).is_some_and(|&n| n > pending) {
-            1
-        } else {
-            2
-        }
-    }
-
-    fn judge(&mut self, job: &Queued) -> queue::Verdict {
-        use queue::Verdict;
-        let counts = self.apps.get(&job.app);
-        let running = counts.map_or(0, |c| c.running);
-        let daemons = counts.map_or(0, |c| c.daemons);
-        let (p_jobs, p_daemons) = self
-            .pending
-            .get(job.app.as_str())
-            .copied()
-            .unwrap_or((0, 0));
-        if running + p_jobs >= self.limits.per_app_running {
-            return Verdict::SkipApp;
-        }
-        if job.config.daemon && daemons + p_daemons >= self.limits.per_app_daemons {
-            return Verdict::SkipJob;
-        }
-        if job.config.memory_bytes > self.available.saturating_sub(self.reserved_now) {
-            if job.config.memory_bytes > self.budget_bytes.saturating_sub(self.pinned) {
-                // Jobs that never end on their own hold too much for this one to fit
-                // before they stop: let others pass rather than stall every app.
-                return Verdict::SkipJob;
-            }
-            // FIFO on memory: nobody overtakes a job that waits for memory, so a big
-            // job is never starved by a stream of small ones.
-            return Verdict::Stop;
-        }
-        self.reserved_now += job.config.memory_bytes;
-        let e = match self.pending.get_mut(job.app.as_str()) {
-            Some(e) => e,
-            None => self.pending.entry(job.app.clone()).or_insert((0, 0)),
-        };
-        e.0 += 1;
-        e.1 += usize::from(job.config.daemon);
-        Verdict::Start
-    }
-}
-
-#[derive(Default)]
-struct AppCounts {
-    running: usize,
-    daemons: usize,
-}
-
+/// The scheduler thread: takes events and control messages, asks the policy, and
+/// performs the [`Action`]s it returns (slot hand-offs, store transitions, stop flags,
+/// replies). Its own logic is only the plumbing around them.
 struct Scheduler {
     services: Arc<dyn Env>,
     tx: Sender<Msg>,
     stats: Arc<PoolStats>,
     budget: Arc<Budget>,
     limits: Limits,
-    slots: Vec<Slot>,
-    /// Runnable jobs: per-app queues, apps taking turns (see `queue.rs`).
-    queue: Queue<Queued>,
-    /// Jobs waiting out a retry delay or a daemon backoff.
-    delayed: Vec<(Instant, Queued)>,
-    /// Daemons that failed while the store could not write: most likely the store's
-    /// doing (a checkpoint threw), so they wait for it instead of burning backoff.
-    held: Vec<Queued>,
-    apps: HashMap<String, AppCounts>,
-    /// Consecutive failures of each daemon, for the backoff.
-    streaks: HashMap<String, u32>,
-    /// When each idle-watched daemon's channel was last seen with a listener.
-    idle_seen: HashMap<String, Instant>,
+    state: State,
+    /// `threads[i]` runs slot `i` of `state.slots`.
+    threads: Vec<SlotThread>,
     listeners: Arc<Listeners>,
-    shutting_down: Option<(Instant, Sender<()>)>,
-    /// Cancels of jobs the scheduler has not seen: a spawn commits its row before it
-    /// enqueues, so a cancel can overtake the job. Its enqueue then finds the cancel
-    /// here instead of running. Kept for [`EARLY_CANCEL_KEEP`].
-    early_cancels: HashMap<String, EarlyCancel>,
-}
-
-/// A cancel that arrived before its job (see `Scheduler::early_cancels`).
-struct EarlyCancel {
-    at: Instant,
-    /// The caller, answered when the job arrives, or after [`EARLY_CANCEL_REPLY`] (the
-    /// job was not in flight but had already ended).
-    reply: Option<Sender<()>>,
+    /// The shutdown caller, answered once every run ended.
+    shutdown_reply: Option<Sender<()>>,
+    /// State transitions of this loop turn (starts and outcomes), sent to the store as
+    /// one write at the end of the turn, or before any reply (a canceller reads the
+    /// job's row once answered).
+    transitions: Vec<Transition>,
 }
 
 impl Scheduler {
@@ -601,24 +475,16 @@ impl Scheduler {
             stats: r.stats.clone(),
             budget: r.budget.clone(),
             limits: r.limits.clone(),
-            slots: Vec::new(),
-            queue: Queue::default(),
-            delayed: Vec::new(),
-            held: Vec::new(),
-            apps: HashMap::new(),
-            streaks: HashMap::new(),
-            idle_seen: HashMap::new(),
-            shutting_down: None,
-            early_cancels: HashMap::new(),
+            state: State::default(),
+            threads: Vec::new(),
+            shutdown_reply: None,
+            transitions: Vec::new(),
         }
     }
 
-    fn push_queue(&mut self, mut job: Queued) {
-        // Up to 1 MB per job and 1,000 jobs per app: waiting jobs keep their data in
-        // the store, not here; dispatch reads it back.
-        job.data = None;
-        job.since = Instant::now();
-        self.queue.push(job);
+    fn add_slot(&mut self, t: SlotThread) {
+        self.threads.push(t);
+        self.state.slots.push(SlotState::default());
     }
 
     fn run(mut self, rx: &Receiver<Msg>, ctl: &Receiver<Msg>) {
@@ -646,101 +512,54 @@ impl Scheduler {
                     Err(_) => break,
                 }
             }
-            if self.shutting_down.is_none() {
-                self.schedule();
-            }
+            self.schedule();
+            self.flush_transitions();
             self.publish_stats();
-            if let Some((_, done)) = &self.shutting_down {
-                if self.slots.iter().all(|s| s.running.is_none()) {
-                    let _ = done.send(());
-                    break;
-                }
+            if self.shutdown_reply.is_some() && self.state.running().next().is_none() {
+                self.shutdown_reply.take().map(|done| done.send(()));
+                break;
             }
         }
         // Dropping the slot senders ends the slot threads; join the ones still ours.
-        for s in &mut self.slots {
+        for t in &mut self.threads {
             let (tx, _) = crossbeam_channel::bounded(1);
-            s.tx = tx;
+            t.tx = tx;
         }
-        for s in &mut self.slots {
-            if let Some(h) = s.handle.take() {
+        for t in &mut self.threads {
+            if let Some(h) = t.handle.take() {
                 let _ = h.join();
             }
         }
     }
 
     fn on_msg(&mut self, msg: Msg) {
-        match msg {
-            Msg::Enqueue(job) => match self.early_cancels.remove(&job.id) {
-                Some(early) => {
-                    log::info!("job {} was cancelled before it reached the queue", job.id);
-                    self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
-                    early.reply.map(|r| r.send(()));
-                }
-                None => self.push_queue(*job),
-            },
-            Msg::Cancel { id, reply } => self.cancel(&id, Some(reply)),
-            Msg::Finished { slot, gen, outcome } => self.finished(slot, gen, outcome),
-            Msg::OverBudget => self.over_budget(),
+        let now = Instant::now();
+        let actions = match msg {
+            Msg::Enqueue(job) => policy::enqueue(&mut self.state, *job, now),
+            Msg::AppRemoved(app) => {
+                self.state.removed_apps.insert(app, now);
+                Vec::new()
+            }
+            Msg::Cancel { id, reply } => policy::cancel(&mut self.state, &id, Some(reply), now),
+            Msg::Finished { slot, gen, outcome } => self.finished(slot, gen, outcome, now),
+            Msg::OverBudget => {
+                let heaps: Vec<i64> = self.heaps();
+                policy::over_budget(&mut self.state, &heaps, now)
+            }
             Msg::Shutdown(done) => {
                 log::info!("worker pool: shutting down");
-                let now = Instant::now();
-                for s in &mut self.slots {
-                    if let Some(r) = &mut s.running {
-                        if r.job.config.daemon {
-                            r.interrupt.stop(Reason::Shutdown);
-                            r.stopped_at = Some(now);
-                        } else if r.stop_at.is_none() {
-                            r.stop_at = Some((now + self.limits.shutdown_grace, Reason::Shutdown));
-                        }
-                    }
-                }
-                self.shutting_down = Some((now, done));
+                self.shutdown_reply = Some(done);
+                policy::shutdown(&mut self.state, &self.limits, now)
             }
-        }
+        };
+        self.perform(actions);
     }
 
-    fn cancel(&mut self, id: &str, reply: Option<Sender<()>>) {
-        if let Some(job) = self.queue.remove(id) {
-            self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
-            reply.map(|r| r.send(()));
-            return;
-        }
-        if let Some(pos) = self.held.iter().position(|j| j.id == id) {
-            let job = self.held.remove(pos);
-            self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
-            reply.map(|r| r.send(()));
-            return;
-        }
-        if let Some(pos) = self.delayed.iter().position(|(_, j)| j.id == id) {
-            let (_, job) = self.delayed.remove(pos);
-            self.streaks.remove(&job.id);
-            self.record(&job, Status::Cancelled, None, Some("cancelled".into()));
-            reply.map(|r| r.send(()));
-            return;
-        }
-        let now = Instant::now();
-        for s in &mut self.slots {
-            if let Some(r) = &mut s.running {
-                if r.job.id == id {
-                    r.interrupt.request_cancel();
-                    if r.stop_at.is_none_or(|(at, _)| at > now + CANCEL_GRACE) {
-                        r.stop_at = Some((now + CANCEL_GRACE, Reason::Cancelled));
-                    }
-                    r.waiters.extend(reply);
-                    return;
-                }
-            }
-        }
-        // Not ours: already finished, or committed by a spawn that has not enqueued
-        // it yet. Remember the cancel so the job never runs if it is still coming.
-        self.early_cancels.insert(
-            id.to_string(),
-            EarlyCancel {
-                at: Instant::now(),
-                reply,
-            },
-        );
+    fn heaps(&self) -> Vec<i64> {
+        self.threads
+            .iter()
+            .map(|t| t.heap.load(Ordering::Relaxed))
+            .collect()
     }
 
     fn on_tick(&mut self) {
@@ -748,86 +567,124 @@ impl Scheduler {
         // What running jobs hold, for the monitor's budget rule: only their own
         // allocations (credited back when freed, whichever thread frees them), never
         // connections or HTTP contexts, which count apart.
+        let heaps = self.heaps();
         let jobs: i64 = self
+            .state
             .slots
             .iter()
-            .filter_map(|s| {
-                let r = s.running.as_ref()?;
-                Some((s.heap.load(Ordering::Relaxed) - r.heap_at_start).max(0))
-            })
+            .zip(&heaps)
+            .filter_map(|(s, heap)| Some((heap - s.running.as_ref()?.heap_at_start).max(0)))
             .sum();
         self.budget
             .jobs_bytes
             .store(jobs.max(0) as u64, Ordering::Relaxed);
-        // Due retries and restarts go back to the queue in their original order.
-        let mut due = Vec::new();
-        self.delayed.retain(|(at, job)| {
-            if *at <= now {
-                due.push(job.clone());
-                false
-            } else {
-                true
-            }
-        });
-        for job in due {
-            self.push_queue(job);
+        let observed: Vec<Observed> = self
+            .state
+            .slots
+            .iter()
+            .map(|s| match &s.running {
+                Some(r) => Observed {
+                    stopping: r.interrupt.check().is_some(),
+                    listeners: r.idle_listeners.as_ref().map(|c| c.load(Ordering::Relaxed)),
+                },
+                None => Observed::default(),
+            })
+            .collect();
+        let degraded = self.services.store().degraded();
+        let actions = policy::tick(&mut self.state, &observed, degraded, &self.limits, now);
+        self.perform(actions);
+    }
+
+    fn schedule(&mut self) {
+        let memory = Memory {
+            available: self.budget.available(),
+            budget: self.budget.budget_bytes,
+        };
+        let actions = policy::decide(&mut self.state, memory, &self.limits, Instant::now());
+        self.perform(actions);
+    }
+
+    /// Whether dispatch reads `job`'s row: for its data, or because its app's removal
+    /// began and the row may be gone.
+    fn checks_row(&self, job: &Queued) -> bool {
+        job.has_data || self.state.removed_apps.contains_key(&job.app)
+    }
+
+    /// One read for all the starts among `actions`: each job's data (waiting jobs keep
+    /// it in the store only), and whether its row still exists. None: the read failed.
+    fn read_starts(&self, actions: &[Action]) -> Option<HashMap<String, Option<String>>> {
+        let jobs: Vec<(&str, bool)> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Dispatch { job, .. } if self.checks_row(job) => {
+                    Some((job.id.as_str(), job.has_data))
+                }
+                _ => None,
+            })
+            .collect();
+        if jobs.is_empty() {
+            return Some(HashMap::new());
         }
-        self.early_cancels.retain(|_, e| {
-            if now.duration_since(e.at) >= EARLY_CANCEL_REPLY {
-                e.reply.take().map(|r| r.send(()));
-            }
-            now.duration_since(e.at) < EARLY_CANCEL_KEEP
-        });
-        if !self.held.is_empty() && !self.services.store().degraded() {
-            for job in std::mem::take(&mut self.held) {
-                self.push_queue(job);
+        match self.services.store().jobs_data(&jobs) {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                log::error!("cannot read the data of the jobs to start ({e}); trying again in 1 s");
+                None
             }
         }
-        for i in 0..self.slots.len() {
-            if self.slots[i].broken {
-                let gen = self.slots[i].gen;
-                if let Ok(s) = Slot::spawn(i, gen, &self.tx, &self.services) {
-                    self.slots[i] = s;
+    }
+
+    /// Performs the policy's actions in order.
+    fn perform(&mut self, actions: Vec<Action>) {
+        let mut rows = self.read_starts(&actions);
+        for a in actions {
+            match a {
+                Action::Dispatch { slot, mut job } => {
+                    match rows.as_mut().map(|r| r.remove(&job.id)) {
+                        Some(Some(data)) => {
+                            job.data = data;
+                            self.dispatch(slot, job);
+                        }
+                        // A job whose row is gone (its app was removed after the spawn
+                        // committed) never runs.
+                        Some(None) if !self.checks_row(&job) => self.dispatch(slot, job),
+                        Some(None) => {
+                            log::info!("job {} no longer exists; not starting it", job.id)
+                        }
+                        // The read failed: a job without data starts anyway (its slot
+                        // refuses it if its app is gone); one with data waits for it.
+                        None if !job.has_data => self.dispatch(slot, job),
+                        None => {
+                            let at = Instant::now() + policy::UNREAD_DELAY;
+                            self.state.delayed.push((at, job));
+                        }
+                    }
                 }
-                continue;
-            }
-            let Some(r) = &mut self.slots[i].running else {
-                continue;
-            };
-            if let Some((at, reason)) = r.stop_at {
-                if at <= now && r.stopped_at.is_none() {
-                    r.interrupt.stop(reason);
-                    r.stopped_at = Some(now);
+                Action::Record(r) => self.record(r),
+                Action::Reply(tx) => {
+                    self.flush_transitions();
+                    let _ = tx.send(());
                 }
-            }
-            if r.stopped_at.is_none() && r.interrupt.check().is_some() {
-                // The deadline passed: the JS stops itself; start the watchdog.
-                r.stopped_at = Some(now);
-            }
-            if let (Some(ch), Some(counter)) = (&r.job.config.idle_channel, &r.idle_listeners) {
-                let idle_ms = r.job.config.idle_timeout_ms.unwrap_or(u64::MAX);
-                let listeners = counter.load(Ordering::Relaxed);
-                let seen = self.idle_seen.entry(r.job.id.clone()).or_insert(now);
-                if listeners > 0 {
-                    *seen = now;
-                } else if now.duration_since(*seen) >= Duration::from_millis(idle_ms)
-                    && r.stop_at.is_none()
-                    && r.stopped_at.is_none()
-                {
-                    log::info!(
-                        "job {} stopping: channel '{ch}' had no listener for {}",
-                        r.job.id,
-                        super::options::format_ms(idle_ms)
-                    );
-                    // Like a cancel, but with time to wind down: `job.cancelled` turns
-                    // true and sleeps end; the hard stop follows after the grace.
-                    r.interrupt.request_cancel();
-                    r.stop_at = Some((now + IDLE_GRACE, Reason::Idle));
+                Action::RequestCancel { slot } => {
+                    if let Some(r) = &self.state.slots[slot].running {
+                        r.interrupt.request_cancel();
+                    }
                 }
-            }
-            if let Some(at) = r.stopped_at {
-                if now.duration_since(at) >= self.limits.watchdog {
-                    self.abandon(i);
+                Action::Stop { slot, reason, note } => {
+                    if let Some(r) = &self.state.slots[slot].running {
+                        match note {
+                            Some(n) => r.interrupt.stop_with_note(reason, n),
+                            None => r.interrupt.stop(reason),
+                        }
+                    }
+                }
+                Action::Abandon { slot } => self.abandon(slot),
+                Action::Respawn { slot } => {
+                    let gen = self.state.slots[slot].gen;
+                    if let Ok(t) = SlotThread::spawn(slot, gen, &self.tx, &self.services) {
+                        self.threads[slot] = t;
+                        self.state.slots[slot].broken = false;
+                    }
                 }
             }
         }
@@ -836,8 +693,8 @@ impl Scheduler {
     /// The slot's JS did not stop in time: fail its job, leave the thread to die on
     /// its own (boa's loop limit ends it eventually) and put a fresh thread in its place.
     fn abandon(&mut self, i: usize) {
-        let gen = self.slots[i].gen + 1;
-        let Some(r) = self.slots[i].running.take() else {
+        let gen = self.state.slots[i].gen + 1;
+        let Some(r) = self.state.slots[i].running.take() else {
             return;
         };
         log::error!(
@@ -846,406 +703,153 @@ impl Scheduler {
             self.limits.watchdog
         );
         self.stats.abandoned_slots.fetch_add(1, Ordering::Relaxed);
-        let reason = r.interrupt.check().unwrap_or(Reason::Cancelled);
         let suffix = format!(
             "; the job did not stop within {:?}, so its worker thread was abandoned",
             self.limits.watchdog
         );
-        // The old thread may still be running it: never retry or restart such a job,
-        // or each attempt could strand another spinning thread.
-        let outcome = match reason {
-            Reason::Timeout | Reason::Memory => Outcome::Fatal(stop_message(
-                reason,
-                &r.job.config,
-                Some(r.interrupt.note()),
-            )),
-            other => Outcome::Interrupted(other),
-        };
-        self.conclude(r, outcome, &suffix);
-        match Slot::spawn(i, gen, &self.tx, &self.services) {
+        let outcome = policy::abandoned(r.interrupt.check(), &r.job.config, r.interrupt.note());
+        let actions = self.conclude(r, outcome, &suffix, Instant::now());
+        // The slot's generation moves on before anything else runs, so a late report
+        // of the old thread is ignored.
+        self.state.slots[i].gen = gen;
+        match SlotThread::spawn(i, gen, &self.tx, &self.services) {
             // The old thread keeps its own receiver and exits once its job ends; its
-            // handle is dropped (detached) with the old slot.
-            Ok(s) => self.slots[i] = s,
+            // handle is dropped (detached) with the old one.
+            Ok(t) => self.threads[i] = t,
             Err(e) => {
                 // Keep the slot out of use until a later tick manages to replace it.
                 log::error!("could not replace an abandoned worker slot: {e}");
-                self.slots[i].gen = gen;
-                self.slots[i].broken = true;
+                self.state.slots[i].broken = true;
             }
         }
+        self.perform(actions);
     }
 
-    fn over_budget(&mut self) {
-        // The newest running job that holds more than it reserved.
-        let victim = self
-            .slots
-            .iter_mut()
-            .filter_map(|s| {
-                let heap = s.heap.load(Ordering::Relaxed);
-                s.running.as_mut().map(|r| (heap, r))
-            })
-            .filter(|(heap, r)| {
-                r.stopped_at.is_none()
-                    && (*heap - r.heap_at_start).max(0) as u64 > r.job.config.memory_bytes
-            })
-            .max_by_key(|(_, r)| r.started);
-        match victim {
-            Some((heap, r)) => {
-                let used = (heap - r.heap_at_start).max(0) as u64;
-                log::warn!(
-                    "memory over budget: stopping job {} ({} used, {} reserved)",
-                    r.job.id,
-                    super::options::format_bytes(used),
-                    super::options::format_bytes(r.job.config.memory_bytes)
-                );
-                r.interrupt.stop_with_note(Reason::Memory, used);
-                r.stopped_at = Some(Instant::now());
-            }
-            None => {
-                // Jobs hold more than the budget although none holds more than its
-                // reservation: the ones that did are already stopping.
-                log::debug!("memory over budget: the jobs past their reservations are stopping");
-            }
-        }
-    }
-
-    fn schedule(&mut self) {
-        let free = self.slots.iter().filter(|s| s.is_free()).count();
-        if free == 0 || self.queue.is_empty() {
-            return;
-        }
-        let pinned: u64 = self
-            .slots
-            .iter()
-            .filter_map(|s| s.running.as_ref())
-            .filter(|r| r.job.config.daemon || r.job.config.timeout_ms.is_none())
-            .map(|r| r.job.config.memory_bytes)
-            .sum();
-        let mut warm_free: HashMap<String, usize> = HashMap::new();
-        for s in self.slots.iter().filter(|s| s.is_free()) {
-            if let Some(app) = &s.warm_app {
-                *warm_free.entry(app.clone()).or_default() += 1;
-            }
-        }
-        let mut pass = Pass {
-            apps: &self.apps,
-            limits: &self.limits,
-            available: self.budget.available(),
-            budget_bytes: self.budget.budget_bytes,
-            pinned,
-            reserved_now: 0,
-            pending: HashMap::new(),
-            warm_free,
-        };
-        let start = self.queue.pick(free, Instant::now(), &mut pass);
-        // Jobs with a free slot warm for their app first, so the others' dispatch does
-        // not take those slots.
-        let (warm, rest): (Vec<Queued>, Vec<Queued>) = start.into_iter().partition(|j| {
-            self.slots
-                .iter()
-                .any(|s| s.is_free() && s.warm_app.as_deref() == Some(j.app.as_str()))
-        });
-        for job in warm.into_iter().chain(rest) {
-            self.dispatch(job);
-        }
-    }
-
-    fn dispatch(&mut self, job: Queued) {
-        let warm = self
-            .slots
-            .iter()
-            .position(|s| s.is_free() && s.warm_app.as_deref() == Some(job.app.as_str()));
-        let cold = || {
-            self.slots
-                .iter()
-                .position(|s| s.is_free() && s.warm_app.is_none())
-        };
-        let Some(i) = warm
-            .or_else(cold)
-            .or_else(|| self.slots.iter().position(Slot::is_free))
-        else {
-            self.push_queue(job);
-            return;
-        };
-        let mut job = job;
-        let data = if job.has_data {
-            self.services.store().job_data(&job.id)
-        } else {
-            Ok(Some(None))
-        };
-        match data {
-            Ok(Some(data)) => job.data = data,
-            Ok(None) => {
-                // Its row is gone (the app was removed while the job waited).
-                log::info!("job {} no longer exists; not starting it", job.id);
-                return;
-            }
-            Err(e) => {
-                log::error!(
-                    "cannot read the data of job {} ({e}); trying again in 1 s",
-                    job.id
-                );
-                job.data = None;
-                self.delayed
-                    .push((Instant::now() + Duration::from_secs(1), job));
-                return;
-            }
-        }
+    /// Hands `job` (its data read) to slot `i`.
+    fn dispatch(&mut self, i: usize, job: Queued) {
         let timeout = job.config.timeout_ms.map(Duration::from_millis);
         let interrupt = Interrupt::new(timeout);
-        let counts = self.apps.entry(job.app.clone()).or_default();
-        counts.running += 1;
-        if job.config.daemon {
-            counts.daemons += 1;
+        let run = RunJob {
+            job: job.clone(),
+            interrupt: interrupt.clone(),
+        };
+        if self.threads[i]
+            .tx
+            .send(SlotMsg::Run(Box::new(run)))
+            .is_err()
+        {
+            // Nothing was recorded yet, so the store still says "queued", as it is.
+            log::error!("worker slot {i} is gone; re-queueing job {}", job.id);
+            self.state.push_queue(job, Instant::now());
+            return;
         }
         self.budget
             .reserved_bytes
             .fetch_add(job.config.memory_bytes, Ordering::SeqCst);
         self.stats.started_total.fetch_add(1, Ordering::Relaxed);
         crate::metrics::global().job_waited(&job.app, &job.path, job.since.elapsed());
-        let slot = &mut self.slots[i];
-        let run = RunJob {
-            job: job.clone(),
-            interrupt: interrupt.clone(),
-        };
-        if slot.tx.send(SlotMsg::Run(Box::new(run))).is_err() {
-            // Nothing was recorded yet, so the store still says "queued", as it is.
-            log::error!("worker slot {i} is gone; re-queueing job {}", job.id);
-            self.release(&job);
-            self.push_queue(job);
-            return;
-        }
         // Recorded once the slot has it; the store writes it in order with the outcome.
-        self.services
-            .store()
-            .job_started(&job.id, job.attempt, job.restarts);
+        self.transitions.push(Transition::Started {
+            id: job.id.clone(),
+            attempt: job.attempt,
+            restarts: job.restarts,
+            at: now_ms(),
+        });
         let idle_listeners = job
             .config
             .idle_channel
             .as_deref()
             .map(|ch| self.listeners.counter(&job.app, ch));
-        let slot = &mut self.slots[i];
-        slot.warm_app = Some(job.app.clone());
-        slot.running = Some(Running {
-            idle_listeners,
-            heap_at_start: slot.heap.load(Ordering::Relaxed),
-            job,
-            interrupt,
-            started: Instant::now(),
-            stop_at: None,
-            stopped_at: None,
-            waiters: Vec::new(),
-        });
+        let heap_at_start = self.threads[i].heap.load(Ordering::Relaxed);
+        self.state.start(
+            i,
+            Running {
+                idle_listeners,
+                heap_at_start,
+                job,
+                interrupt,
+                started: Instant::now(),
+                stop_at: None,
+                stopped_at: None,
+                cancel_asked: false,
+                waiters: Vec::new(),
+            },
+        );
     }
 
-    fn release(&mut self, job: &Queued) {
-        if let Some(c) = self.apps.get_mut(&job.app) {
-            c.running = c.running.saturating_sub(1);
-            if job.config.daemon {
-                c.daemons = c.daemons.saturating_sub(1);
-            }
-        }
-        self.budget
-            .reserved_bytes
-            .fetch_sub(job.config.memory_bytes, Ordering::SeqCst);
-    }
-
-    fn finished(&mut self, slot: usize, gen: u64, outcome: Outcome) {
-        let Some(s) = self.slots.get_mut(slot) else {
-            return;
+    fn finished(&mut self, slot: usize, gen: u64, outcome: Outcome, now: Instant) -> Vec<Action> {
+        let Some(s) = self.state.slots.get_mut(slot) else {
+            return Vec::new();
         };
         if s.gen != gen {
-            return; // An abandoned thread finally finished; its job was already concluded.
+            // An abandoned thread finally finished; its job was already concluded.
+            return Vec::new();
         }
         let Some(r) = s.running.take() else {
-            return;
+            return Vec::new();
         };
-        self.conclude(r, outcome, "");
+        self.conclude(r, outcome, "", now)
     }
 
-    /// Records how a run ended and what happens next (retry, restart, restore). Used
-    /// for runs that reported back and for abandoned ones alike; `suffix` is appended
-    /// to the error text.
-    fn conclude(&mut self, mut r: Running, outcome: Outcome, suffix: &str) {
-        self.release(&r.job);
-        self.idle_seen.remove(&r.job.id);
+    /// The side effects of a run's end that are not the policy's (reservation, idle
+    /// listener, metrics), then the policy's conclusion.
+    fn conclude(
+        &mut self,
+        mut r: Running,
+        outcome: Outcome,
+        suffix: &str,
+        now: Instant,
+    ) -> Vec<Action> {
+        self.budget
+            .reserved_bytes
+            .fetch_sub(r.job.config.memory_bytes, Ordering::SeqCst);
         if let (Some(ch), Some(counter)) = (&r.job.config.idle_channel, r.idle_listeners.take()) {
             self.listeners.release(&r.job.app, ch, counter);
         }
-        let ran_for = r.started.elapsed();
-        crate::metrics::global().job_ran(&r.job.app, &r.job.path, ran_for);
-        let job = r.job;
-        let shutting_down = self.shutting_down.is_some();
-        // A stop that was asked for decides the status, whatever the code did in its
-        // grace period (returned, threw, or ran into its timeout).
-        let asked = match r.stop_at {
-            Some((_, Reason::Idle)) => Some(Reason::Idle),
-            _ if r.interrupt.cancel_requested() => Some(Reason::Cancelled),
-            _ => None,
-        };
-        let outcome = match (asked, outcome) {
-            (Some(reason), Outcome::Failed(_)) => Outcome::Interrupted(reason),
-            (
-                Some(reason),
-                Outcome::Interrupted(Reason::Timeout | Reason::Memory | Reason::Shutdown),
-            ) => Outcome::Interrupted(reason),
-            (_, other) => other,
-        };
-        let with = |m: String| format!("{m}{suffix}");
-        match outcome {
-            Outcome::Done(result) => {
-                self.streaks.remove(&job.id);
-                match asked {
-                    Some(Reason::Idle) => self.record(
-                        &job,
-                        Status::Stopped,
-                        result,
-                        Some(idle_message(&job.config)),
-                    ),
-                    Some(_) => {
-                        self.record(&job, Status::Cancelled, result, Some("cancelled".into()))
-                    }
-                    None => self.record(&job, Status::Done, result, None),
-                }
-            }
-            Outcome::Interrupted(Reason::Cancelled) => {
-                self.streaks.remove(&job.id);
-                self.record(
-                    &job,
-                    Status::Cancelled,
-                    None,
-                    Some(with("cancelled".into())),
-                );
-            }
-            Outcome::Interrupted(Reason::Idle) => {
-                self.streaks.remove(&job.id);
-                let msg = with(idle_message(&job.config));
-                self.record(&job, Status::Stopped, None, Some(msg));
-            }
-            Outcome::Interrupted(Reason::Shutdown) if job.config.daemon => {
-                // Restorable: the next start resumes it from its checkpoint.
-                self.record(&job, Status::Queued, None, None);
-            }
-            Outcome::Interrupted(reason) => {
-                let error = with(stop_message(reason, &job.config, Some(r.interrupt.note())));
-                self.failed(job, error, ran_for, shutting_down);
-            }
-            Outcome::Fatal(error) => {
-                self.streaks.remove(&job.id);
-                self.record(&job, Status::Failed, None, Some(with(error)));
-            }
-            Outcome::Failed(error) => self.failed(job, with(error), ran_for, shutting_down),
-        }
-        for w in r.waiters {
-            let _ = w.send(());
-        }
-    }
-
-    fn failed(&mut self, mut job: Queued, error: String, ran_for: Duration, shutting_down: bool) {
-        // A job that waits again keeps its data in the store only.
-        job.data = None;
-        if job.config.daemon && shutting_down {
-            // Still a daemon: it stays queued in the store and restarts after the restart.
-            job.restarts += 1;
-            self.record(&job, Status::Queued, None, Some(error));
-            return;
-        }
-        if job.config.daemon && self.services.store().degraded() {
-            log::warn!(
-                "daemon {} failed while the store cannot write ({error}); restarting once writes succeed, without backoff",
-                job.id
-            );
-            job.restarts += 1;
-            self.record(&job, Status::Queued, None, Some(error));
-            job.data = None;
-            self.held.push(job);
-            return;
-        }
-        if job.config.daemon {
-            let streak = self.streaks.entry(job.id.clone()).or_insert(0);
-            if ran_for >= HEALTHY {
-                *streak = 0;
-            }
-            *streak += 1;
-            let delay = backoff_delay(*streak);
-            log::warn!(
-                "daemon {} failed ({error}); restarting in {:?}",
-                job.id,
-                delay
-            );
-            job.restarts += 1;
-            self.record(&job, Status::Queued, None, Some(error));
-            self.delayed.push((Instant::now() + delay, job));
-            return;
-        }
-        if !job.config.daemon && job.attempt <= job.config.retry as i64 {
-            job.attempt += 1;
-            self.record(&job, Status::Queued, None, Some(error));
-            if shutting_down {
-                return; // Still queued in the store: it runs after the restart.
-            }
-            let delay = Duration::from_millis(job.config.retry_delay_ms);
-            self.delayed.push((Instant::now() + delay, job));
-            return;
-        }
-        self.record(&job, Status::Failed, None, Some(error));
-    }
-
-    fn record(&self, job: &Queued, status: Status, result: Option<String>, error: Option<String>) {
-        if status.is_final() {
-            crate::metrics::global().job_outcome(&job.app, status.as_str());
-        }
-        self.services.store().job_finished(
-            &job.id,
-            status,
-            result,
-            error,
-            job.attempt,
-            job.restarts,
+        crate::metrics::global().job_ran(
+            &r.job.app,
+            &r.job.path,
+            now.saturating_duration_since(r.started),
         );
+        let ended = Ended {
+            store_degraded: self.services.store().degraded(),
+            note: r.interrupt.note(),
+            suffix,
+        };
+        policy::conclude(&mut self.state, r, outcome, ended, now)
+    }
+
+    fn record(&mut self, r: Record) {
+        if r.status.is_final() {
+            crate::metrics::global().job_outcome(&r.app, r.status.as_str());
+        }
+        self.transitions.push(Transition::Finished {
+            id: r.id,
+            status: r.status,
+            result: r.result,
+            error: r.error,
+            attempt: r.attempt,
+            restarts: r.restarts,
+            at: now_ms(),
+        });
+    }
+
+    /// Sends this turn's transitions to the store as one write.
+    fn flush_transitions(&mut self) {
+        if !self.transitions.is_empty() {
+            let batch = std::mem::take(&mut self.transitions);
+            self.services.store().job_transitions(batch);
+        }
     }
 
     fn publish_stats(&self) {
-        let running = self.slots.iter().filter(|s| s.running.is_some()).count();
-        let daemons = self
-            .slots
-            .iter()
-            .filter_map(|s| s.running.as_ref())
-            .filter(|r| r.job.config.daemon)
-            .count();
+        let running = self.state.running().count();
+        let daemons = self.state.running().filter(|r| r.job.config.daemon).count();
         self.stats.running.store(running, Ordering::Relaxed);
-        self.stats.queued.store(
-            self.queue.len() + self.delayed.len() + self.held.len(),
-            Ordering::Relaxed,
-        );
+        self.stats
+            .queued
+            .store(self.state.waiting(), Ordering::Relaxed);
         self.stats.daemons.store(daemons, Ordering::Relaxed);
-    }
-}
-
-fn idle_message(config: &JobConfig) -> String {
-    format!(
-        "stopped: channel '{}' had no listener for {}",
-        config.idle_channel.as_deref().unwrap_or(""),
-        super::options::format_ms(config.idle_timeout_ms.unwrap_or(0))
-    )
-}
-
-/// The error text for a job stopped by the host.
-fn stop_message(reason: Reason, config: &JobConfig, note: Option<u64>) -> String {
-    use super::options::{format_bytes, format_ms};
-    match reason {
-        Reason::Timeout => format!(
-            "timed out after {}",
-            config.timeout_ms.map(format_ms).unwrap_or_else(|| "its time limit".into())
-        ),
-        Reason::Memory => format!(
-            "stopped: used {}, more than its {} reservation, while the server was over its memory budget",
-            format_bytes(note.unwrap_or(0)),
-            format_bytes(config.memory_bytes)
-        ),
-        Reason::Cancelled => "cancelled".into(),
-        Reason::Shutdown => "interrupted by server shutdown".into(),
-        Reason::Idle => "stopped: idle".into(),
     }
 }
 
@@ -1340,7 +944,7 @@ mod tests {
         });
         sched.on_msg(Msg::Enqueue(Box::new(Queued::from_row(&row))));
         assert!(
-            sched.queue.is_empty(),
+            sched.state.queue.is_empty(),
             "the cancelled job was queued to run"
         );
         assert!(replied.try_recv().is_ok(), "the canceller was not answered");
@@ -1350,7 +954,7 @@ mod tests {
             .get_job(&row.id)
             .expect("read")
             .expect("row");
-        assert_eq!(after.status, Status::Cancelled);
+        assert_eq!(after.status, super::super::Status::Cancelled);
         services.store().close();
     }
 
@@ -1373,6 +977,62 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             sched.on_tick();
         }
+        services.store().close();
+    }
+
+    /// A slot without a thread: the test holds its receiver and sees what is handed to it.
+    fn fake_slot(sched: &mut Scheduler) -> Receiver<SlotMsg> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let heap: &'static std::sync::atomic::AtomicI64 =
+            Box::leak(Box::new(std::sync::atomic::AtomicI64::new(0)));
+        sched.add_slot(SlotThread {
+            tx,
+            handle: None,
+            heap,
+        });
+        rx
+    }
+
+    #[test]
+    fn a_job_whose_row_is_gone_does_not_run() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let (mut sched, services) = scheduler(tmp.path());
+        let slot = fake_slot(&mut sched);
+        let (config, data) =
+            super::super::parse_options(&serde_json::Value::Null, super::super::MEMORY_BUDGET)
+                .expect("options");
+        let row = match services
+            .store()
+            .insert_job(
+                super::super::new_job_id(),
+                "a",
+                "workers/w.js",
+                &config,
+                data,
+                None,
+            )
+            .expect("insert")
+        {
+            crate::store::Inserted::New(row) | crate::store::Inserted::Existing(row) => row,
+            crate::store::Inserted::QueueFull { .. } => panic!("an empty queue is full"),
+        };
+        // Spawned without data, and its row deleted before dispatch: its app's removal
+        // (which tells the pool first) began after the spawn committed.
+        let mut gone = Queued::from_row(&row);
+        gone.id = "deleted".into();
+        assert!(!gone.has_data);
+        sched.on_msg(Msg::AppRemoved("a".into()));
+        sched.on_msg(Msg::Enqueue(Box::new(gone)));
+        sched.schedule();
+        assert!(
+            slot.try_recv().is_err(),
+            "a job without a row was handed to a slot"
+        );
+        assert!(sched.state.running().next().is_none());
+        // The same job with its row runs.
+        sched.on_msg(Msg::Enqueue(Box::new(Queued::from_row(&row))));
+        sched.schedule();
+        assert!(matches!(slot.try_recv(), Ok(SlotMsg::Run(r)) if r.job.id == row.id));
         services.store().close();
     }
 
