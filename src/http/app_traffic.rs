@@ -148,6 +148,12 @@ pub fn answer_cached_static(
     ) {
         return None;
     }
+    // Handler calls, the common spelling, are handed on before anything is parsed (any
+    // other spelling of `/api` is a handler too, and `app_route` below says so).
+    let url = req.url();
+    if url == "/api" || url.starts_with("/api/") || url.starts_with("/api?") {
+        return None;
+    }
     let host = req
         .headers()
         .iter()
@@ -157,7 +163,7 @@ pub fn answer_cached_static(
     let Route::App(app) = util::route_host(host) else {
         return None;
     };
-    let (path, _) = util::split_url(req.url());
+    let (path, _) = util::split_url(url);
     let AppRoute::Static { candidates } = app_route(&path) else {
         return None;
     };

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use boa_engine::{Context, JsValue};
+use boa_engine::property::PropertyDescriptor;
+use boa_engine::{js_string, Context, JsObject, JsString, JsValue};
 
 use super::util::{HttpError, Reply};
 use crate::js::{self, Host, Interrupt, LogSink, Reason, RunError};
@@ -301,20 +302,70 @@ fn call_handler(
             e
         }
     };
-    let req = serde_json::json!({
-        "method": request.method,
-        "path": request.path,
-        "query": request.query,
-        "headers": request.headers,
-        "body": request.body,
-    });
-    let arg = js::from_json(&req, ctx)?;
-    drop(req);
+    let arg = request_value(request, ctx)?;
     let start = heap.load(Ordering::Relaxed);
     let out = js::call(ctx, &exports, &[arg], interrupt)?;
     let reply = to_reply(&out, ctx)?;
     *grown += heap.load(Ordering::Relaxed) - start - reply_bytes(&reply);
     Ok(reply)
+}
+
+/// The handler's argument `{body, headers, method, path, query}`, built in the
+/// context directly: what `JsValue::from_json` made of the same JSON object (ordinary
+/// objects, data properties writable, enumerable and configurable, keys in the order a
+/// JSON object iterates them, the sorted order), without a `serde_json::Value` tree
+/// of the request in between (one allocation per key, value and map node).
+fn request_value(request: HandlerRequest, ctx: &mut Context) -> Result<JsValue, RunError> {
+    fn object(ctx: &mut Context, props: impl IntoIterator<Item = (JsString, JsValue)>) -> JsValue {
+        let obj = JsObject::with_object_proto(ctx.intrinsics());
+        for (key, value) in props {
+            obj.insert_property(
+                key,
+                PropertyDescriptor::builder()
+                    .value(value)
+                    .writable(true)
+                    .enumerable(true)
+                    .configurable(true),
+            );
+        }
+        obj.into()
+    }
+    // Header and query values are strings (anything else converts as `from_json` does).
+    fn strings(
+        ctx: &mut Context,
+        map: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<JsValue, RunError> {
+        let mut props = Vec::with_capacity(map.len());
+        for (k, v) in map {
+            let value = match v {
+                serde_json::Value::String(v) => JsValue::from(JsString::from(v.as_str())),
+                other => js::from_json(&other, ctx)?,
+            };
+            props.push((JsString::from(k.as_str()), value));
+        }
+        Ok(object(ctx, props))
+    }
+    let body = match &request.body {
+        serde_json::Value::Null => JsValue::null(),
+        serde_json::Value::String(s) => JsValue::from(JsString::from(s.as_str())),
+        other => js::from_json(other, ctx)?,
+    };
+    let headers = strings(ctx, request.headers)?;
+    let query = strings(ctx, request.query)?;
+    let props = [
+        (js_string!("body"), body),
+        (js_string!("headers"), headers),
+        (
+            js_string!("method"),
+            JsValue::from(JsString::from(request.method.as_str())),
+        ),
+        (
+            js_string!("path"),
+            JsValue::from(JsString::from(request.path.as_str())),
+        ),
+        (js_string!("query"), query),
+    ];
+    Ok(object(ctx, props))
 }
 
 /// Heap held by a reply, to leave it out of the context's growth.
@@ -460,7 +511,60 @@ pub fn release_unused_stack() -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::release_unused_stack;
+    use super::{release_unused_stack, request_value, HandlerRequest};
+    use boa_engine::{js_string, property::Attribute, Context, JsValue, Source};
+
+    /// The request object built in the context is what the JSON conversion made of
+    /// the same request: same keys in the same order, same values, plain objects.
+    #[test]
+    fn request_object_is_what_the_json_conversion_made() {
+        let map = |pairs: &[(&str, serde_json::Value)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        let s = |v: &str| serde_json::Value::String(v.into());
+        let bodies = [
+            serde_json::Value::Null,
+            s("plain text"),
+            serde_json::json!({"z": 1, "a": [1, 2.5, "x", null, {"k": true}]}),
+            serde_json::json!(12),
+        ];
+        for body in bodies {
+            let request = HandlerRequest {
+                method: "POST".into(),
+                path: "/api/x/y".into(),
+                query: map(&[("q", s("1")), ("a", s("é"))]),
+                headers: map(&[("x-b", s("2")), ("content-type", s("application/json"))]),
+                body: body.clone(),
+                body_bytes: 0,
+            };
+            let json = serde_json::json!({
+                "method": request.method,
+                "path": request.path,
+                "query": request.query,
+                "headers": request.headers,
+                "body": request.body,
+            });
+            let mut ctx = Context::default();
+            let direct = request_value(request, &mut ctx).expect("request object");
+            let converted = JsValue::from_json(&json, &mut ctx).expect("from_json");
+            for (name, v) in [("direct", direct), ("converted", converted)] {
+                ctx.register_global_property(js_string!(name), v, Attribute::all())
+                    .expect("global");
+            }
+            let same = ctx
+                .eval(Source::from_bytes(
+                    "JSON.stringify(direct) === JSON.stringify(converted) \
+                     && Object.getPrototypeOf(direct.headers) === Object.prototype \
+                     && Object.getOwnPropertyDescriptor(direct, 'path').writable \
+                     && Object.keys(direct).join() === 'body,headers,method,path,query'",
+                ))
+                .expect("eval");
+            assert_eq!(same, JsValue::from(true), "body {body}");
+        }
+    }
 
     /// Touches about `depth` × 64 KB of stack below the caller.
     #[inline(never)]
