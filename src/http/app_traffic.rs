@@ -128,6 +128,83 @@ pub fn app_route(path: &str) -> AppRoute {
     }
 }
 
+/// The static answer a connection's own thread gives (installed with tiny_http's
+/// `answer_locally`), so a cached file costs no wake-up of a handler thread: a `GET` or
+/// `HEAD` of a file of an app's live deployment that the static cache already holds,
+/// served under the same rules as [`handle`] (Host routing, `app_route` on the
+/// normalised path, so never a file from `api/` or `workers/`; a run of the live
+/// deployment while the answer is made, so a removed app's files are never served;
+/// the same headers, the same request count). Everything else, a cache miss included,
+/// is None: the request goes on to a handler thread. Never reads the store, never
+/// blocks but on the registry's and the cache's short locks.
+pub fn answer_cached_static(
+    req: &Request,
+    services: &Services,
+    statics: &StaticCache,
+) -> Option<tiny_http::Response<std::io::Cursor<Arc<[u8]>>>> {
+    if !matches!(
+        req.method(),
+        tiny_http::Method::Get | tiny_http::Method::Head
+    ) {
+        return None;
+    }
+    // Handler calls, the common spelling, are handed on before anything is parsed (any
+    // other spelling of `/api` is a handler too, and `app_route` below says so).
+    let url = req.url();
+    if url == "/api" || url.starts_with("/api/") || url.starts_with("/api?") {
+        return None;
+    }
+    let host = req
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("host"))
+        .map(|h| h.value.as_str())
+        .unwrap_or_default();
+    let Route::App(app) = util::route_host(host) else {
+        return None;
+    };
+    let (path, _) = util::split_url(url);
+    let AppRoute::Static { candidates } = app_route(&path) else {
+        return None;
+    };
+    // Only a name the registry already knows: an unknown one needs a store read, which
+    // is a handler thread's job.
+    let no_store_read = || Ok::<_, std::convert::Infallible>(None);
+    let run = match services.apps.enter(&app, None, no_store_read) {
+        Ok(Some(run)) => run,
+        Ok(None) | Err(_) => return None,
+    };
+    let deploy = run.deployment.deploy_id;
+    statics.sweep(services.apps.changes(), |name| {
+        services.apps.known(name).map(|d| d.deploy_id)
+    });
+    for rel in &candidates {
+        match statics.get(&app, deploy, rel) {
+            Some(Some(content)) => {
+                services
+                    .metrics
+                    .http_requests
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let len = content.len();
+                let content_type =
+                    tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type(rel)).ok()?;
+                return Some(tiny_http::Response::new(
+                    tiny_http::StatusCode(200),
+                    vec![content_type],
+                    std::io::Cursor::new(content),
+                    Some(len),
+                    None,
+                ));
+            }
+            // Known to be missing: try the next candidate.
+            Some(None) => {}
+            // Not cached: a handler thread reads the store.
+            None => return None,
+        }
+    }
+    None
+}
+
 pub fn upgrade(req: Request, route: Route, services: &Arc<Services>) {
     match route {
         Route::App(app) => crate::realtime::accept(req, &app, services),

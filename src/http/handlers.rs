@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use boa_engine::{Context, JsValue};
+use boa_engine::property::PropertyDescriptor;
+use boa_engine::{js_string, Context, JsObject, JsString, JsValue};
 
 use super::util::{HttpError, Reply};
 use crate::js::{self, Host, Interrupt, LogSink, Reason, RunError};
@@ -133,6 +134,7 @@ impl HandlerCache {
         self.apps.clear();
         boa_gc::force_collect();
         crate::js::interrupt::trim_soon();
+        release_unused_stack();
     }
 
     /// Whether `file` of `app` at deploy `deploy` is already loaded (its source is not
@@ -304,20 +306,70 @@ fn call_handler(
             e
         }
     };
-    let req = serde_json::json!({
-        "method": request.method,
-        "path": request.path,
-        "query": request.query,
-        "headers": request.headers,
-        "body": request.body,
-    });
-    let arg = js::from_json(&req, ctx)?;
-    drop(req);
+    let arg = request_value(request, ctx)?;
     let start = heap.load(Ordering::Relaxed);
     let out = js::call(ctx, &exports, &[arg], interrupt)?;
     let reply = to_reply(&out, ctx)?;
     *grown += heap.load(Ordering::Relaxed) - start - reply_bytes(&reply);
     Ok(reply)
+}
+
+/// The handler's argument `{body, headers, method, path, query}`, built in the
+/// context directly: what `JsValue::from_json` made of the same JSON object (ordinary
+/// objects, data properties writable, enumerable and configurable, keys in the order a
+/// JSON object iterates them, the sorted order), without a `serde_json::Value` tree
+/// of the request in between (one allocation per key, value and map node).
+fn request_value(request: HandlerRequest, ctx: &mut Context) -> Result<JsValue, RunError> {
+    fn object(ctx: &mut Context, props: impl IntoIterator<Item = (JsString, JsValue)>) -> JsValue {
+        let obj = JsObject::with_object_proto(ctx.intrinsics());
+        for (key, value) in props {
+            obj.insert_property(
+                key,
+                PropertyDescriptor::builder()
+                    .value(value)
+                    .writable(true)
+                    .enumerable(true)
+                    .configurable(true),
+            );
+        }
+        obj.into()
+    }
+    // Header and query values are strings (anything else converts as `from_json` does).
+    fn strings(
+        ctx: &mut Context,
+        map: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<JsValue, RunError> {
+        let mut props = Vec::with_capacity(map.len());
+        for (k, v) in map {
+            let value = match v {
+                serde_json::Value::String(v) => JsValue::from(JsString::from(v.as_str())),
+                other => js::from_json(&other, ctx)?,
+            };
+            props.push((JsString::from(k.as_str()), value));
+        }
+        Ok(object(ctx, props))
+    }
+    let body = match &request.body {
+        serde_json::Value::Null => JsValue::null(),
+        serde_json::Value::String(s) => JsValue::from(JsString::from(s.as_str())),
+        other => js::from_json(other, ctx)?,
+    };
+    let headers = strings(ctx, request.headers)?;
+    let query = strings(ctx, request.query)?;
+    let props = [
+        (js_string!("body"), body),
+        (js_string!("headers"), headers),
+        (
+            js_string!("method"),
+            JsValue::from(JsString::from(request.method.as_str())),
+        ),
+        (
+            js_string!("path"),
+            JsValue::from(JsString::from(request.path.as_str())),
+        ),
+        (js_string!("query"), query),
+    ];
+    Ok(object(ctx, props))
 }
 
 /// Heap held by a reply, to leave it out of the context's growth.
@@ -413,5 +465,150 @@ fn run_error(e: RunError, app: &str) -> HttpError {
             HANDLER_RUN_HEAP >> 20
         )),
         RunError::Interrupted(r) => HttpError::internal(format!("the handler was stopped ({r:?})")),
+    }
+}
+
+/// Stack this thread keeps below its current frame when it gives the rest back.
+const STACK_KEPT: usize = 64 << 10;
+
+/// Gives the pages of the calling thread's stack below its current frame (less
+/// [`STACK_KEPT`]) back to the OS. A handler thread's stack is `JS_STACK_BYTES` (16 MB)
+/// for deep JavaScript; whatever one call touched stayed resident for the thread's
+/// life (~200 KB per thread for a trivial handler, MBs after deep recursion). Nothing
+/// lives below the stack pointer, so the pages are free: touched again, they come back
+/// zeroed. Returns the bytes released (0 when the stack bounds are unknown).
+pub fn release_unused_stack() -> usize {
+    let here = 0u8;
+    let sp = std::hint::black_box(&here) as *const u8 as usize;
+    // SAFETY: pthread_getattr_np fills `attr` for the calling thread (destroyed after),
+    // pthread_attr_getstack reads it; madvise(MADV_DONTNEED) is given a page-aligned
+    // range inside this thread's own stack mapping that lies below the live frames.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
+            return 0;
+        }
+        let mut low: *mut libc::c_void = std::ptr::null_mut();
+        let mut size: libc::size_t = 0;
+        let got = libc::pthread_attr_getstack(&attr, &mut low, &mut size);
+        libc::pthread_attr_destroy(&mut attr);
+        let page = match libc::sysconf(libc::_SC_PAGESIZE) {
+            p if p > 0 => p as usize,
+            _ => 4096,
+        };
+        let low = low as usize;
+        if got != 0 || sp < low || sp >= low.saturating_add(size) {
+            return 0;
+        }
+        // Round the low end up: the guard page below the stack may be inside `low`.
+        let start = (low + page - 1) & !(page - 1);
+        let end = sp.saturating_sub(STACK_KEPT) & !(page - 1);
+        if end <= start {
+            return 0;
+        }
+        if libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) != 0 {
+            return 0;
+        }
+        end - start
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{release_unused_stack, request_value, HandlerRequest};
+    use boa_engine::{js_string, property::Attribute, Context, JsValue, Source};
+
+    /// The request object built in the context is what the JSON conversion made of
+    /// the same request: same keys in the same order, same values, plain objects.
+    #[test]
+    fn request_object_is_what_the_json_conversion_made() {
+        let map = |pairs: &[(&str, serde_json::Value)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        let s = |v: &str| serde_json::Value::String(v.into());
+        let bodies = [
+            serde_json::Value::Null,
+            s("plain text"),
+            serde_json::json!({"z": 1, "a": [1, 2.5, "x", null, {"k": true}]}),
+            serde_json::json!(12),
+        ];
+        for body in bodies {
+            let request = HandlerRequest {
+                method: "POST".into(),
+                path: "/api/x/y".into(),
+                query: map(&[("q", s("1")), ("a", s("é"))]),
+                headers: map(&[("x-b", s("2")), ("content-type", s("application/json"))]),
+                body: body.clone(),
+                body_bytes: 0,
+            };
+            let json = serde_json::json!({
+                "method": request.method,
+                "path": request.path,
+                "query": request.query,
+                "headers": request.headers,
+                "body": request.body,
+            });
+            let mut ctx = Context::default();
+            let direct = request_value(request, &mut ctx).expect("request object");
+            let converted = JsValue::from_json(&json, &mut ctx).expect("from_json");
+            for (name, v) in [("direct", direct), ("converted", converted)] {
+                ctx.register_global_property(js_string!(name), v, Attribute::all())
+                    .expect("global");
+            }
+            let same = ctx
+                .eval(Source::from_bytes(
+                    "JSON.stringify(direct) === JSON.stringify(converted) \
+                     && Object.getPrototypeOf(direct.headers) === Object.prototype \
+                     && Object.getOwnPropertyDescriptor(direct, 'path').writable \
+                     && Object.keys(direct).join() === 'body,headers,method,path,query'",
+                ))
+                .expect("eval");
+            assert_eq!(same, JsValue::from(true), "body {body}");
+        }
+    }
+
+    /// Touches about `depth` × 64 KB of stack below the caller.
+    #[inline(never)]
+    fn dig(depth: usize) -> u8 {
+        let mut block = [0u8; 64 << 10];
+        std::hint::black_box(&mut block)[depth % 1000] = depth as u8;
+        let below = if depth == 0 { 0 } else { dig(depth - 1) };
+        std::hint::black_box(&block)[depth % 1000].wrapping_add(below)
+    }
+
+    /// Resident pages among `len` bytes from `start` (page-aligned).
+    fn resident(start: usize, len: usize) -> usize {
+        let page = 4096;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: mincore only reports on the range; `vec` has one byte per page.
+        let r = unsafe { libc::mincore(start as *mut libc::c_void, len, vec.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().filter(|b| **b & 1 == 1).count()
+    }
+
+    #[test]
+    fn a_deep_call_leaves_no_resident_stack_after_the_release() {
+        std::thread::Builder::new()
+            .stack_size(16 << 20)
+            .spawn(|| {
+                dig(64); // ~4 MB touched
+                let here = 0u8;
+                let sp = std::hint::black_box(&here) as *const u8 as usize & !4095;
+                let (below, len) = (sp - (6 << 20), 5 << 20);
+                let before = resident(below, len);
+                let released = release_unused_stack();
+                let after = resident(below, len);
+                assert!(before > 512, "the deep call touched only {before} pages");
+                assert!(released >= 4 << 20, "released {released} bytes");
+                assert_eq!(after, 0, "{after} of {before} pages still resident");
+                // The stack still works, down to the same depth.
+                dig(64);
+            })
+            .expect("thread")
+            .join()
+            .expect("the thread ran");
     }
 }

@@ -163,6 +163,22 @@ impl HttpServer {
             statics: static_files::StaticCache::default(),
             kill_path: std::env::var(KILL_THREAD_ENV).ok(),
         });
+        // Cached static files are answered on the connection's own thread (no hand-off
+        // to a handler thread). Weak: the server holds the answer, which must not keep
+        // the server alive.
+        let weak = Arc::downgrade(&shared);
+        let answer = move |req: &tiny_http::Request| {
+            let shared = weak.upgrade()?;
+            if shared.stopping.load(Ordering::SeqCst)
+                || shared.kill_path.as_deref() == Some(req.url())
+            {
+                return None;
+            }
+            app_traffic::answer_cached_static(req, &shared.services, &shared.statics)
+        };
+        if shared.server.answer_locally(Box::new(answer)).is_err() {
+            log::error!("the static answer was installed twice; keeping the first");
+        }
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
             workers.push(spawn_worker(i, &shared)?);

@@ -192,3 +192,112 @@ fn handler_threads_left_idle_after_a_burst_give_their_memory_back() {
     // A thread that dropped its context builds a new one on its next request.
     sequential_gets(&server, &host, "/api/hello", 5);
 }
+
+/// Goal 2 (static ≥ 1.2× Node): a static file the cache already holds is answered on
+/// the connection's own thread, so it costs no wake-up of a handler thread (before,
+/// every request was handed to one: at least one sleep of a `fazt-http-` thread per
+/// request). Handler requests still go to the handler threads.
+#[test]
+fn cached_static_files_are_answered_without_waking_a_handler_thread() {
+    let (server, host) = hello_server();
+    const N: u64 = 200;
+    // The first requests fill the cache through a handler thread.
+    sequential_gets(&server, &host, "/", 5);
+    let before = sleeps(&server, "fazt-http-");
+    sequential_gets(&server, &host, "/", N as usize);
+    let after = sleeps(&server, "fazt-http-");
+    let total: u64 = grown(&before, &after).iter().sum();
+    println!("handler threads slept {total} times for {N} cached static requests");
+    assert!(
+        total < N / 10,
+        "handler threads slept {total} times for {N} cached static requests (one per \
+         request when each is handed to a handler thread)"
+    );
+    // A handler still runs on a handler thread.
+    sequential_gets(&server, &host, "/api/hello", 20);
+    let handled: u64 = grown(&after, &sleeps(&server, "fazt-http-")).iter().sum();
+    assert!(
+        handled >= 20,
+        "handler threads slept {handled} times for 20 handler calls"
+    );
+}
+
+fn requests_total(server: &Server) -> u64 {
+    let m = server.api("GET", "/metrics", None).text();
+    m.lines()
+        .find_map(|l| l.strip_prefix("fazt_http_requests_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// The connection thread's static answer keeps every rule of the static path: Host
+/// routing, path normalisation, never `api/` or `workers/`, the live deployment only
+/// (a redeploy serves the new files, a removed app none), the content type, HEAD
+/// without a body, and the request count. Each file is fetched twice first, so it is
+/// cached and the checks run on the connection thread's answer.
+#[test]
+fn cached_static_answers_keep_the_serving_rules() {
+    let server = Server::start();
+    let files = [
+        ("index.html", "<p>v1</p>"),
+        ("docs/a.css", "p { color: red }"),
+        ("api/hello.js", "module.exports = () => ({ ok: true });"),
+        ("workers/job.js", "module.exports = () => 1;"),
+    ];
+    server.deploy_ok("site", &files);
+    server.deploy_ok("other", &[("api/x.js", "module.exports = () => 1;")]);
+    let get = |app: &str, method: &str, path: &str| server.app(app, method, path, None);
+    for path in ["/", "/docs/a.css", "/docs/a.css", "/"] {
+        assert_eq!(get("site", "GET", path).status, 200, "{path}");
+    }
+    let counted = requests_total(&server);
+    let r = get("site", "GET", "//docs/./a.css");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "p { color: red }");
+    assert_eq!(r.header("content-type"), Some("text/css; charset=utf-8"));
+    let r = get("site", "HEAD", "/");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("9"));
+    assert!(r.body.is_empty(), "HEAD got a body: {}", r.text());
+    assert!(
+        requests_total(&server) >= counted + 2,
+        "cached static answers are not counted"
+    );
+    // Never a file outside the normalised path, and never server-side code.
+    for path in [
+        "/docs/../index.html",
+        "/%2e%2e/index.html",
+        "/api/hello.js",
+        "/API/hello.js",
+        "/workers/job.js",
+        "/Workers/job.js",
+    ] {
+        let r = get("site", "GET", path);
+        assert!(
+            r.status == 404 || r.status >= 500,
+            "{path}: {} {}",
+            r.status,
+            r.text()
+        );
+        assert!(!r.text().contains("module.exports"), "{path}: {}", r.text());
+    }
+    // Routed by Host: another app does not see this one's cached files.
+    assert_eq!(get("other", "GET", "/").status, 404);
+    assert_eq!(get("nosuchapp", "GET", "/").status, 404);
+    // A redeploy serves the new files at once.
+    server.deploy_ok("site", &[("index.html", "<p>v2</p>")]);
+    assert_eq!(get("site", "GET", "/").text(), "<p>v2</p>");
+    assert_eq!(get("site", "GET", "/docs/a.css").status, 404);
+    for _ in 0..3 {
+        assert_eq!(get("site", "GET", "/").text(), "<p>v2</p>");
+    }
+    // A removed app serves nothing.
+    assert_eq!(server.api("DELETE", "/api/apps/site", None).status, 200);
+    let r = get("site", "GET", "/");
+    assert_eq!(
+        r.status,
+        404,
+        "a removed app's cached file was served: {}",
+        r.text()
+    );
+}

@@ -103,7 +103,7 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -142,7 +142,16 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // fazt patch: see `Server::answer_locally`.
+    local: Arc<OnceLock<Box<LocalAnswer>>>,
 }
+
+/// fazt patch: an answer a connection's own thread may give (see
+/// [`Server::answer_locally`]): a response whose body is already in memory, or None to
+/// hand the request on to `recv` as usual.
+pub type LocalAnswer =
+    dyn Fn(&Request) -> Option<Response<std::io::Cursor<Arc<[u8]>>>> + Send + Sync;
 
 enum Message {
     Error(IoError),
@@ -265,11 +274,16 @@ impl Default for Limits {
 /// (`Connection: close`, HTTP/1.0, an upgrade) has its answer handed back here and
 /// written by this thread (`ClientConnection::write_response`), as are answers over
 /// TLS; either way under a deadline: see `Request::respond`.
+///
+/// A request that `local` (see `Server::answer_locally`) answers is answered here,
+/// without waking an application thread; its answer is written exactly as the
+/// application's would be.
 fn serve_connection(
     client: &mut ClientConnection,
     messages: &MessagesQueue<Message>,
     responses: &Arc<util::BodyBudget>,
     pool: &Arc<util::TaskPool>,
+    local: &OnceLock<Box<LocalAnswer>>,
 ) {
     let (sender, receiver) = mpsc::channel();
     // Whether the previous request's answer is still being written by another thread.
@@ -290,7 +304,13 @@ fn serve_connection(
         };
         outstanding = direct.is_some();
         let rq = rq.with_notify_sender(sender.clone(), responses.clone(), direct);
-        messages.push(rq.into());
+        match local.get().and_then(|answer| answer_here(answer, &rq)) {
+            // `respond` tells `receiver` as an application thread's would.
+            Some(response) => {
+                let _ = rq.respond(response);
+            }
+            None => messages.push(rq.into()),
+        }
         if !outstanding && !answered(client) {
             return;
         }
@@ -298,6 +318,18 @@ fn serve_connection(
     if outstanding {
         answered(client);
     }
+}
+
+/// fazt patch: asks `answer` about `rq`; a panic in it hands the request on (the
+/// connection machinery never panics).
+fn answer_here(
+    answer: &LocalAnswer,
+    rq: &Request,
+) -> Option<Response<std::io::Cursor<Arc<[u8]>>>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer(rq))).unwrap_or_else(|_| {
+        log::error!("the local answer panicked; handing the request on");
+        None
+    })
 }
 
 impl Server {
@@ -406,6 +438,8 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
+        let local: Arc<OnceLock<Box<LocalAnswer>>> = Arc::new(OnceLock::new());
+        let inside_local = local.clone();
         let limits = Arc::new(limits);
         let counts = Arc::new(util::ConnectionCounts::default());
         let budget = util::BodyBudget::new(limits.prebuffer_total);
@@ -494,12 +528,13 @@ impl Server {
                     );
 
                     let messages = inside_messages.clone();
+                    let local = inside_local.clone();
                     let responses = responses.clone();
                     let pool = tasks_pool.clone();
                     let mut task = Some((client, slot));
                     tasks_pool.spawn(Box::new(move || {
                         if let Some((mut client, slot)) = task.take() {
-                            serve_connection(&mut client, &messages, &responses, &pool);
+                            serve_connection(&mut client, &messages, &responses, &pool, &local);
                             // The slot is released once no more requests come. Dropping
                             // the connection then waits for the last request's reader,
                             // which an upgraded connection (a WebSocket) holds for its
@@ -517,7 +552,18 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            local,
         })
+    }
+
+    /// fazt patch: lets connection threads answer requests themselves. `answer` is asked
+    /// about every request a connection reads (on that connection's thread, so it must
+    /// be quick and must never block: a lookup in memory); a response it returns is
+    /// written as an application thread's `respond` would write it, and the request
+    /// never reaches `recv`. None hands the request on as usual. Set once; a second
+    /// call returns `answer` back.
+    pub fn answer_locally(&self, answer: Box<LocalAnswer>) -> Result<(), Box<LocalAnswer>> {
+        self.local.set(answer)
     }
 
     /// Returns an iterator for all the incoming requests.
