@@ -294,8 +294,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn heap_of_threads_on_any_stripe_is_summed() {
+    /// What `2 * STRIPES` threads holding 1 MB each add to the sum of the stripes.
+    fn held_by_threads_on_every_stripe() -> u64 {
         let before = other_heap_bytes();
         let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
         let hold_rx = Arc::new(std::sync::Mutex::new(hold_rx));
@@ -319,8 +319,21 @@ mod tests {
         for t in threads {
             t.join().expect("thread");
         }
-        // Other tests allocate and free meanwhile: a generous margin.
-        assert!(held >= (2 * STRIPES as u64 - 8) << 20, "held {held}");
+        held
+    }
+
+    #[test]
+    fn heap_of_threads_on_any_stripe_is_summed() {
+        // Other tests of this process allocate and free meanwhile (a test that frees
+        // 10 MB it took before `before` hides 10 MB): a margin, and three tries, of
+        // which one must see every thread's block. A stripe left out of the sum loses
+        // its threads' megabytes in every try.
+        let want = (2 * STRIPES as u64 - 8) << 20;
+        let tries: Vec<u64> = (0..3).map(|_| held_by_threads_on_every_stripe()).collect();
+        assert!(
+            tries.iter().any(|&h| h >= want),
+            "held {tries:?}, want {want}"
+        );
     }
 
     #[test]
