@@ -135,7 +135,7 @@ fn jobs(c: &mut Criterion) {
                     let id = fazt::worker::new_job_id();
                     services
                         .store
-                        .insert_job_begin(id, "ins", WORKER, &config, None, |_| {})
+                        .insert_job_begin(id, "ins", WORKER, &config, None, None, |_| {})
                         .expect("queue the insert")
                         .1
                 })

@@ -7,6 +7,7 @@ use fazt::cli::{Cli, Command};
 
 fn main() {
     let cli = Cli::parse();
+    fazt::store::configure_sqlite();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let result = match &cli.command {
         Command::Server(args) => args.to_config(&cli.data_dir).and_then(run_server),

@@ -20,6 +20,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// A socket that takes no bytes for this long is cut off (a blocking writer's timeout
 /// before).
 const WRITE_STALL: Duration = Duration::from_secs(10);
+/// At most this many ended sessions still write their last frames (a close reply, an
+/// error) to a full socket; past it, an ended session's socket is cut at once.
+const CLOSING_MAX: usize = 64;
+/// An ended session's last frames get at most this long, even from a peer that keeps
+/// reading slowly.
+const CLOSING_LIMIT: Duration = Duration::from_secs(30);
 
 /// What the rest of the server holds of the loop: where to queue new sessions and
 /// connections with frames to write.
@@ -252,9 +258,10 @@ impl Loop<'_> {
             return;
         };
         self.env.hub().leave(&s.app, s.id);
-        if s.conn.draining() {
+        if s.conn.draining() && self.closing.len() < CLOSING_MAX {
             // A close reply or error still waits for the socket: keep writing it (the
-            // sweep cuts it off if the peer never reads).
+            // sweep cuts it off if the peer stops reading). Such a socket no longer
+            // counts in the per-client caps, hence the bound on how many there are.
             self.closing.insert(
                 token,
                 Closing {
@@ -313,7 +320,12 @@ impl Loop<'_> {
         let stalled: Vec<u64> = self
             .closing
             .iter()
-            .filter(|(_, c)| now - c.since > WRITE_STALL)
+            .filter(|(_, c)| {
+                now - c.since > CLOSING_LIMIT
+                    || c.conn
+                        .blocked_since()
+                        .is_some_and(|t| now - t > WRITE_STALL)
+            })
             .map(|(token, _)| *token)
             .collect();
         for token in stalled {

@@ -232,10 +232,12 @@ impl Store {
         self.write(false, move |c| insert(c, row, queue_limit))
     }
 
-    /// Queues the insert of a job with no uniqueKey and no queue count (the caller
-    /// knows the app's queue is far from its bound) and returns at once: the job as it
-    /// will be stored, and its [`Pending`] outcome. `then` runs on the writer thread
-    /// right after the commit (see [`Store::write_begin`]).
+    /// Queues the insert of a job with no uniqueKey, counted against `queue_limit` in
+    /// the insert's own transaction, and returns at once: the job as it will be stored,
+    /// and its [`Pending`](super::Pending) outcome ([`Inserted::New`] or
+    /// [`Inserted::QueueFull`]). `then` runs on the writer thread right after the commit
+    /// (see [`Store::write_begin`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn insert_job_begin(
         &self,
         id: String,
@@ -243,21 +245,13 @@ impl Store {
         path: &str,
         config: &JobConfig,
         data: Option<String>,
-        then: impl FnOnce(&mut JobRow) + Send + 'static,
-    ) -> Result<(JobRow, super::Pending<JobRow>)> {
+        queue_limit: Option<i64>,
+        then: impl FnOnce(&mut Inserted) + Send + 'static,
+    ) -> Result<(JobRow, super::Pending<Inserted>)> {
         let mut row = new_row(id, app, path, config, data);
         row.config.unique_key = None;
         let stored = row.clone();
-        let pending = self.write_begin(
-            false,
-            move |c| match insert(c, stored, None)? {
-                Inserted::New(row) => Ok(row),
-                Inserted::Existing(_) | Inserted::QueueFull { .. } => {
-                    Err(Error::Internal("an unchecked insert was refused".into()))
-                }
-            },
-            then,
-        )?;
+        let pending = self.write_begin(false, move |c| insert(c, stored, queue_limit), then)?;
         Ok((row, pending))
     }
 

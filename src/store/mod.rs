@@ -179,12 +179,6 @@ impl Store {
         let path = data_dir.join("fazt.db");
         let conn = open_conn(&path, true)?;
         migrations::apply(&conn)?;
-        // Every write of a batch runs in its own savepoint, whose undo pages (the
-        // statement journal) SQLite spills to a temp file past 64 KB: thousands of
-        // pwrite calls per batch. Kept in memory, they cost a copy (a batch touches a few
-        // MB at most; a deploy, its files' size).
-        conn.execute_batch("PRAGMA temp_store=MEMORY;")
-            .ctx("setting the writer's temp store")?;
         let (tx, rx) = crossbeam_channel::bounded::<WriteReq>(WRITE_QUEUE);
         let shared = Arc::new(writer::Shared::new());
         let janitor = retention::janitor(limits.clone());
@@ -410,6 +404,30 @@ impl Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+}
+
+/// What SQLite keeps in memory of a statement journal before it spills to a temp file.
+/// Every write of a writer batch runs in its own savepoint, whose undo pages go to that
+/// journal: with SQLite's default (64 KB) a batch of a few hundred inserts made
+/// thousands of `pwrite` calls to a temp file (21% of a spawn burst's CPU). A batch's
+/// journal stays within a few MB; one big write (a deploy, an app's removal, a kv purge)
+/// still spills past this, so it never costs memory the size of its data.
+const STATEMENT_JOURNAL_SPILL: i32 = 16 << 20;
+
+/// Process-wide SQLite settings; call before the first connection opens (later it is a
+/// no-op that says so in the log).
+pub fn configure_sqlite() {
+    // SAFETY: sqlite3_config is called with an int argument as this option expects;
+    // before SQLite initialises it only sets a global, after it returns SQLITE_MISUSE.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_config(
+            rusqlite::ffi::SQLITE_CONFIG_STMTJRNL_SPILL,
+            STATEMENT_JOURNAL_SPILL as std::ffi::c_int,
+        )
+    };
+    if rc != rusqlite::ffi::SQLITE_OK {
+        log::debug!("SQLite was initialised already; statement journals spill at its default");
     }
 }
 

@@ -156,10 +156,9 @@ fn insert_checked(
     config: &JobConfig,
     data: Option<String>,
 ) -> Result<JobRow, SpawnError> {
-    // Counting an app's queue in SQL costs O(queue); while the whole pool has fewer
-    // than half the per-app bound waiting, no app can be near it, so skip the count.
-    let limit = pool.limits.queue_per_app;
-    let check = (waiting_or_in_flight(pool) >= limit / 2).then_some(limit);
+    // Counted in the insert's transaction (an O(1) trigger-kept counter), behind every
+    // batched insert queued before it in the writer's order.
+    let check = Some(pool.limits.queue_per_app);
     let inserted = store.insert_job(new_job_id(), app, path, config, data, check)?;
     match inserted {
         crate::store::Inserted::New(row) => {
@@ -174,17 +173,9 @@ fn insert_checked(
     }
 }
 
-/// Jobs the pool has queued, plus spawns of handler runs not yet committed.
-fn waiting_or_in_flight(pool: &Pool) -> i64 {
-    let queued = pool.stats.queued.load(std::sync::atomic::Ordering::Relaxed) as i64;
-    queued + IN_FLIGHT.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Spawns queued for the writer by handler runs and not yet committed, over all runs.
-static IN_FLIGHT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-
-/// The same, per app: a batched spawn counts its app's uncommitted spawns with the
-/// committed queue, so batching never lets an app's queue past its bound.
+/// Spawns of handler runs queued for the writer and not yet committed, per app: a
+/// batched spawn counts its app's uncommitted spawns with the committed queue, so
+/// batching never lets an app's queue past its bound.
 static IN_FLIGHT_BY_APP: std::sync::LazyLock<std::sync::Mutex<HashMap<String, i64>>> =
     std::sync::LazyLock::new(Default::default);
 
@@ -196,28 +187,24 @@ const BOUND_MARGIN: i64 = 64;
 const BATCH_MAX: usize = 256;
 
 /// Takes a place for one batched spawn of `app`, unless its queue may be near the
-/// bound (then the spawn must be counted in the insert: None).
+/// bound (then the spawn must take the waited, counted insert: None). The committed
+/// count is the store's trigger-kept counter (O(1)), which counts a job from its
+/// commit, and a place is given back only after that commit: a job is always in one
+/// of the two counts (in both for a moment, never in neither).
 fn reserve_in_flight(store: &Store, pool: &Pool, app: &str) -> Result<Option<()>, SpawnError> {
     let limit = pool.limits.queue_per_app;
-    // While the whole pool has fewer than half the bound waiting, no app is near it.
-    let committed = if waiting_or_in_flight(pool) < limit / 2 {
-        0
-    } else {
-        store.app_queue_len(app)?
-    };
+    let committed = store.app_queue_len(app)?;
     let mut apps = IN_FLIGHT_BY_APP.lock().unwrap_or_else(|p| p.into_inner());
     let mine = apps.get(app).copied().unwrap_or(0);
     if committed + mine >= limit - BOUND_MARGIN {
         return Ok(None);
     }
     *apps.entry(app.to_string()).or_insert(0) += 1;
-    IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(Some(()))
 }
 
 /// Gives back the place [`reserve_in_flight`] took, once the spawn committed or failed.
 fn release_in_flight(app: &str) {
-    IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     let mut apps = IN_FLIGHT_BY_APP.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(n) = apps.get_mut(app) {
         *n -= 1;
@@ -233,8 +220,9 @@ fn release_in_flight(app: &str) {
 /// costs one transaction per writer batch instead of one round trip per job. The run
 /// waits for all of them before its response is sent ([`finish_spawns`]), and before
 /// any `fazt.worker` call that reads jobs, so a response or a read never gets ahead of
-/// a spawn's commit. Spawns with a uniqueKey, or while any app's queue may be near its
-/// bound, wait for their own commit as before.
+/// a spawn's commit. A spawn that could not be stored fails the run's response even
+/// when the handler caught the error a later call threw. Spawns with a uniqueKey, or
+/// of an app whose queue is near its bound, wait for their own commit as before.
 #[derive(Default)]
 pub struct SpawnBatch {
     inner: std::cell::RefCell<BatchInner>,
@@ -245,11 +233,32 @@ struct BatchInner {
     pending: Vec<InFlight>,
     /// Worker files this run found.
     files: Vec<String>,
+    /// The first spawn of the run that was not stored.
+    unstored: Option<Unstored>,
+}
+
+/// Why a batched spawn was not stored, kept for the rest of the run.
+#[derive(Clone)]
+enum Unstored {
+    QueueFull { app: String, limit: i64 },
+    Store(String),
+}
+
+impl Unstored {
+    fn error(&self) -> SpawnError {
+        match self {
+            Unstored::QueueFull { app, limit } => SpawnError::QueueFull {
+                app: app.clone(),
+                limit: *limit,
+            },
+            Unstored::Store(m) => SpawnError::Store(crate::store::Error::Unavailable(m.clone())),
+        }
+    }
 }
 
 struct InFlight {
     app: String,
-    pending: crate::store::Pending<JobRow>,
+    pending: crate::store::Pending<crate::store::Inserted>,
     /// The job for the pool, if the writer could not hand it over without waiting.
     left: Arc<std::sync::Mutex<Option<Box<pool::Queued>>>>,
     pool: Arc<Pool>,
@@ -257,8 +266,12 @@ struct InFlight {
 
 impl InFlight {
     /// Waits for the commit; queues the job in the pool if the writer could not.
-    fn settle(self) -> Result<(), crate::store::Error> {
+    fn settle(self) -> Result<(), Unstored> {
         match self.pending.wait() {
+            Ok(crate::store::Inserted::QueueFull { limit }) => Err(Unstored::QueueFull {
+                app: self.app,
+                limit,
+            }),
             Ok(_) => {
                 let left = self.left.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if let Some(q) = left {
@@ -269,7 +282,7 @@ impl InFlight {
             Err(e) => {
                 // Not committed, so the writer never gave its place back.
                 release_in_flight(&self.app);
-                Err(e)
+                Err(Unstored::Store(e.to_string()))
             }
         }
     }
@@ -281,8 +294,8 @@ impl Drop for BatchInner {
     fn drop(&mut self) {
         for job in self.pending.drain(..) {
             let app = job.app.clone();
-            if let Err(e) = job.settle() {
-                log::warn!("a spawn of app '{app}' was not stored: {e}");
+            if job.settle().is_err() {
+                log::warn!("a spawn of app '{app}' was not stored");
             }
         }
     }
@@ -290,19 +303,24 @@ impl Drop for BatchInner {
 
 /// Waits until every spawn batched in `ctx` committed and is queued in the pool. Call
 /// it when a handler run ends, whatever its outcome (its spawns stand, as they would
-/// unbatched); an error means some of them were not stored.
+/// unbatched); an error means a spawn of this run was not stored (now or earlier in
+/// the run: the error stays for the rest of the run).
 pub fn finish_spawns(ctx: &Context) -> Result<(), SpawnError> {
-    let pending = match ctx.get_data::<SpawnBatch>() {
-        Some(b) => std::mem::take(&mut b.inner.borrow_mut().pending),
-        None => return Ok(()),
+    let Some(batch) = ctx.get_data::<SpawnBatch>() else {
+        return Ok(());
     };
-    let mut first_err = None;
+    let pending = std::mem::take(&mut batch.inner.borrow_mut().pending);
+    let mut first = None;
     for job in pending {
-        if let Err(e) = job.settle() {
-            first_err.get_or_insert(SpawnError::Store(e));
+        if let Err(u) = job.settle() {
+            first.get_or_insert(u);
         }
     }
-    first_err.map_or(Ok(()), Err)
+    let mut inner = batch.inner.borrow_mut();
+    if inner.unstored.is_none() {
+        inner.unstored = first;
+    }
+    inner.unstored.as_ref().map_or(Ok(()), |u| Err(u.error()))
 }
 
 /// A batched spawn: queues the insert and returns the job as it will be stored. The
@@ -318,15 +336,22 @@ fn spawn_batched(
     let left = Arc::new(std::sync::Mutex::new(None));
     let handed = left.clone();
     let pool = w.pool.clone();
+    let owner = app.to_string();
     let begun = w.store.insert_job_begin(
         new_job_id(),
         app,
         path,
         &config,
         data,
-        move |row: &mut JobRow| {
-            // Committed: the job counts in the app's queue from now on.
-            release_in_flight(&row.app);
+        // Counted in the insert's transaction too: the bound holds whatever the
+        // estimate said.
+        Some(w.pool.limits.queue_per_app),
+        move |inserted: &mut crate::store::Inserted| {
+            // Committed (or refused): the store's count covers the job from now on.
+            release_in_flight(&owner);
+            let crate::store::Inserted::New(row) = inserted else {
+                return;
+            };
             // On the writer thread, which must never wait on the scheduler: a full
             // event queue leaves the job to the run's `finish_spawns`.
             if let Err(q) = pool.try_enqueue(Box::new(pool::Queued::from_row(row))) {
@@ -459,6 +484,9 @@ fn spawn_in(
 fn settle(ctx: &Context) -> JsResult<()> {
     finish_spawns(ctx).map_err(|e| match e {
         SpawnError::Store(e) => store_error(e),
+        e @ SpawnError::QueueFull { .. } => {
+            failure_error(crate::js::Failure::Busy, format!("fazt.worker.spawn: {e}"))
+        }
         e => plain_error(format!("fazt.worker.spawn: {e}")),
     })
 }
