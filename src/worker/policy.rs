@@ -114,7 +114,20 @@ pub(crate) struct Observed {
     pub listeners: Option<usize>,
 }
 
-/// A new job (or an operator's retry) arrives.
+/// An operator's retry of a job that had ended arrives. A cancel held for the job's id
+/// (see [`cancel`]) was meant for the run that ended, not for this one: it is answered
+/// and dropped, and the job is queued.
+pub(crate) fn retry(state: &mut State, job: Queued, now: Instant) -> Vec<Action> {
+    let stale = state.early_cancels.remove(&job.id);
+    state.push_queue(job, now);
+    stale
+        .and_then(|e| e.reply)
+        .map(Action::Reply)
+        .into_iter()
+        .collect()
+}
+
+/// A new job arrives.
 pub(crate) fn enqueue(state: &mut State, job: Queued, now: Instant) -> Vec<Action> {
     match state.early_cancels.remove(&job.id) {
         Some(early) => {
@@ -1145,6 +1158,33 @@ mod tests {
         assert!(tick(&mut s, &obs, false, &limits(), soon).is_empty());
         let a = tick(&mut s, &obs, false, &limits(), t0 + EARLY_CANCEL_REPLY);
         assert!(matches!(a[..], [Action::Reply(_)]));
+        drop(replied);
+    }
+
+    /// Final review, MEDIUM: a cancel of a job that had just finished was held for 60 s
+    /// in case the job was still on its way, and an operator's retry of that job within
+    /// those 60 s was cancelled on arrival and never ran.
+    #[test]
+    fn an_operator_retry_is_not_cancelled_by_a_cancel_of_the_run_before() {
+        let t0 = Instant::now();
+        let mut s = state(1);
+        let (reply, replied) = crossbeam_channel::bounded(1);
+        // The job already ended: the cancel finds nothing and is held.
+        assert!(cancel(&mut s, "1", Some(reply), t0).is_empty());
+        let a = retry(
+            &mut s,
+            job("1", "a", small(), t0),
+            t0 + Duration::from_secs(5),
+        );
+        assert!(
+            records(&a).is_empty(),
+            "the retry was recorded as {:?}",
+            records(&a)
+        );
+        assert!(a.iter().any(|x| matches!(x, Action::Reply(_))));
+        assert_eq!(s.queue.len(), 1);
+        let started = step(&mut s, memory(), t0 + Duration::from_secs(5));
+        assert_eq!(started, vec![(0, "1".to_string())]);
         drop(replied);
     }
 

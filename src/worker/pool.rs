@@ -67,6 +67,8 @@ pub struct PoolStats {
 
 pub(crate) enum Msg {
     Enqueue(Box<Queued>),
+    /// An operator's retry of an ended job (see `policy::retry`).
+    Retry(Box<Queued>),
     Cancel {
         id: String,
         reply: Sender<()>,
@@ -210,7 +212,13 @@ impl Pool {
 
     /// Queues a job the store put back to `queued` (an operator's retry).
     pub fn enqueue_row(&self, row: &JobRow) {
-        self.enqueue(Queued::from_row(row));
+        if self
+            .tx
+            .send(Msg::Retry(Box::new(Queued::from_row(row))))
+            .is_err()
+        {
+            log::warn!("job retried after the pool stopped; it runs at the next start");
+        }
     }
 
     /// Cancels job `id`. With `app`, only a job of that app is visible. Returns the job
@@ -536,6 +544,7 @@ impl Scheduler {
         let now = Instant::now();
         let actions = match msg {
             Msg::Enqueue(job) => policy::enqueue(&mut self.state, *job, now),
+            Msg::Retry(job) => policy::retry(&mut self.state, *job, now),
             Msg::AppRemoved(app) => {
                 self.state.removed_apps.insert(app, now);
                 Vec::new()
