@@ -661,8 +661,9 @@ impl Scheduler {
                             log::info!("job {} no longer exists; not starting it", job.id)
                         }
                         // The read failed: a job without data starts anyway (its slot
-                        // refuses it if its app is gone); one with data waits for it.
-                        None if !job.has_data => self.dispatch(slot, job),
+                        // refuses it if its app is gone), unless its app's removal began
+                        // (the name may already serve a new deployment); the others wait.
+                        None if !self.checks_row(&job) => self.dispatch(slot, job),
                         None => {
                             let at = Instant::now() + policy::UNREAD_DELAY;
                             self.state.delayed.push((at, job));

@@ -208,8 +208,10 @@ fn cached_static_files_are_answered_without_waking_a_handler_thread() {
     let after = sleeps(&server, "fazt-http-");
     let total: u64 = grown(&before, &after).iter().sum();
     println!("handler threads slept {total} times for {N} cached static requests");
+    // Idle handler threads also wake every 5 s (`WARM_IDLE`): 16 threads, once or twice
+    // on a loaded machine, beside the ≥ N of a hand-off per request.
     assert!(
-        total < N / 10,
+        total < N / 2,
         "handler threads slept {total} times for {N} cached static requests (one per \
          request when each is handed to a handler thread)"
     );

@@ -237,12 +237,16 @@ fn twenty_one_jobs_across_apps_fill_the_twenty_slots() {
             );
         }
     }
+    // The scheduler publishes its counts as it handles events: the 21st job's enqueue
+    // may be handled just after the 20th start was published.
     assert!(
-        wait_until(30, || s.health()["workers"]["running"] == 20),
+        wait_until(30, || {
+            let w = &s.health()["workers"];
+            w["running"] == 20 && w["queued"] == 1
+        }),
         "{}",
         s.health()
     );
-    assert_eq!(s.health()["workers"]["queued"], 1);
     let total_running: usize = apps.iter().map(|a| count(&s, a, "running")).sum();
     assert_eq!(total_running, 20);
 }
