@@ -228,15 +228,16 @@ impl Store {
         data: Option<String>,
         queue_limit: Option<i64>,
     ) -> Result<Inserted> {
-        let row = new_row(id, app, path, config, data);
-        self.write(false, move |c| insert(c, row, queue_limit))
+        self.insert_job_begin(id, app, path, config, data, queue_limit, |_| {})?
+            .1
+            .wait()
     }
 
-    /// Queues the insert of a job with no uniqueKey, counted against `queue_limit` in
-    /// the insert's own transaction, and returns at once: the job as it will be stored,
-    /// and its [`Pending`](super::Pending) outcome ([`Inserted::New`] or
-    /// [`Inserted::QueueFull`]). `then` runs on the writer thread right after the commit
-    /// (see [`Store::write_begin`]).
+    /// [`insert_job`](Self::insert_job) without waiting: queues the insert and returns
+    /// at once the job as it will be stored (what a batched spawn answers, so the caller
+    /// gives no uniqueKey: a match would return another job), and its
+    /// [`Pending`](super::Pending) outcome. `then` runs on the writer thread right after
+    /// the commit (see [`Store::write_begin`]).
     #[allow(clippy::too_many_arguments)]
     pub fn insert_job_begin(
         &self,
@@ -248,8 +249,7 @@ impl Store {
         queue_limit: Option<i64>,
         then: impl FnOnce(&mut Inserted) + Send + 'static,
     ) -> Result<(JobRow, super::Pending<Inserted>)> {
-        let mut row = new_row(id, app, path, config, data);
-        row.config.unique_key = None;
+        let row = new_row(id, app, path, config, data);
         let stored = row.clone();
         let pending = self.write_begin(false, move |c| insert(c, stored, queue_limit), then)?;
         Ok((row, pending))

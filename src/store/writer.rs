@@ -274,6 +274,7 @@ pub(super) struct Writer {
     transitions: usize,
     waited: usize,
     backoff: Backoff,
+    db_path: PathBuf,
     wal_path: PathBuf,
     data_dir: PathBuf,
     last_truncate: Instant,
@@ -358,6 +359,7 @@ impl Writer {
             transitions: 0,
             waited: 0,
             backoff: Backoff::default(),
+            db_path: db_path.to_path_buf(),
             wal_path: PathBuf::from(wal),
             data_dir: db_path.parent().unwrap_or(Path::new(".")).to_path_buf(),
             last_truncate: now,
@@ -403,8 +405,7 @@ impl Writer {
     }
 
     pub fn run(mut self) {
-        let db_path = self.wal_path.with_extension("db");
-        self.checkpointer = Checkpointer::start(&db_path);
+        self.checkpointer = Checkpointer::start(&self.db_path);
         if self.checkpointer.is_some() {
             if let Err(e) = self.conn.execute_batch("PRAGMA wal_autocheckpoint=0;") {
                 log::warn!("could not move WAL checkpoints off the writer: {e}");

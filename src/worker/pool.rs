@@ -924,14 +924,12 @@ mod tests {
         (Scheduler::new(&runner, services.clone()), services)
     }
 
-    #[test]
-    fn a_cancel_between_commit_and_enqueue_is_not_dropped() {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let (mut sched, services) = scheduler(tmp.path());
+    /// A job of app "a" without data, committed to the store (the pool not told).
+    fn committed_job(services: &Arc<dyn Env>) -> JobRow {
         let (config, data) =
             super::super::parse_options(&serde_json::Value::Null, super::super::MEMORY_BUDGET)
                 .expect("options");
-        let row = match services
+        match services
             .store()
             .insert_job(
                 super::super::new_job_id(),
@@ -945,7 +943,14 @@ mod tests {
         {
             crate::store::Inserted::New(row) | crate::store::Inserted::Existing(row) => row,
             crate::store::Inserted::QueueFull { .. } => panic!("an empty queue is full"),
-        };
+        }
+    }
+
+    #[test]
+    fn a_cancel_between_commit_and_enqueue_is_not_dropped() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let (mut sched, services) = scheduler(tmp.path());
+        let row = committed_job(&services);
         // The spawn committed its row; the cancel overtakes its enqueue.
         let (reply, replied) = crossbeam_channel::bounded(1);
         sched.on_msg(Msg::Cancel {
@@ -1008,24 +1013,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("temp dir");
         let (mut sched, services) = scheduler(tmp.path());
         let slot = fake_slot(&mut sched);
-        let (config, data) =
-            super::super::parse_options(&serde_json::Value::Null, super::super::MEMORY_BUDGET)
-                .expect("options");
-        let row = match services
-            .store()
-            .insert_job(
-                super::super::new_job_id(),
-                "a",
-                "workers/w.js",
-                &config,
-                data,
-                None,
-            )
-            .expect("insert")
-        {
-            crate::store::Inserted::New(row) | crate::store::Inserted::Existing(row) => row,
-            crate::store::Inserted::QueueFull { .. } => panic!("an empty queue is full"),
-        };
+        let row = committed_job(&services);
         // Spawned without data, and its row deleted before dispatch: its app's removal
         // (which tells the pool first) began after the spawn committed.
         let mut gone = Queued::from_row(&row);
