@@ -429,6 +429,65 @@ pub fn configure_sqlite() {
     if rc != rusqlite::ffi::SQLITE_OK {
         log::debug!("SQLite was initialised already; statement journals spill at its default");
     }
+    // SAFETY: the callback has the signature SQLITE_CONFIG_LOG expects and touches no
+    // SQLite state; the context pointer is unused (null).
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_config(
+            rusqlite::ffi::SQLITE_CONFIG_LOG,
+            sqlite_log
+                as unsafe extern "C" fn(
+                    *mut std::ffi::c_void,
+                    std::ffi::c_int,
+                    *const std::ffi::c_char,
+                ),
+            std::ptr::null_mut::<std::ffi::c_void>(),
+        )
+    };
+    if rc != rusqlite::ffi::SQLITE_OK {
+        log::debug!("SQLite was initialised already; its own error log is not forwarded");
+    }
+}
+
+/// SQLite's own error log (which statement aborted and why, which file operation
+/// failed with which errno), forwarded to the server's log: the error a caller sees
+/// names only the code. Expected conditions (constraint checks, schema changes, busy
+/// retries, notices) go to debug; errors to warn, at most 20 lines per 10 s (a write
+/// retried for hours on a full disk must not fill the log).
+unsafe extern "C" fn sqlite_log(
+    _: *mut std::ffi::c_void,
+    code: std::ffi::c_int,
+    msg: *const std::ffi::c_char,
+) {
+    use rusqlite::ffi;
+    use std::sync::atomic::AtomicU64;
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    static IN_WINDOW: AtomicU64 = AtomicU64::new(0);
+    let msg = if msg.is_null() {
+        std::borrow::Cow::Borrowed("")
+    } else {
+        // SAFETY: SQLite passes a NUL-terminated string valid for this call.
+        unsafe { std::ffi::CStr::from_ptr(msg) }.to_string_lossy()
+    };
+    let expected = matches!(
+        code & 0xff,
+        ffi::SQLITE_CONSTRAINT
+            | ffi::SQLITE_SCHEMA
+            | ffi::SQLITE_BUSY
+            | ffi::SQLITE_LOCKED
+            | ffi::SQLITE_NOTICE
+            | ffi::SQLITE_WARNING
+    );
+    if expected {
+        log::debug!("sqlite ({code}): {msg}");
+        return;
+    }
+    let window = (now_ms() / 10_000) as u64;
+    if WINDOW.swap(window, Ordering::Relaxed) != window {
+        IN_WINDOW.store(0, Ordering::Relaxed);
+    }
+    if IN_WINDOW.fetch_add(1, Ordering::Relaxed) < 20 {
+        log::warn!("sqlite ({code}): {msg}");
+    }
 }
 
 fn open_conn(path: &Path, create: bool) -> Result<Connection> {

@@ -210,7 +210,19 @@ fn queued_job_data_stays_in_the_store() {
     assert_eq!(r.status, 200, "{}", r.text());
     for i in [0, 50, 99] {
         let id = ids[i].as_str().expect("job id");
-        let j = s.wait_status(id, "done", 60);
-        assert_eq!(j["result"], 1000 * 1000 - 10, "job {i} saw its data");
+        let mut last = Value::Null;
+        let done = wait_until(60, || {
+            last = s.job(id);
+            last["status"] == "done"
+        });
+        // Without the 1 MB of data in the message.
+        assert!(
+            done,
+            "job {i} is {} (started {}), workers {}",
+            last["status"],
+            last["startedAt"],
+            s.health()["workers"]
+        );
+        assert_eq!(last["result"], 1000 * 1000 - 10, "job {i} saw its data");
     }
 }
