@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -131,6 +132,11 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct Registry {
     inner: Mutex<Inner>,
+    /// Job runs by the context they ran in: [fresh, warm] (a slot's kept context of the
+    /// job's app and deployment).
+    contexts: [AtomicU64; 2],
+    /// Job state writes sent to the store: [start, outcome, start and outcome in one].
+    transitions: [AtomicU64; 3],
 }
 
 /// The process-wide registry (one server per process).
@@ -172,6 +178,23 @@ impl Registry {
             i.handler.entry(app, "", 1).observe(d);
             *i.handler_responses.entry(app, class, 8) += 1;
         });
+    }
+
+    /// A job run started in a fresh JS context (`warm`: false) or in the one its slot
+    /// kept for the app.
+    pub fn job_context(&self, warm: bool) {
+        self.contexts[usize::from(warm)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The scheduler sent a job's start (`start`), its outcome (`outcome`), or both
+    /// in one row write, to the store.
+    pub fn job_transition(&self, start: bool, outcome: bool) {
+        let i = match (start, outcome) {
+            (true, false) => 0,
+            (false, _) => 1,
+            (true, true) => 2,
+        };
+        self.transitions[i].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn checkpoint_saved(&self, d: Duration) {
@@ -293,6 +316,36 @@ impl Registry {
                 "histogram",
             );
             i.store_commit.render(out, "fazt_store_commit_seconds", "");
+            head(
+                out,
+                "fazt_job_contexts_total",
+                "Job runs by JS context: fresh, or warm (kept by the slot for the app).",
+                "counter",
+            );
+            head(
+                out,
+                "fazt_job_transitions_total",
+                "Job state writes sent to the store: a start, an outcome, or both in one \
+                 (a run that ended within 5 ms of its start).",
+                "counter",
+            );
+            for (kind, n) in ["start", "outcome", "start_and_outcome"]
+                .iter()
+                .zip(&self.transitions)
+            {
+                let _ = writeln!(
+                    out,
+                    "fazt_job_transitions_total{{kind=\"{kind}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+            for (kind, n) in ["fresh", "warm"].iter().zip(&self.contexts) {
+                let _ = writeln!(
+                    out,
+                    "fazt_job_contexts_total{{kind=\"{kind}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
         });
     }
 }

@@ -39,7 +39,8 @@ pub enum Transition {
         at: i64,
     },
     /// A final state, or a return to `queued` (retries, restarts); `at` is the
-    /// `done_at` of a final state.
+    /// `done_at` of a final state. `started`: the start of this run when its
+    /// [`Started`](Transition::Started) was not written yet (one write for both).
     Finished {
         id: String,
         status: Status,
@@ -48,6 +49,7 @@ pub enum Transition {
         attempt: i64,
         restarts: i64,
         at: i64,
+        started: Option<i64>,
     },
 }
 
@@ -477,11 +479,13 @@ impl Store {
                         attempt,
                         restarts,
                         at,
+                        started,
                     } => c
                         .prepare_cached(
                             "UPDATE worker_jobs SET status = ?2, result = ?3, error = ?4,
                              done_at = ?5, attempt = ?6, restarts = ?7,
-                             progress = CASE WHEN ?8 THEN 100 ELSE progress END WHERE id = ?1",
+                             progress = CASE WHEN ?8 THEN 100 ELSE progress END,
+                             started_at = COALESCE(?9, started_at) WHERE id = ?1",
                         )
                         .and_then(|mut st| {
                             st.execute(params![
@@ -492,7 +496,8 @@ impl Store {
                                 status.is_final().then_some(*at),
                                 attempt,
                                 restarts,
-                                *status == Status::Done
+                                *status == Status::Done,
+                                started
                             ])
                         })
                         .ctx("recording a job outcome"),

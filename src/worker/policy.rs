@@ -237,15 +237,21 @@ struct Pass<'a> {
 }
 
 impl queue::Judge<Queued> for Pass<'_> {
+    /// Apps with nothing running first (fairness: an idle app's job takes the next free
+    /// slot whatever the others queued), and within each tier the apps a free slot is
+    /// warm for (a fresh context and the worker file's parse cost ~1 ms of a slot's
+    /// time, a warm run microseconds). An idle app without a warm slot can be passed
+    /// only by idle apps that have one, each once: served, it is idle no more.
     fn class(&self, app: &str) -> u8 {
         let running = self.apps.get(app).map_or(0, |c| c.running);
         let pending = self.pending.get(app).map_or(0, |p| p.0);
-        if running + pending == 0 {
-            0
-        } else if self.warm_free.get(app).is_some_and(|&n| n > pending) {
-            1
-        } else {
-            2
+        let idle = running + pending == 0;
+        let warm = self.warm_free.get(app).is_some_and(|&n| n > pending);
+        match (idle, warm) {
+            (true, true) => 0,
+            (true, false) => 1,
+            (false, true) => 2,
+            (false, false) => 3,
         }
     }
 
@@ -788,6 +794,34 @@ mod tests {
         // b's job on b's warm slot; c (warm nowhere) on the slot warm for no app, so
         // a's warm slot stays for a.
         assert_eq!(started, vec![(2, "1".into()), (1, "2".into())]);
+    }
+
+    #[test]
+    fn an_idle_app_with_a_warm_slot_goes_before_an_idle_app_without_one() {
+        let t0 = Instant::now();
+        let mut s = state(2);
+        s.slots[0].warm_app = Some("a".into());
+        s.slots[1].warm_app = Some("c".into());
+        s.slots[1].running = Some(running(job("c1", "c", small(), t0), t0));
+        // b's job arrived first and b was never served: before warmth counted among
+        // idle apps, b took a's warm slot and a fresh context.
+        enqueue(&mut s, job("b1", "b", small(), t0), t0);
+        enqueue(
+            &mut s,
+            job("a1", "a", small(), t0),
+            t0 + Duration::from_millis(1),
+        );
+        let started = step(&mut s, memory(), t0 + Duration::from_millis(1));
+        assert_eq!(started, vec![(0, "a1".into())]);
+        // The next free slot goes to b, idle still, before busy a with a warm slot.
+        s.slots[1].running = None;
+        enqueue(
+            &mut s,
+            job("a2", "a", small(), t0),
+            t0 + Duration::from_millis(2),
+        );
+        let started = step(&mut s, memory(), t0 + Duration::from_millis(2));
+        assert_eq!(started, vec![(1, "b1".into())]);
     }
 
     #[test]

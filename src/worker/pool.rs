@@ -472,7 +472,17 @@ struct Scheduler {
     /// one write at the end of the turn, or before any reply (a canceller reads the
     /// job's row once answered).
     transitions: Vec<Transition>,
+    /// Starts not written yet, by job id: (when dispatched, attempt, restarts, start
+    /// time in ms). A run that ends within [`HOLD_START`] is written once, its start
+    /// folded into its outcome: a short job costs the store one row update, not two
+    /// (each rewrites the row and its index entries).
+    held: HashMap<String, (Instant, i64, i64, i64)>,
 }
+
+/// How long a start may wait to be written with its run's outcome. The row shows
+/// `queued` meanwhile; its `startedAt` is the dispatch time either way. No durability is
+/// lost: a start is a background write, lost in a crash until its batch commits.
+const HOLD_START: Duration = Duration::from_millis(5);
 
 impl Scheduler {
     fn new(r: &PoolRunner, services: Arc<dyn Env>) -> Scheduler {
@@ -487,6 +497,7 @@ impl Scheduler {
             threads: Vec::new(),
             shutdown_reply: None,
             transitions: Vec::new(),
+            held: HashMap::new(),
         }
     }
 
@@ -521,13 +532,14 @@ impl Scheduler {
                 }
             }
             self.schedule();
-            self.flush_transitions();
+            self.flush_transitions(false);
             self.publish_stats();
             if self.shutdown_reply.is_some() && self.state.running().next().is_none() {
                 self.shutdown_reply.take().map(|done| done.send(()));
                 break;
             }
         }
+        self.flush_transitions(true);
         // Dropping the slot senders ends the slot threads; join the ones still ours.
         for t in &mut self.threads {
             let (tx, _) = crossbeam_channel::bounded(1);
@@ -672,7 +684,7 @@ impl Scheduler {
                 }
                 Action::Record(r) => self.record(r),
                 Action::Reply(tx) => {
-                    self.flush_transitions();
+                    self.flush_transitions(true);
                     let _ = tx.send(());
                 }
                 Action::RequestCancel { slot } => {
@@ -758,13 +770,11 @@ impl Scheduler {
             .fetch_add(job.config.memory_bytes, Ordering::SeqCst);
         self.stats.started_total.fetch_add(1, Ordering::Relaxed);
         crate::metrics::global().job_waited(&job.app, &job.path, job.since.elapsed());
-        // Recorded once the slot has it; the store writes it in order with the outcome.
-        self.transitions.push(Transition::Started {
-            id: job.id.clone(),
-            attempt: job.attempt,
-            restarts: job.restarts,
-            at: now_ms(),
-        });
+        // Recorded once the slot has it, held a moment for its outcome (see `held`).
+        self.held.insert(
+            job.id.clone(),
+            (Instant::now(), job.attempt, job.restarts, now_ms()),
+        );
         let idle_listeners = job
             .config
             .idle_channel
@@ -833,6 +843,7 @@ impl Scheduler {
         if r.status.is_final() {
             crate::metrics::global().job_outcome(&r.app, r.status.as_str());
         }
+        let started = self.held.remove(&r.id).map(|(_, _, _, at)| at);
         self.transitions.push(Transition::Finished {
             id: r.id,
             status: r.status,
@@ -841,13 +852,50 @@ impl Scheduler {
             attempt: r.attempt,
             restarts: r.restarts,
             at: now_ms(),
+            started,
         });
     }
 
-    /// Sends this turn's transitions to the store as one write.
-    fn flush_transitions(&mut self) {
+    /// Moves held starts into this turn's transitions: those held [`HOLD_START`] or
+    /// longer, or all of them (`all`: before a reply, at shutdown).
+    fn release_starts(&mut self, all: bool) {
+        if self.held.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, (since, ..))| all || now.duration_since(*since) >= HOLD_START)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            if let Some((_, attempt, restarts, at)) = self.held.remove(&id) {
+                self.transitions.push(Transition::Started {
+                    id,
+                    attempt,
+                    restarts,
+                    at,
+                });
+            }
+        }
+    }
+
+    /// Sends this turn's transitions to the store as one write, with the starts held
+    /// long enough (`all`: every start).
+    fn flush_transitions(&mut self, all: bool) {
+        self.release_starts(all);
         if !self.transitions.is_empty() {
             let batch = std::mem::take(&mut self.transitions);
+            let m = crate::metrics::global();
+            for t in &batch {
+                match t {
+                    Transition::Started { .. } => m.job_transition(true, false),
+                    Transition::Finished { started, .. } => {
+                        m.job_transition(started.is_some(), true)
+                    }
+                }
+            }
             self.services.store().job_transitions(batch);
         }
     }

@@ -131,6 +131,7 @@ fn run_job(
     let reusable = warm
         .as_ref()
         .is_some_and(|w| w.app == job.app && w.deploy == deploy);
+    crate::metrics::global().job_context(reusable);
     if !reusable {
         log::debug!(
             "slot: fresh context for app '{}' (warm for {:?})",
