@@ -137,6 +137,8 @@ pub struct Registry {
     contexts: [AtomicU64; 2],
     /// Job state writes sent to the store: [start, outcome, start and outcome in one].
     transitions: [AtomicU64; 3],
+    /// Collections a handler thread forced after a call (a big request or run).
+    handler_collections: AtomicU64,
 }
 
 /// The process-wide registry (one server per process).
@@ -195,6 +197,11 @@ impl Registry {
             (true, true) => 2,
         };
         self.transitions[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A handler thread collected its garbage right after a call.
+    pub fn handler_collected(&self) {
+        self.handler_collections.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn checkpoint_saved(&self, d: Duration) {
@@ -339,6 +346,18 @@ impl Registry {
                     n.load(Ordering::Relaxed)
                 );
             }
+            head(
+                out,
+                "fazt_handler_collections_total",
+                "Garbage collections a handler thread forced right after a call (a big \
+                 request body, or 1 MB of heap growth since the last one).",
+                "counter",
+            );
+            let _ = writeln!(
+                out,
+                "fazt_handler_collections_total {}",
+                self.handler_collections.load(Ordering::Relaxed)
+            );
             for (kind, n) in ["fresh", "warm"].iter().zip(&self.contexts) {
                 let _ = writeln!(
                     out,

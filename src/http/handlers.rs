@@ -75,9 +75,13 @@ pub struct HandlerCache {
     js_since: Arc<AtomicI64>,
     /// Live heap bytes allocated by this thread (the counting allocator's counter).
     heap: &'static AtomicI64,
-    /// The lowest heap level seen when a call starts: the thread's idle level, so the
-    /// excess at a call's start is the size of the request it carries.
-    idle_heap: i64,
+    /// The heap level when the previous call ended (after any collection): what the
+    /// thread keeps between calls (its warm contexts), so the excess at a call's start
+    /// is what the request brought. None before the first call.
+    settled: Option<i64>,
+    /// Net heap growth of calls (and of contexts made for them) since the last forced
+    /// collection: garbage the collector has not taken yet, and what contexts keep.
+    uncollected: i64,
     apps: HashMap<String, AppContext>,
     clock: u64,
     /// `Registry::changes` at the last sweep: when it moved, contexts of removed or
@@ -110,7 +114,8 @@ impl HandlerCache {
             js_since,
             // The cache lives on (and only on) its HTTP thread: count that thread.
             heap: crate::worker::watch_this_thread(),
-            idle_heap: i64::MAX,
+            settled: None,
+            uncollected: 0,
             apps: HashMap::new(),
             clock: 0,
             seen_changes: 0,
@@ -179,6 +184,7 @@ impl HandlerCache {
             job: None,
             sink: LogSink::Server,
         };
+        let arrived_at = self.heap.load(Ordering::Relaxed);
         let stale = self.apps.get(app).is_some_and(|a| a.deploy != deploy);
         if stale {
             self.apps.remove(app);
@@ -216,7 +222,10 @@ impl HandlerCache {
         let mut grown = 0;
         let body_bytes = i64::try_from(request.body_bytes).unwrap_or(i64::MAX);
         let start = self.heap.load(Ordering::Relaxed);
-        self.idle_heap = self.idle_heap.min(start);
+        // What came in with the request since the last call ended (a new context made
+        // for it is not the request's).
+        let arrived = self.settled.map_or(0, |s| arrived_at - s);
+        let made = start - arrived_at;
         let result = call_handler(
             entry, file, source, request, &interrupt, self.heap, &mut grown,
         );
@@ -233,15 +242,20 @@ impl HandlerCache {
             self.limit_warm(app, grown);
         }
         let used = self.heap.load(Ordering::Relaxed) - start;
+        self.uncollected += made + used;
         if body_bytes > BIG_REQUEST_BYTES
-            || start - self.idle_heap > BIG_REQUEST_BYTES
-            || used > BIG_REQUEST_BYTES
+            || arrived > BIG_REQUEST_BYTES
+            || used > BIG_RUN_BYTES
+            || self.uncollected > BIG_RUN_BYTES
         {
             // Free the JS copies of a big request now, not at some later collection,
             // and let the freed pages go back to the OS once its buffers are dropped.
             boa_gc::force_collect();
             crate::js::interrupt::trim_soon();
+            self.uncollected = 0;
+            crate::metrics::global().handler_collected();
         }
+        self.settled = Some(self.heap.load(Ordering::Relaxed));
         match (result, spawned) {
             (Ok(reply), Ok(())) => Ok(reply),
             (Err(e), _) => Err(run_error(e, app)),
@@ -280,9 +294,16 @@ impl HandlerCache {
 
 use crate::js::interrupt::trim_heap;
 
-/// A request whose body, or whose run, took this much heap is "big": its garbage is
-/// collected right after it and freed pages go back to the OS (see `trim_soon`).
+/// A request whose body took this much heap is "big": its garbage is collected right
+/// after it and freed pages go back to the OS (see `trim_soon`).
 const BIG_REQUEST_BYTES: i64 = 256 << 10;
+
+/// A run, or the runs since the last collection, that grew the thread's heap this much
+/// ask for a collection too. Collecting traces every warm context of the thread: it
+/// was done after every call once the thread kept contexts of several apps (their
+/// size counted as the request's) or a call spawned ~100 jobs, and took 39% of the
+/// handler threads' time in a 20-app spawn burst.
+const BIG_RUN_BYTES: i64 = 1 << 20;
 
 fn call_handler(
     entry: &mut AppContext,
