@@ -350,7 +350,7 @@ impl Registry {
                 out,
                 "fazt_handler_collections_total",
                 "Garbage collections a handler thread forced right after a call (a big \
-                 request body, or 1 MB of heap growth since the last one).",
+                 request body, or 256 KB of heap over what the thread keeps).",
                 "counter",
             );
             let _ = writeln!(

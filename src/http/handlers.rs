@@ -75,13 +75,10 @@ pub struct HandlerCache {
     js_since: Arc<AtomicI64>,
     /// Live heap bytes allocated by this thread (the counting allocator's counter).
     heap: &'static AtomicI64,
-    /// The heap level when the previous call ended (after any collection): what the
-    /// thread keeps between calls (its warm contexts), so the excess at a call's start
-    /// is what the request brought. None before the first call.
-    settled: Option<i64>,
-    /// Net heap growth of calls (and of contexts made for them) since the last forced
-    /// collection: garbage the collector has not taken yet, and what contexts keep.
-    uncollected: i64,
+    /// The thread's heap level after its last forced collection, lowered when a call
+    /// starts lower: what it keeps (its warm contexts), so the excess over it is
+    /// garbage, or what a request brought. None before the first call.
+    kept: Option<i64>,
     apps: HashMap<String, AppContext>,
     clock: u64,
     /// `Registry::changes` at the last sweep: when it moved, contexts of removed or
@@ -114,8 +111,7 @@ impl HandlerCache {
             js_since,
             // The cache lives on (and only on) its HTTP thread: count that thread.
             heap: crate::worker::watch_this_thread(),
-            settled: None,
-            uncollected: 0,
+            kept: None,
             apps: HashMap::new(),
             clock: 0,
             seen_changes: 0,
@@ -184,7 +180,6 @@ impl HandlerCache {
             job: None,
             sink: LogSink::Server,
         };
-        let arrived_at = self.heap.load(Ordering::Relaxed);
         let stale = self.apps.get(app).is_some_and(|a| a.deploy != deploy);
         if stale {
             self.apps.remove(app);
@@ -222,10 +217,7 @@ impl HandlerCache {
         let mut grown = 0;
         let body_bytes = i64::try_from(request.body_bytes).unwrap_or(i64::MAX);
         let start = self.heap.load(Ordering::Relaxed);
-        // What came in with the request since the last call ended (a new context made
-        // for it is not the request's).
-        let arrived = self.settled.map_or(0, |s| arrived_at - s);
-        let made = start - arrived_at;
+        let kept = self.kept.map_or(start, |k| k.min(start));
         let result = call_handler(
             entry, file, source, request, &interrupt, self.heap, &mut grown,
         );
@@ -241,21 +233,18 @@ impl HandlerCache {
         } else {
             self.limit_warm(app, grown);
         }
-        let used = self.heap.load(Ordering::Relaxed) - start;
-        self.uncollected += made + used;
+        self.kept = Some(kept);
         if body_bytes > BIG_REQUEST_BYTES
-            || arrived > BIG_REQUEST_BYTES
-            || used > BIG_RUN_BYTES
-            || self.uncollected > BIG_RUN_BYTES
+            || self.heap.load(Ordering::Relaxed) - kept > BIG_REQUEST_BYTES
         {
             // Free the JS copies of a big request now, not at some later collection,
             // and let the freed pages go back to the OS once its buffers are dropped.
             boa_gc::force_collect();
             crate::js::interrupt::trim_soon();
-            self.uncollected = 0;
+            // What is left is what the thread keeps (a context made for this call too).
+            self.kept = Some(self.heap.load(Ordering::Relaxed));
             crate::metrics::global().handler_collected();
         }
-        self.settled = Some(self.heap.load(Ordering::Relaxed));
         match (result, spawned) {
             (Ok(reply), Ok(())) => Ok(reply),
             (Err(e), _) => Err(run_error(e, app)),
@@ -294,16 +283,15 @@ impl HandlerCache {
 
 use crate::js::interrupt::trim_heap;
 
-/// A request whose body took this much heap is "big": its garbage is collected right
-/// after it and freed pages go back to the OS (see `trim_soon`).
+/// A request whose body, or the thread's heap over what it keeps after a call, is this
+/// big has its garbage collected right after the call, and freed pages go back to the
+/// OS (see `trim_soon`). What the thread keeps is measured after each forced
+/// collection: it used to be the lowest level the thread had ever started a call at,
+/// so once it kept warm contexts of two apps their size counted as garbage and every
+/// call forced a collection, which traces every context the thread keeps (39% of the
+/// handler threads' time in a 20-app spawn burst). With 1 MB here instead of 256 KB,
+/// RSS after the HTTP bench's load was 49.7 MB against 40.3.
 const BIG_REQUEST_BYTES: i64 = 256 << 10;
-
-/// A run, or the runs since the last collection, that grew the thread's heap this much
-/// ask for a collection too. Collecting traces every warm context of the thread: it
-/// was done after every call once the thread kept contexts of several apps (their
-/// size counted as the request's) or a call spawned ~100 jobs, and took 39% of the
-/// handler threads' time in a 20-app spawn burst.
-const BIG_RUN_BYTES: i64 = 1 << 20;
 
 fn call_handler(
     entry: &mut AppContext,
