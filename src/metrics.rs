@@ -141,6 +141,15 @@ pub struct Registry {
     handler_collections: AtomicU64,
 }
 
+/// A job state write: its start, its outcome, or both in one row write (an outcome
+/// carrying its start). The order is the `kind` label's in /metrics.
+#[derive(Debug, Clone, Copy)]
+pub enum TransitionKind {
+    Start,
+    Outcome,
+    StartAndOutcome,
+}
+
 /// The process-wide registry (one server per process).
 pub fn global() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
@@ -188,15 +197,9 @@ impl Registry {
         self.contexts[usize::from(warm)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The scheduler sent a job's start (`start`), its outcome (`outcome`), or both
-    /// in one row write, to the store.
-    pub fn job_transition(&self, start: bool, outcome: bool) {
-        let i = match (start, outcome) {
-            (true, false) => 0,
-            (false, _) => 1,
-            (true, true) => 2,
-        };
-        self.transitions[i].fetch_add(1, Ordering::Relaxed);
+    /// The scheduler sent a job state write to the store.
+    pub fn job_transition(&self, kind: TransitionKind) {
+        self.transitions[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A handler thread collected its garbage right after a call.
@@ -323,28 +326,27 @@ impl Registry {
                 "histogram",
             );
             i.store_commit.render(out, "fazt_store_commit_seconds", "");
-            head(
-                out,
-                "fazt_job_contexts_total",
-                "Job runs by JS context: fresh, or warm (kept by the slot for the app).",
-                "counter",
-            );
-            head(
-                out,
-                "fazt_job_transitions_total",
-                "Job state writes sent to the store: a start, an outcome, or both in one \
-                 (a run that ended within 5 ms of its start).",
-                "counter",
-            );
-            for (kind, n) in ["start", "outcome", "start_and_outcome"]
-                .iter()
-                .zip(&self.transitions)
-            {
-                let _ = writeln!(
-                    out,
-                    "fazt_job_transitions_total{{kind=\"{kind}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
+            let counters: [(&str, &str, &[&str], &[AtomicU64]); 2] = [
+                (
+                    "fazt_job_contexts_total",
+                    "Job runs by JS context: fresh, or warm (kept by the slot for the app).",
+                    &["fresh", "warm"],
+                    &self.contexts,
+                ),
+                (
+                    "fazt_job_transitions_total",
+                    "Job state writes sent to the store: a start, an outcome, or both in \
+                     one (a run that ended within 5 ms of its start).",
+                    &["start", "outcome", "start_and_outcome"],
+                    &self.transitions,
+                ),
+            ];
+            for (name, help, kinds, values) in counters {
+                head(out, name, help, "counter");
+                for (kind, n) in kinds.iter().zip(values) {
+                    let n = n.load(Ordering::Relaxed);
+                    let _ = writeln!(out, "{name}{{kind=\"{kind}\"}} {n}");
+                }
             }
             head(
                 out,
@@ -358,13 +360,6 @@ impl Registry {
                 "fazt_handler_collections_total {}",
                 self.handler_collections.load(Ordering::Relaxed)
             );
-            for (kind, n) in ["fresh", "warm"].iter().zip(&self.contexts) {
-                let _ = writeln!(
-                    out,
-                    "fazt_job_contexts_total{{kind=\"{kind}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
-            }
         });
     }
 }
@@ -393,6 +388,35 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"3600\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_count 3\n"), "{out}");
+    }
+
+    #[test]
+    fn every_sample_follows_its_own_family_header() {
+        // The text format groups a family's samples under its TYPE line; the counter
+        // families added beside the histograms once printed their samples under another
+        // family's header.
+        let r = Registry::default();
+        r.job_ran("a", "workers/w.js", Duration::from_millis(1));
+        r.job_context(true);
+        r.handler_collected();
+        let mut out = String::new();
+        r.render(&mut out);
+        let mut family = "";
+        for line in out.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap_or("");
+            } else if !line.starts_with('#') {
+                assert!(
+                    !family.is_empty() && line.starts_with(family),
+                    "{line} under family {family}"
+                );
+            }
+        }
+        assert!(
+            out.contains("fazt_job_contexts_total{kind=\"warm\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("fazt_handler_collections_total 1\n"), "{out}");
     }
 
     #[test]

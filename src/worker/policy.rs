@@ -711,6 +711,15 @@ mod tests {
         }
     }
 
+    /// A daemon (no timeout) of [`small`]'s size.
+    fn daemon() -> JobConfig {
+        JobConfig {
+            daemon: true,
+            timeout_ms: None,
+            ..small()
+        }
+    }
+
     fn small() -> JobConfig {
         JobConfig {
             memory_bytes: MB,
@@ -844,11 +853,7 @@ mod tests {
     fn decide_limits_daemons_per_app_but_lets_other_jobs_pass() {
         let t0 = Instant::now();
         let mut s = state(20);
-        let daemon = JobConfig {
-            daemon: true,
-            timeout_ms: None,
-            ..small()
-        };
+        let daemon = daemon();
         for i in 0..3 {
             enqueue(&mut s, job(&format!("d{i}"), "a", daemon.clone(), t0), t0);
         }
@@ -931,11 +936,7 @@ mod tests {
     fn daemon_backoff_doubles_and_resets_after_a_healthy_run() {
         let mut now = Instant::now();
         let mut s = state(1);
-        let daemon = JobConfig {
-            daemon: true,
-            timeout_ms: None,
-            ..small()
-        };
+        let daemon = daemon();
         enqueue(&mut s, job("d", "a", daemon, now), now);
         let mut delays = Vec::new();
         for ran_ms in [10, 10, 10, 300_000, 10] {
@@ -956,11 +957,7 @@ mod tests {
     fn a_daemon_failing_while_the_store_cannot_write_waits_for_it() {
         let t0 = Instant::now();
         let mut s = state(1);
-        let daemon = JobConfig {
-            daemon: true,
-            timeout_ms: None,
-            ..small()
-        };
+        let daemon = daemon();
         enqueue(&mut s, job("d", "a", daemon, t0), t0);
         step(&mut s, memory(), t0);
         let degraded = Ended {
@@ -979,11 +976,7 @@ mod tests {
     fn a_daemon_stopped_by_shutdown_stays_queued_to_restore() {
         let t0 = Instant::now();
         let mut s = state(2);
-        let daemon = JobConfig {
-            daemon: true,
-            timeout_ms: None,
-            ..small()
-        };
+        let daemon = daemon();
         enqueue(&mut s, job("d", "a", daemon, t0), t0);
         enqueue(&mut s, job("j", "a", small(), t0), t0);
         step(&mut s, memory(), t0);

@@ -472,11 +472,11 @@ struct Scheduler {
     /// one write at the end of the turn, or before any reply (a canceller reads the
     /// job's row once answered).
     transitions: Vec<Transition>,
-    /// Starts not written yet, by job id: (when dispatched, attempt, restarts, start
-    /// time in ms). A run that ends within [`HOLD_START`] is written once, its start
-    /// folded into its outcome: a short job costs the store one row update, not two
-    /// (each rewrites the row and its index entries).
-    held: HashMap<String, (Instant, i64, i64, i64)>,
+    /// Starts not written yet ([`Transition::Started`]), by job id, with when they were
+    /// held. A run that ends within [`HOLD_START`] is written once, its start folded
+    /// into its outcome: a short job costs the store one row update, not two (each
+    /// rewrites the row and its index entries).
+    held: HashMap<String, (Instant, Transition)>,
 }
 
 /// How long a start may wait to be written with its run's outcome. The row shows
@@ -771,10 +771,13 @@ impl Scheduler {
         self.stats.started_total.fetch_add(1, Ordering::Relaxed);
         crate::metrics::global().job_waited(&job.app, &job.path, job.since.elapsed());
         // Recorded once the slot has it, held a moment for its outcome (see `held`).
-        self.held.insert(
-            job.id.clone(),
-            (Instant::now(), job.attempt, job.restarts, now_ms()),
-        );
+        let start = Transition::Started {
+            id: job.id.clone(),
+            attempt: job.attempt,
+            restarts: job.restarts,
+            at: now_ms(),
+        };
+        self.held.insert(job.id.clone(), (Instant::now(), start));
         let idle_listeners = job
             .config
             .idle_channel
@@ -843,7 +846,10 @@ impl Scheduler {
         if r.status.is_final() {
             crate::metrics::global().job_outcome(&r.app, r.status.as_str());
         }
-        let started = self.held.remove(&r.id).map(|(_, _, _, at)| at);
+        let started = match self.held.remove(&r.id) {
+            Some((_, Transition::Started { at, .. })) => Some(at),
+            _ => None,
+        };
         self.transitions.push(Transition::Finished {
             id: r.id,
             status: r.status,
@@ -859,26 +865,11 @@ impl Scheduler {
     /// Moves held starts into this turn's transitions: those held [`HOLD_START`] or
     /// longer, or all of them (`all`: before a reply, at shutdown).
     fn release_starts(&mut self, all: bool) {
-        if self.held.is_empty() {
-            return;
-        }
         let now = Instant::now();
-        let due: Vec<String> = self
+        let due = self
             .held
-            .iter()
-            .filter(|(_, (since, ..))| all || now.duration_since(*since) >= HOLD_START)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in due {
-            if let Some((_, attempt, restarts, at)) = self.held.remove(&id) {
-                self.transitions.push(Transition::Started {
-                    id,
-                    attempt,
-                    restarts,
-                    at,
-                });
-            }
-        }
+            .extract_if(|_, (since, _)| all || now.duration_since(*since) >= HOLD_START);
+        self.transitions.extend(due.map(|(_, (_, start))| start));
     }
 
     /// Sends this turn's transitions to the store as one write, with the starts held
@@ -887,14 +878,14 @@ impl Scheduler {
         self.release_starts(all);
         if !self.transitions.is_empty() {
             let batch = std::mem::take(&mut self.transitions);
+            use crate::metrics::TransitionKind;
             let m = crate::metrics::global();
             for t in &batch {
-                match t {
-                    Transition::Started { .. } => m.job_transition(true, false),
-                    Transition::Finished { started, .. } => {
-                        m.job_transition(started.is_some(), true)
-                    }
-                }
+                m.job_transition(match t {
+                    Transition::Started { .. } => TransitionKind::Start,
+                    Transition::Finished { started: None, .. } => TransitionKind::Outcome,
+                    Transition::Finished { .. } => TransitionKind::StartAndOutcome,
+                });
             }
             self.services.store().job_transitions(batch);
         }
