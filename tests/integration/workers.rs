@@ -247,8 +247,10 @@ fn twenty_one_jobs_across_apps_fill_the_twenty_slots() {
         "{}",
         s.health()
     );
-    let total_running: usize = apps.iter().map(|a| count(&s, a, "running")).sum();
-    assert_eq!(total_running, 20);
+    // The rows follow: a start is written once held 5 ms (or with its outcome).
+    let total_running = || -> usize { apps.iter().map(|a| count(&s, a, "running")).sum() };
+    wait_until(10, || total_running() == 20);
+    assert_eq!(total_running(), 20);
 }
 
 #[test]
