@@ -215,12 +215,16 @@ fn cached_static_files_are_answered_without_waking_a_handler_thread() {
         "handler threads slept {total} times for {N} cached static requests (one per \
          request when each is handed to a handler thread)"
     );
-    // A handler still runs on a handler thread.
-    sequential_gets(&server, &host, "/api/hello", 20);
+    // A handler still runs on a handler thread: about one sleep per call. Not exactly
+    // one: a thread that catches the next request while it spins before parking does
+    // not sleep (CI once counted 19 of 20). Half is far above the static path's count.
+    const CALLS: u64 = 20;
+    sequential_gets(&server, &host, "/api/hello", CALLS as usize);
     let handled: u64 = grown(&after, &sleeps(&server, "fazt-http-")).iter().sum();
     assert!(
-        handled >= 20,
-        "handler threads slept {handled} times for 20 handler calls"
+        handled >= CALLS / 2,
+        "handler threads slept {handled} times for {CALLS} handler calls (about one per \
+         call when handlers run on handler threads)"
     );
 }
 
