@@ -168,11 +168,18 @@ impl HandlerCache {
     ) -> Result<Reply, HttpError> {
         self.clock += 1;
         let changes = services.apps.changes();
+        let warm = self.apps.len();
         if changes != self.seen_changes {
             self.seen_changes = changes;
             self.apps
                 .retain(|name, a| services.apps.known(name).map(|d| d.deploy_id) == Some(a.deploy));
         }
+        // The heap a context made (and modules loaded) in this call adds: what the
+        // thread keeps from now on, not garbage. Only when no context was dropped: a
+        // dropped one is garbage of about that size, which the collection below frees.
+        let mut made = 0;
+        let stale = self.apps.get(app).is_some_and(|a| a.deploy != deploy);
+        let mut dropped = stale || self.apps.len() < warm;
         let host = Host {
             app: Arc::from(app),
             services: services.clone(),
@@ -180,7 +187,6 @@ impl HandlerCache {
             job: None,
             sink: LogSink::Server,
         };
-        let stale = self.apps.get(app).is_some_and(|a| a.deploy != deploy);
         if stale {
             self.apps.remove(app);
         }
@@ -193,9 +199,12 @@ impl HandlerCache {
                     .map(|(k, _)| k.clone());
                 if let Some(k) = oldest {
                     self.apps.remove(&k);
+                    dropped = true;
                 }
             }
+            let before = self.heap.load(Ordering::Relaxed);
             let ctx = js::new_context(host.clone()).map_err(|e| run_error(e, app))?;
+            made += self.heap.load(Ordering::Relaxed) - before;
             self.apps.insert(
                 app.to_string(),
                 AppContext {
@@ -214,7 +223,7 @@ impl HandlerCache {
         entry.ctx.insert_data(host);
         entry.ctx.insert_data(crate::worker::SpawnBatch::default());
         let busy = Busy::start(&self.js_since);
-        let mut grown = 0;
+        let mut grown = Growth::default();
         let body_bytes = i64::try_from(request.body_bytes).unwrap_or(i64::MAX);
         let start = self.heap.load(Ordering::Relaxed);
         let kept = self.kept.map_or(start, |k| k.min(start));
@@ -231,11 +240,16 @@ impl HandlerCache {
             boa_gc::force_collect();
             trim_heap();
         } else {
-            self.limit_warm(app, grown);
+            self.limit_warm(app, grown.kept);
         }
+        let kept = if dropped {
+            kept
+        } else {
+            kept + made + grown.loaded
+        };
         self.kept = Some(kept);
         if body_bytes > BIG_REQUEST_BYTES
-            || self.heap.load(Ordering::Relaxed) - kept > BIG_REQUEST_BYTES
+            || self.heap.load(Ordering::Relaxed) - kept > collect_past(kept)
         {
             // Free the JS copies of a big request now, not at some later collection,
             // and let the freed pages go back to the OS once its buffers are dropped.
@@ -293,6 +307,26 @@ use crate::js::interrupt::trim_heap;
 /// RSS after the HTTP bench's load was 49.7 MB against 40.3.
 const BIG_REQUEST_BYTES: i64 = 256 << 10;
 
+/// How much a handler thread's heap may grow past what it keeps before a call ends
+/// with a collection: [`BIG_REQUEST_BYTES`], or a quarter of what it keeps when that is
+/// more. A collection traces everything the thread keeps (its warm contexts, up to
+/// [`MAX_WARM_APPS`]), so a fixed threshold made each byte a thread with eight warm
+/// contexts allocated cost 30 bytes traced; this bounds it at four, and the garbage a
+/// thread holds at a quarter of what it keeps.
+fn collect_past(kept: i64) -> i64 {
+    BIG_REQUEST_BYTES.max(kept / 4)
+}
+
+/// A handler call's heap growth.
+#[derive(Default)]
+struct Growth {
+    /// What the context keeps: the modules it loaded, and what the call allocated less
+    /// the reply (handed to the HTTP layer) and the request (built before, freed here).
+    kept: i64,
+    /// Of `kept`, the modules loaded: compiled code, kept for good.
+    loaded: i64,
+}
+
 fn call_handler(
     entry: &mut AppContext,
     file: &str,
@@ -300,7 +334,7 @@ fn call_handler(
     request: HandlerRequest,
     interrupt: &Interrupt,
     heap: &AtomicI64,
-    grown: &mut i64,
+    grown: &mut Growth,
 ) -> Result<Reply, RunError> {
     // What the context keeps: the loaded module, and what the call allocated minus the
     // reply (handed to the HTTP layer) and the request (built before, freed here).
@@ -311,7 +345,9 @@ fn call_handler(
             let start = heap.load(Ordering::Relaxed);
             let e = js::load_entry(ctx, file, source, js::Kind::Handler, interrupt)?;
             entry.modules.insert(file.to_string(), e.clone());
-            *grown += heap.load(Ordering::Relaxed) - start;
+            let loaded = heap.load(Ordering::Relaxed) - start;
+            grown.kept += loaded;
+            grown.loaded += loaded;
             e
         }
     };
@@ -319,7 +355,7 @@ fn call_handler(
     let start = heap.load(Ordering::Relaxed);
     let out = js::call(ctx, &exports, &[arg], interrupt)?;
     let reply = to_reply(&out, ctx)?;
-    *grown += heap.load(Ordering::Relaxed) - start - reply_bytes(&reply);
+    grown.kept += heap.load(Ordering::Relaxed) - start - reply_bytes(&reply);
     Ok(reply)
 }
 
@@ -524,8 +560,21 @@ pub fn release_unused_stack() -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{release_unused_stack, request_value, HandlerRequest};
+    use super::{
+        collect_past, release_unused_stack, request_value, HandlerRequest, BIG_REQUEST_BYTES,
+    };
     use boa_engine::{js_string, property::Attribute, Context, JsValue, Source};
+
+    #[test]
+    fn the_collection_threshold_grows_with_what_a_thread_keeps() {
+        const MB: i64 = 1 << 20;
+        // One warm context (~0.35 MB): 256 KB, as before.
+        assert_eq!(collect_past(0), BIG_REQUEST_BYTES);
+        assert_eq!(collect_past(MB / 2), BIG_REQUEST_BYTES);
+        // Eight (~3 MB): a quarter of it, so a collection traces at most four bytes
+        // kept per byte of garbage.
+        assert_eq!(collect_past(3 * MB), 3 * MB / 4);
+    }
 
     /// The request object built in the context is what the JSON conversion made of
     /// the same request: same keys in the same order, same values, plain objects.

@@ -323,7 +323,7 @@ fn handler_collections(server: &Server) -> u64 {
 /// the request's ("the heap at a call's start is above the thread's idle level") and
 /// forced a full collection, which traces every context it keeps, after every call:
 /// 39% of the handler threads' time in a 20-app spawn burst. Small calls now collect
-/// once per 1 MB of heap growth (each new context counts).
+/// once their garbage passes 256 KB (or a quarter of what the thread keeps).
 #[test]
 fn small_calls_to_several_apps_do_not_collect_after_every_call() {
     let server = Server::start();
@@ -350,5 +350,33 @@ fn small_calls_to_several_apps_do_not_collect_after_every_call() {
     assert!(
         forced < 15,
         "{forced} forced collections for 60 small calls"
+    );
+}
+
+/// A context made for a call (and the handler file it loaded) is what the thread keeps
+/// from then on, not the call's garbage. Before, its ~0.35 MB passed the 256 KB
+/// threshold, so every call that made one ended with a collection tracing every
+/// context the thread keeps: each app's first call on each handler thread, most calls
+/// of a 20-app spawn burst (100 such collections for 100 calls; 40 after).
+#[test]
+fn a_call_that_makes_a_context_does_not_collect() {
+    let server = Server::start();
+    let apps: Vec<String> = (0..8).map(|i| format!("first{i}")).collect();
+    for a in &apps {
+        server.deploy_ok(
+            a,
+            &[("api/hello.js", "module.exports = () => ({ ok: true });")],
+        );
+    }
+    let before = handler_collections(&server);
+    for a in &apps {
+        let host = format!("{a}.localhost:{}", server.port());
+        sequential_gets(&server, &host, "/api/hello", 1);
+    }
+    let forced = handler_collections(&server) - before;
+    assert!(
+        forced <= 2,
+        "{forced} forced collections for 8 calls that each made a context (one each when \
+         a new context counted as garbage)"
     );
 }
