@@ -21,7 +21,8 @@ pub use crate::job::{
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use boa_engine::{Context, JsResult, JsString, JsValue};
+use boa_engine::property::PropertyDescriptor;
+use boa_engine::{js_string, Context, JsObject, JsResult, JsString, JsValue};
 
 use crate::apps::Run;
 use crate::js::api_support::{
@@ -422,8 +423,55 @@ pub(crate) fn job_natives() -> Vec<(&'static str, Native, usize)> {
     ]
 }
 
+/// The job object users see in JS: what `JsValue::from_json(&row.to_json())` made (same
+/// keys in the same order, serde_json's sorted one, same values), built directly,
+/// without a `serde_json` tree of the row and a key string allocated per property (a
+/// handler spawning 100 jobs built 100 of each).
 fn job_value(row: &JobRow, ctx: &mut Context) -> JsResult<JsValue> {
-    JsValue::from_json(&row.to_json(), ctx)
+    // Numbers as `from_json` makes them: an integer when it fits in i32, else a double.
+    let int = |n: i64| i32::try_from(n).map_or_else(|_| JsValue::new(n as f64), JsValue::new);
+    let opt_int = |n: Option<i64>| n.map_or_else(JsValue::null, int);
+    let text = |s: &str| JsValue::from(JsString::from(s));
+    let parsed = |s: &Option<String>, ctx: &mut Context| -> JsResult<JsValue> {
+        match s
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        {
+            Some(v) => JsValue::from_json(&v, ctx),
+            None => Ok(JsValue::null()),
+        }
+    };
+    let props = [
+        (js_string!("app"), text(&row.app)),
+        (js_string!("attempt"), int(row.attempt)),
+        (js_string!("createdAt"), int(row.created_at)),
+        (js_string!("daemon"), JsValue::new(row.config.daemon)),
+        (js_string!("data"), parsed(&row.data, ctx)?),
+        (js_string!("doneAt"), opt_int(row.done_at)),
+        (
+            js_string!("error"),
+            row.error.as_deref().map_or_else(JsValue::null, text),
+        ),
+        (js_string!("id"), text(&row.id)),
+        (js_string!("path"), text(&row.path)),
+        (js_string!("progress"), int(row.progress)),
+        (js_string!("restarts"), int(row.restarts)),
+        (js_string!("result"), parsed(&row.result, ctx)?),
+        (js_string!("startedAt"), opt_int(row.started_at)),
+        (js_string!("status"), text(row.status.as_str())),
+    ];
+    let obj = JsObject::with_object_proto(ctx.intrinsics());
+    for (key, value) in props {
+        obj.insert_property(
+            key,
+            PropertyDescriptor::builder()
+                .value(value)
+                .writable(true)
+                .enumerable(true)
+                .configurable(true),
+        );
+    }
+    Ok(obj.into())
 }
 
 fn worker_spawn(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
@@ -732,6 +780,77 @@ fn job_sleep(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsVal
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The job object built in the context is what the JSON conversion of the row made:
+    /// the same JSON text (keys, order, values), for a new job and a finished one with
+    /// data, a result, an error, big timestamps and a non-integer in its data.
+    #[test]
+    fn job_object_is_what_the_json_conversion_made() {
+        let new = JobRow {
+            id: "jb_1".into(),
+            app: "shop".into(),
+            path: "workers/a.js".into(),
+            status: crate::job::Status::Queued,
+            config: JobConfig::default(),
+            data: None,
+            progress: 0,
+            result: None,
+            error: None,
+            attempt: 1,
+            restarts: 0,
+            created_at: 1_795_000_000_123,
+            started_at: None,
+            done_at: None,
+        };
+        let done = JobRow {
+            status: crate::job::Status::Failed,
+            config: JobConfig {
+                daemon: true,
+                ..JobConfig::default()
+            },
+            data: Some(r#"{"z":[1,2.5,"x",null],"a":{"k":true}}"#.into()),
+            progress: 100,
+            result: Some("42".into()),
+            error: Some("boom".into()),
+            attempt: 3,
+            restarts: 2,
+            started_at: Some(1_795_000_000_200),
+            done_at: Some(1_795_000_000_300),
+            ..new.clone()
+        };
+        let mut ctx = Context::default();
+        for row in [new, done] {
+            let built = job_value(&row, &mut ctx).expect("built");
+            let converted = JsValue::from_json(&row.to_json(), &mut ctx).expect("converted");
+            let text = |v: &JsValue, ctx: &mut Context| {
+                v.to_json(ctx)
+                    .expect("to_json")
+                    .expect("a value")
+                    .to_string()
+            };
+            // Key order as JSON.stringify sees it, and each value.
+            let stringify = |v: JsValue, ctx: &mut Context| {
+                let json = ctx
+                    .global_object()
+                    .get(js_string!("JSON"), ctx)
+                    .expect("JSON");
+                let f = json
+                    .as_object()
+                    .expect("object")
+                    .get(js_string!("stringify"), ctx)
+                    .expect("stringify");
+                f.as_callable()
+                    .expect("callable")
+                    .call(&JsValue::undefined(), &[v], ctx)
+                    .expect("called")
+                    .to_string(ctx)
+                    .expect("string")
+                    .to_std_string_escaped()
+            };
+            assert_eq!(text(&built, &mut ctx), text(&converted, &mut ctx));
+            assert_eq!(stringify(built, &mut ctx), stringify(converted, &mut ctx));
+        }
+    }
 
     #[test]
     fn worker_paths() {
