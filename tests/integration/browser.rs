@@ -150,6 +150,11 @@ impl Chromium {
                 profile.path().join("profile").display()
             ))
             .arg("about:blank")
+            // Chromium's scratch files (shared memory goes to the temp dir under
+            // --disable-dev-shm-usage) land in the profile's temp dir, removed on drop:
+            // in /tmp, a killed browser left an org.chromium.Chromium.* directory behind
+            // on every run.
+            .env("TMPDIR", profile.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
