@@ -225,7 +225,9 @@ impl HandlerCache {
         let busy = Busy::start(&self.js_since);
         let mut grown = Growth::default();
         let body_bytes = i64::try_from(request.body_bytes).unwrap_or(i64::MAX);
-        let start = self.heap.load(Ordering::Relaxed);
+        // The heap at the call's start, less a context made for it (added back below
+        // with the files it loads, so that it is counted once).
+        let start = self.heap.load(Ordering::Relaxed) - made;
         let kept = self.kept.map_or(start, |k| k.min(start));
         let result = call_handler(
             entry, file, source, request, &interrupt, self.heap, &mut grown,
