@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use boa_engine::property::PropertyDescriptor;
-use boa_engine::{js_string, Context, JsObject, JsString, JsValue};
+use boa_engine::{js_string, Context, JsString, JsValue};
 
 use super::util::{HttpError, Reply};
 use crate::js::{self, Host, Interrupt, LogSink, Reason, RunError};
@@ -204,7 +203,7 @@ impl HandlerCache {
             }
             let before = self.heap.load(Ordering::Relaxed);
             let ctx = js::new_context(host.clone()).map_err(|e| run_error(e, app))?;
-            made += self.heap.load(Ordering::Relaxed) - before;
+            made = self.heap.load(Ordering::Relaxed) - before;
             self.apps.insert(
                 app.to_string(),
                 AppContext {
@@ -362,25 +361,10 @@ fn call_handler(
 }
 
 /// The handler's argument `{body, headers, method, path, query}`, built in the
-/// context directly: what `JsValue::from_json` made of the same JSON object (ordinary
-/// objects, data properties writable, enumerable and configurable, keys in the order a
-/// JSON object iterates them, the sorted order), without a `serde_json::Value` tree
-/// of the request in between (one allocation per key, value and map node).
+/// context directly ([`js::plain_object`]): what `JsValue::from_json` made of the same
+/// JSON object, keys in the order a JSON object iterates them (the sorted order),
+/// without a `serde_json::Value` tree of the request in between.
 fn request_value(request: HandlerRequest, ctx: &mut Context) -> Result<JsValue, RunError> {
-    fn object(ctx: &mut Context, props: impl IntoIterator<Item = (JsString, JsValue)>) -> JsValue {
-        let obj = JsObject::with_object_proto(ctx.intrinsics());
-        for (key, value) in props {
-            obj.insert_property(
-                key,
-                PropertyDescriptor::builder()
-                    .value(value)
-                    .writable(true)
-                    .enumerable(true)
-                    .configurable(true),
-            );
-        }
-        obj.into()
-    }
     // Header and query values are strings (anything else converts as `from_json` does).
     fn strings(
         ctx: &mut Context,
@@ -394,7 +378,7 @@ fn request_value(request: HandlerRequest, ctx: &mut Context) -> Result<JsValue, 
             };
             props.push((JsString::from(k.as_str()), value));
         }
-        Ok(object(ctx, props))
+        Ok(js::plain_object(ctx, props))
     }
     let body = match &request.body {
         serde_json::Value::Null => JsValue::null(),
@@ -416,7 +400,7 @@ fn request_value(request: HandlerRequest, ctx: &mut Context) -> Result<JsValue, 
         ),
         (js_string!("query"), query),
     ];
-    Ok(object(ctx, props))
+    Ok(js::plain_object(ctx, props))
 }
 
 /// Heap held by a reply, to leave it out of the context's growth.

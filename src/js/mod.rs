@@ -24,4 +24,6 @@ pub use api::{Failure, Native, Natives};
 pub const JS_STACK_BYTES: usize = 16 << 20;
 pub use interrupt::{Interrupt, Reason};
 pub use loader::{load_entry, Kind};
-pub use runtime::{call, from_json, new_context, to_json, Env, Host, JobHost, LogSink, RunError};
+pub use runtime::{
+    call, from_json, new_context, plain_object, to_json, Env, Host, JobHost, LogSink, RunError,
+};

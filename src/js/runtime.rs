@@ -31,7 +31,8 @@ use std::task::{Poll, Waker};
 
 use boa_engine::builtins::promise::PromiseState;
 use boa_engine::object::builtins::JsPromise;
-use boa_engine::{Context, JsError, JsValue, Script};
+use boa_engine::property::PropertyDescriptor;
+use boa_engine::{Context, JsError, JsObject, JsString, JsValue, Script};
 
 use super::api::Natives;
 use super::interrupt::{Interrupt, Reason};
@@ -303,6 +304,27 @@ fn integral_numbers(v: serde_json::Value) -> serde_json::Value {
 
 pub fn from_json(value: &serde_json::Value, ctx: &mut Context) -> Result<JsValue, RunError> {
     JsValue::from_json(value, ctx).map_err(|e| thrown(e, ctx))
+}
+
+/// An ordinary object with `props` as data properties (writable, enumerable,
+/// configurable) in the given order: what `JsValue::from_json` makes of a JSON object,
+/// built without a `serde_json` tree in between.
+pub fn plain_object(
+    ctx: &mut Context,
+    props: impl IntoIterator<Item = (JsString, JsValue)>,
+) -> JsValue {
+    let obj = JsObject::with_object_proto(ctx.intrinsics());
+    for (key, value) in props {
+        obj.insert_property(
+            key,
+            PropertyDescriptor::builder()
+                .value(value)
+                .writable(true)
+                .enumerable(true)
+                .configurable(true),
+        );
+    }
+    obj.into()
 }
 
 /// The engine patches (vendor/PATCHES.md) as our code relies on them, on plain boa

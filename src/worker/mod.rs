@@ -21,8 +21,7 @@ pub use crate::job::{
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use boa_engine::property::PropertyDescriptor;
-use boa_engine::{js_string, Context, JsObject, JsResult, JsString, JsValue};
+use boa_engine::{js_string, Context, JsResult, JsString, JsValue};
 
 use crate::apps::Run;
 use crate::js::api_support::{
@@ -460,18 +459,7 @@ fn job_value(row: &JobRow, ctx: &mut Context) -> JsResult<JsValue> {
         (js_string!("startedAt"), opt_int(row.started_at)),
         (js_string!("status"), text(row.status.as_str())),
     ];
-    let obj = JsObject::with_object_proto(ctx.intrinsics());
-    for (key, value) in props {
-        obj.insert_property(
-            key,
-            PropertyDescriptor::builder()
-                .value(value)
-                .writable(true)
-                .enumerable(true)
-                .configurable(true),
-        );
-    }
-    Ok(obj.into())
+    Ok(crate::js::plain_object(ctx, props))
 }
 
 fn worker_spawn(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
