@@ -28,6 +28,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "console",
         include_str!("../../migrations/0020_console.sql"),
     ),
+    (
+        30,
+        "lean_indexes",
+        include_str!("../../migrations/0030_lean_indexes.sql"),
+    ),
 ];
 
 pub(super) fn apply(conn: &Connection) -> Result<()> {
@@ -79,6 +84,58 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
             .expect("count");
         assert_eq!(n, MIGRATIONS.len() as i64);
+    }
+
+    /// Issue 10, goal 1: each index of `worker_jobs` is written on every insert and
+    /// every status change of a job. An index whose columns begin another's serves no
+    /// query the longer one cannot: `worker_jobs_status` and `worker_jobs_created` were
+    /// such, two b-tree writes per insert and per status change for nothing.
+    #[test]
+    fn no_job_index_is_a_prefix_of_another() {
+        let conn = Connection::open_in_memory().expect("in-memory db");
+        apply(&conn).expect("migrations");
+        let mut indexes: Vec<(String, Vec<String>)> = Vec::new();
+        let names: Vec<(String, bool)> = conn
+            .prepare("SELECT name, partial FROM pragma_index_list('worker_jobs')")
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? == 1)))?
+                    .collect()
+            })
+            .expect("index list");
+        for (name, partial) in names {
+            if partial {
+                continue;
+            }
+            let cols: Vec<String> = conn
+                .prepare("SELECT name FROM pragma_index_info(?1) ORDER BY seqno")
+                .and_then(|mut st| st.query_map([&name], |r| r.get(0))?.collect())
+                .expect("index columns");
+            indexes.push((name, cols));
+        }
+        for (a, ca) in &indexes {
+            for (b, cb) in &indexes {
+                assert!(
+                    a == b || !cb.starts_with(ca),
+                    "index {a} {ca:?} is a prefix of {b} {cb:?}"
+                );
+            }
+        }
+        // The queries the dropped ones served still search an index.
+        for sql in [
+            "SELECT id FROM worker_jobs WHERE status = 'queued' ORDER BY created_at, id",
+            "SELECT id FROM worker_jobs WHERE status = 'running'",
+            "SELECT id FROM worker_jobs WHERE created_at < 5 ORDER BY created_at",
+        ] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .and_then(|mut st| st.query_map([], |r| r.get(3))?.collect())
+                .expect("query plan");
+            assert!(
+                plan.iter()
+                    .any(|p| p.contains("USING") && p.contains("INDEX")),
+                "{sql}: {plan:?}"
+            );
+        }
     }
 
     #[test]
