@@ -36,6 +36,14 @@ pub(crate) const EARLY_CANCEL_REPLY: Duration = Duration::from_millis(200);
 const EARLY_CANCEL_KEEP: Duration = Duration::from_secs(60);
 /// How long a removed app's jobs have their rows checked at dispatch.
 const REMOVED_APP_KEEP: Duration = Duration::from_secs(3600);
+/// Delay scheduling (as Hadoop's for data locality): a job of an app that runs already,
+/// finding no free slot warm for its app and none empty, waits for one of its app's
+/// own slots rather than replace another app's warm context, if the app's jobs are
+/// short: a fresh context costs a slot 1-2 ms of CPU (more under load), a warm run of
+/// a short job tens of µs. Apps whose jobs typically run [`SHORT_RUN`] or longer take
+/// another slot at once; a wait lasts at most [`SPREAD_WAIT`].
+pub(crate) const SHORT_RUN: Duration = Duration::from_millis(1);
+pub(crate) const SPREAD_WAIT: Duration = Duration::from_millis(20);
 /// A job whose data could not be read waits this long before it is offered again.
 pub(crate) const UNREAD_DELAY: Duration = Duration::from_secs(1);
 
@@ -234,6 +242,34 @@ struct Pass<'a> {
     pending: HashMap<String, (usize, usize)>,
     /// Free slots warm for each app, less the ones this pass gave that app.
     warm_free: HashMap<String, usize>,
+    /// Free slots warm for no app, less the ones this pass gave away.
+    empty_free: usize,
+    /// Apps waiting for one of their own slots, and since when (`State::spread_wait`).
+    spread_wait: &'a HashMap<String, Instant>,
+    /// Typical run time of each app's jobs (`State::run_time`).
+    run_time: &'a HashMap<String, Duration>,
+    /// Apps whose job this pass held back to wait for their own slot.
+    held: Vec<String>,
+    now: Instant,
+}
+
+impl Pass<'_> {
+    /// Whether `app`'s next start would replace another app's warm context while one
+    /// of `app`'s own slots is likely to free up soon: `app` runs (or starts in this
+    /// pass) a job, its jobs are short (or it has no run time yet), and it has not
+    /// waited [`SPREAD_WAIT`] yet.
+    fn waits_for_own_slot(&self, app: &str, running: usize, pending: usize) -> bool {
+        let warm = self.warm_free.get(app).is_some_and(|&n| n > pending);
+        if warm || self.empty_free > 0 || running + pending == 0 {
+            return false;
+        }
+        if self.run_time.get(app).is_some_and(|&t| t >= SHORT_RUN) {
+            return false;
+        }
+        self.spread_wait
+            .get(app)
+            .is_none_or(|&since| self.now.saturating_duration_since(since) < SPREAD_WAIT)
+    }
 }
 
 impl queue::Judge<Queued> for Pass<'_> {
@@ -271,6 +307,10 @@ impl queue::Judge<Queued> for Pass<'_> {
         if job.config.daemon && daemons + p_daemons >= self.limits.per_app_daemons {
             return Verdict::SkipJob;
         }
+        if self.waits_for_own_slot(&job.app, running, p_jobs) {
+            self.held.push(job.app.clone());
+            return Verdict::SkipApp;
+        }
         if job.config.memory_bytes > self.available.saturating_sub(self.reserved_now) {
             if job.config.memory_bytes > self.budget_bytes.saturating_sub(self.pinned) {
                 // Jobs that never end on their own hold too much for this one to fit
@@ -282,6 +322,10 @@ impl queue::Judge<Queued> for Pass<'_> {
             return Verdict::Stop;
         }
         self.reserved_now += job.config.memory_bytes;
+        let warm = self.warm_free.get(&job.app).is_some_and(|&n| n > p_jobs);
+        if !warm && self.empty_free > 0 {
+            self.empty_free -= 1;
+        }
         let e = match self.pending.get_mut(job.app.as_str()) {
             Some(e) => e,
             None => self.pending.entry(job.app.clone()).or_insert((0, 0)),
@@ -294,7 +338,9 @@ impl queue::Judge<Queued> for Pass<'_> {
 
 /// What starts now, and where: takes the jobs it starts out of the queue and returns
 /// one [`Action::Dispatch`] per job, a slot warm for the job's app first, then a slot
-/// warm for no app, then any free slot.
+/// warm for no app, then the free slot idle longest. A short job of an app already
+/// running that would replace another app's context waits up to [`SPREAD_WAIT`] for
+/// one of its own (see [`SHORT_RUN`]).
 pub(crate) fn decide(
     state: &mut State,
     memory: Memory,
@@ -311,9 +357,11 @@ pub(crate) fn decide(
         .map(|r| r.job.config.memory_bytes)
         .sum();
     let mut warm_free: HashMap<String, usize> = HashMap::new();
+    let mut empty_free = 0;
     for s in state.slots.iter().filter(|s| s.is_free()) {
-        if let Some(app) = &s.warm_app {
-            *warm_free.entry(app.clone()).or_default() += 1;
+        match &s.warm_app {
+            Some(app) => *warm_free.entry(app.clone()).or_default() += 1,
+            None => empty_free += 1,
         }
     }
     let mut pass = Pass {
@@ -325,8 +373,25 @@ pub(crate) fn decide(
         reserved_now: 0,
         pending: HashMap::new(),
         warm_free,
+        empty_free,
+        spread_wait: &state.spread_wait,
+        run_time: &state.run_time,
+        held: Vec::new(),
+        now,
     };
     let start = state.queue.pick(free, now, &mut pass);
+    let (held, pending) = (pass.held, pass.pending);
+    // An app's wait ends when it starts a job or has nothing queued; an app held again
+    // keeps the time its wait began.
+    let queue = &state.queue;
+    state
+        .spread_wait
+        .retain(|app, _| !pending.contains_key(app) && queue.has_app(app));
+    for app in held {
+        if !pending.contains_key(&app) {
+            state.spread_wait.entry(app).or_insert(now);
+        }
+    }
     // Slots given away in this pass.
     let mut taken = vec![false; state.slots.len()];
     let open = |taken: &[bool], i: usize| state.slots[i].is_free() && !taken[i];
@@ -347,7 +412,11 @@ pub(crate) fn decide(
                 (0..state.slots.len())
                     .find(|&i| open(&taken, i) && state.slots[i].warm_app.is_none())
             })
-            .or_else(|| (0..state.slots.len()).find(|&i| open(&taken, i)));
+            .or_else(|| {
+                (0..state.slots.len())
+                    .filter(|&i| open(&taken, i))
+                    .min_by_key(|&i| state.slots[i].idle_since)
+            });
         match slot {
             Some(slot) => {
                 taken[slot] = true;
@@ -803,6 +872,74 @@ mod tests {
         // b's job on b's warm slot; c (warm nowhere) on the slot warm for no app, so
         // a's warm slot stays for a.
         assert_eq!(started, vec![(2, "1".into()), (1, "2".into())]);
+    }
+
+    /// Slot 0 runs a job of `a` (warm for `a`), slot 1 is free and warm for `b`, and
+    /// `a`'s jobs typically run `typical`; `a2` is queued at `t0`.
+    fn a_runs_and_b_is_warm(typical: Duration, t0: Instant) -> State {
+        let mut s = state(2);
+        s.slots[1].warm_app = Some("b".into());
+        s.start(0, running(job("a1", "a", small(), t0), t0));
+        s.note_run("a", typical);
+        enqueue(&mut s, job("a2", "a", small(), t0), t0);
+        s
+    }
+
+    #[test]
+    fn a_short_job_waits_for_its_apps_slot_rather_than_replace_another_apps_context() {
+        let t0 = Instant::now();
+        let mut s = a_runs_and_b_is_warm(Duration::from_micros(100), t0);
+        // Before, a2 took b's warm slot at once: a fresh context for a, and another for
+        // b's next job.
+        assert_eq!(step(&mut s, memory(), t0), vec![]);
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert_eq!(step(&mut s, memory(), ms(10)), vec![]);
+        // a's own slot frees up: a2 goes there, and b's context stays.
+        let r = s.slots[0].running.take().expect("a1 runs");
+        s.release(&r.job);
+        assert_eq!(step(&mut s, memory(), ms(11)), vec![(0, "a2".into())]);
+    }
+
+    #[test]
+    fn a_short_jobs_wait_for_its_apps_slot_is_bounded() {
+        let t0 = Instant::now();
+        let mut s = a_runs_and_b_is_warm(Duration::from_micros(100), t0);
+        assert_eq!(step(&mut s, memory(), t0), vec![]);
+        let late = t0 + SPREAD_WAIT;
+        assert_eq!(step(&mut s, memory(), late), vec![(1, "a2".into())]);
+        // Served: the next short job of a waits afresh.
+        enqueue(&mut s, job("a3", "a", small(), late), late);
+        s.slots.push(Default::default());
+        s.slots[2].warm_app = Some("c".into());
+        assert_eq!(step(&mut s, memory(), late), vec![]);
+    }
+
+    #[test]
+    fn a_long_job_takes_another_apps_slot_at_once() {
+        let t0 = Instant::now();
+        let mut s = a_runs_and_b_is_warm(Duration::from_millis(50), t0);
+        assert_eq!(step(&mut s, memory(), t0), vec![(1, "a2".into())]);
+    }
+
+    #[test]
+    fn a_job_takes_an_empty_slot_rather_than_wait() {
+        let t0 = Instant::now();
+        let mut s = a_runs_and_b_is_warm(Duration::from_micros(100), t0);
+        s.slots.push(Default::default());
+        assert_eq!(step(&mut s, memory(), t0), vec![(2, "a2".into())]);
+    }
+
+    #[test]
+    fn a_new_app_replaces_the_context_idle_longest() {
+        let t0 = Instant::now();
+        let mut s = state(3);
+        for (i, (app, idle_ms)) in [("x", 2), ("y", 0), ("z", 1)].into_iter().enumerate() {
+            s.slots[i].warm_app = Some(app.into());
+            s.slots[i].idle_since = Some(t0 + Duration::from_millis(idle_ms));
+        }
+        enqueue(&mut s, job("n1", "n", small(), t0), t0);
+        // Before: the first free slot (x's, the most recently used).
+        assert_eq!(step(&mut s, memory(), t0), vec![(1, "n1".into())]);
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub(crate) enum Msg {
         slot: usize,
         gen: u64,
         outcome: Outcome,
+        /// How long the job's function ran (its context's setup left out).
+        ran: Duration,
     },
     OverBudget,
     /// The removal of this app began (see `State::removed_apps`).
@@ -558,11 +560,17 @@ impl Scheduler {
             Msg::Enqueue(job) => policy::enqueue(&mut self.state, *job, now),
             Msg::Retry(job) => policy::retry(&mut self.state, *job, now),
             Msg::AppRemoved(app) => {
+                self.state.run_time.remove(&app);
                 self.state.removed_apps.insert(app, now);
                 Vec::new()
             }
             Msg::Cancel { id, reply } => policy::cancel(&mut self.state, &id, Some(reply), now),
-            Msg::Finished { slot, gen, outcome } => self.finished(slot, gen, outcome, now),
+            Msg::Finished {
+                slot,
+                gen,
+                outcome,
+                ran,
+            } => self.finished(slot, gen, outcome, ran, now),
             Msg::OverBudget => {
                 let heaps: Vec<i64> = self.heaps();
                 policy::over_budget(&mut self.state, &heaps, now)
@@ -800,7 +808,14 @@ impl Scheduler {
         );
     }
 
-    fn finished(&mut self, slot: usize, gen: u64, outcome: Outcome, now: Instant) -> Vec<Action> {
+    fn finished(
+        &mut self,
+        slot: usize,
+        gen: u64,
+        outcome: Outcome,
+        ran: Duration,
+        now: Instant,
+    ) -> Vec<Action> {
         let Some(s) = self.state.slots.get_mut(slot) else {
             return Vec::new();
         };
@@ -811,6 +826,8 @@ impl Scheduler {
         let Some(r) = s.running.take() else {
             return Vec::new();
         };
+        s.idle_since = Some(now);
+        self.state.note_run(&r.job.app, ran);
         self.conclude(r, outcome, "", now)
     }
 

@@ -134,6 +134,11 @@ impl<T: Item> Queue<T> {
         self.len == 0
     }
 
+    /// Whether `app` has a queued job.
+    pub fn has_app(&self, app: &str) -> bool {
+        self.apps.contains_key(app)
+    }
+
     /// Appends a job at the back of its app's queue.
     pub fn push(&mut self, item: T) {
         self.seq += 1;

@@ -67,8 +67,9 @@ pub(crate) fn run(
     let heap_now = || heap.load(std::sync::atomic::Ordering::Relaxed);
     while let Ok(SlotMsg::Run(run)) = rx.recv() {
         let before = heap_now();
+        let mut ran = std::time::Duration::ZERO;
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_job(&run.job, &run.interrupt, services, &mut warm)
+            run_job(&run.job, &run.interrupt, services, &mut warm, &mut ran)
         }))
         .unwrap_or_else(|p| {
             warm = None;
@@ -105,6 +106,7 @@ pub(crate) fn run(
                 slot: index,
                 gen,
                 outcome,
+                ran,
             })
             .is_err()
         {
@@ -118,6 +120,7 @@ fn run_job(
     interrupt: &Interrupt,
     services: &Arc<dyn Env>,
     warm: &mut Option<Warm>,
+    ran: &mut std::time::Duration,
 ) -> Outcome {
     // The job is a run of the app's live deployment until it ends: a removal waits for
     // it (the pool stops it), and the deploy id says whether the warm context still
@@ -194,13 +197,16 @@ fn run_job(
                 e
             }
         };
+        let called = std::time::Instant::now();
         let make_job = w
             .ctx
             .global_object()
             .get(boa_engine::js_string!("__fazt_make_job"), &mut w.ctx)
             .map_err(|e| RunError::Thrown(e.to_string()))?;
         let job_obj = js::call(&mut w.ctx, &make_job, &[], interrupt)?;
-        let out = js::call(&mut w.ctx, &exports, &[job_obj], interrupt)?;
+        let out = js::call(&mut w.ctx, &exports, &[job_obj], interrupt);
+        *ran = called.elapsed();
+        let out = out?;
         let json = js::to_json(&out, &mut w.ctx)?;
         Ok(json.map(|j| j.to_string()))
     })();

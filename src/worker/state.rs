@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
@@ -50,6 +50,9 @@ pub(crate) struct SlotState {
     /// The app whose context the slot keeps warm (the last one it ran): dispatch
     /// prefers such a slot, since a fresh context costs about 0.2 ms plus loading.
     pub warm_app: Option<String>,
+    /// When its last run ended: of the free slots warm for other apps, the one idle
+    /// longest is the one whose context a job of a new app replaces.
+    pub idle_since: Option<Instant>,
 }
 
 impl SlotState {
@@ -100,6 +103,12 @@ pub(crate) struct State {
     /// dispatch checks that such a job's row still exists. Other jobs without data
     /// skip that read.
     pub removed_apps: HashMap<String, Instant>,
+    /// Apps whose next job waits for one of their own slots to free up rather than
+    /// replace another app's warm context, and since when (see `policy::SPREAD_WAIT`).
+    pub spread_wait: HashMap<String, Instant>,
+    /// How long each app's jobs typically run (a moving average of their functions'
+    /// run times, setup left out): short ones wait for their app's own slot.
+    pub run_time: HashMap<String, Duration>,
 }
 
 impl State {
@@ -119,6 +128,16 @@ impl State {
         let s = &mut self.slots[slot];
         s.warm_app = Some(run.job.app.clone());
         s.running = Some(run);
+    }
+
+    /// Folds one run's time into its app's moving average (each run weighs a quarter).
+    pub fn note_run(&mut self, app: &str, ran: Duration) {
+        match self.run_time.get_mut(app) {
+            Some(t) => *t = (*t * 3 + ran) / 4,
+            None => {
+                self.run_time.insert(app.to_string(), ran);
+            }
+        }
     }
 
     /// Undoes [`start`](Self::start)'s counts for a job that left its slot.

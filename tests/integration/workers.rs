@@ -1219,3 +1219,154 @@ fn a_short_job_is_written_to_the_store_once() {
     assert!(running["startedAt"].as_i64().is_some(), "{running}");
     s.wait_status(&id(&long), "done", 20);
 }
+
+/// A figure of `fazt_job_contexts_total` (`fresh` or `warm`).
+fn job_contexts(s: &Server, kind: &str) -> u64 {
+    let text = s.api("GET", "/metrics", None).text();
+    let line = format!("fazt_job_contexts_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// An app for the slot-spreading tests, its jobs reserving 1 MB each so all 20 slots
+/// can run at once: `gates` (5 jobs that wait for `go`), `go`, `fire?n=` (no-op
+/// jobs), `naps?n=&ms=` (jobs that sleep that long).
+const SPREAD_APP: &[(&str, &str)] = &[
+    (
+        "api/gates.js",
+        r#"module.exports = function () {
+  for (let i = 0; i < 5; i++) fazt.worker.spawn("workers/gate.js", { memory: "1MB" });
+  return { ok: true };
+};"#,
+    ),
+    (
+        "api/go.js",
+        r#"module.exports = function () { fazt.storage.kv.set("go", true); return { ok: true }; };"#,
+    ),
+    (
+        "api/fire.js",
+        r#"module.exports = function (req) {
+  for (let i = 0; i < Number(req.query.n); i++) fazt.worker.spawn("workers/noop.js", { memory: "1MB" });
+  return { ok: true };
+};"#,
+    ),
+    (
+        "api/naps.js",
+        r#"module.exports = function (req) {
+  for (let i = 0; i < Number(req.query.n); i++)
+    fazt.worker.spawn("workers/nap.js", { memory: "1MB", data: { ms: Number(req.query.ms) } });
+  return { ok: true };
+};"#,
+    ),
+    ("workers/noop.js", "module.exports = () => null;"),
+    (
+        "workers/nap.js",
+        "module.exports = (job) => { job.sleep(job.data.ms); return null; };",
+    ),
+    (
+        "workers/gate.js",
+        r#"module.exports = (job) => { while (fazt.storage.kv.get("go") !== true) job.sleep(5); return null; };"#,
+    ),
+];
+
+/// `g1`..`g4` hold every slot with gate jobs, then let them end, so each of the 20
+/// slots keeps one of their contexts warm.
+fn warm_every_slot_for_other_apps(s: &Server) {
+    for g in ["g1", "g2", "g3", "g4"] {
+        s.deploy_ok(g, SPREAD_APP);
+        assert_eq!(s.app(g, "GET", "/api/gates", None).status, 200);
+    }
+    assert!(
+        wait_until(30, || s.health()["workers"]["running"].as_u64() == Some(20)),
+        "the 20 gate jobs did not start: {}",
+        s.health()
+    );
+    for g in ["g1", "g2", "g3", "g4"] {
+        assert_eq!(s.app(g, "GET", "/api/go", None).status, 200);
+    }
+    assert!(
+        wait_until(30, || s.health()["workers"]["running"].as_u64() == Some(0)),
+        "the gate jobs did not end: {}",
+        s.health()
+    );
+}
+
+/// Issue 10, goal 1: in the 20-app burst a tenth to a fifth of the server's CPU went to
+/// fresh job contexts (1-2 ms each): a batch of an app took up to 5 slots at once, each
+/// replacing another app's warm context, which that app's next batch rebuilt. Short
+/// jobs of an app that runs already now wait for their app's own slot (delay
+/// scheduling): 20 apps taking turns keep a slot each warm.
+#[test]
+fn short_jobs_of_many_apps_stay_on_their_own_warm_slots() {
+    let s = Server::start();
+    warm_every_slot_for_other_apps(&s);
+    let apps: Vec<String> = (1..=16).map(|i| format!("s{i}")).collect();
+    for a in &apps {
+        s.deploy_ok(a, SPREAD_APP);
+    }
+    let before = job_contexts(&s, "fresh");
+    for round in 1..=2 {
+        for a in &apps {
+            assert_eq!(s.app(a, "GET", "/api/fire?n=50", None).status, 200);
+            assert!(
+                wait_until(30, || count(&s, a, "done") == 50 * round),
+                "{a}: {} of {} jobs done",
+                count(&s, a, "done"),
+                50 * round
+            );
+        }
+    }
+    let fresh = job_contexts(&s, "fresh") - before;
+    // One per app in the first round (16), none in the second, and room for a loaded
+    // machine's late slots; before: up to 5 per app and round, 160 (measured 150-160).
+    assert!(
+        fresh <= 40,
+        "{fresh} fresh contexts for 1,600 short jobs of 16 apps"
+    );
+}
+
+/// The other side of the rule above: jobs that run longer than a fresh context costs
+/// still spread over their app's 5 places at once, whatever other apps keep warm.
+#[test]
+fn an_app_with_longer_jobs_still_spreads_over_other_apps_warm_slots() {
+    let s = Server::start();
+    warm_every_slot_for_other_apps(&s);
+    s.deploy_ok("long", SPREAD_APP);
+    assert_eq!(
+        s.app("long", "GET", "/api/naps?n=10&ms=300", None).status,
+        200
+    );
+    assert!(
+        wait_until(30, || count(&s, "long", "done") == 10),
+        "{} of 10 jobs done",
+        count(&s, "long", "done")
+    );
+    let jobs = s.api_json("GET", "/api/jobs?app=long&limit=100");
+    let spans: Vec<(i64, i64)> = jobs
+        .as_array()
+        .expect("job list")
+        .iter()
+        .map(|j| {
+            (
+                j["startedAt"].as_i64().expect("startedAt"),
+                j["doneAt"].as_i64().expect("doneAt"),
+            )
+        })
+        .collect();
+    let most = spans
+        .iter()
+        .map(|&(start, _)| {
+            spans
+                .iter()
+                .filter(|&&(a, b)| a <= start && start < b)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert_eq!(
+        most, 5,
+        "at most {most} of the app's 300 ms jobs ran at once: {spans:?}"
+    );
+}
