@@ -135,6 +135,9 @@ pub struct Registry {
     /// Job runs by the context they ran in: [fresh, warm] (a slot's kept context of the
     /// job's app and deployment).
     contexts: [AtomicU64; 2],
+    /// Handler calls by the context they ran in: [fresh, warm] (one the HTTP thread
+    /// kept for the app and deployment).
+    handler_contexts: [AtomicU64; 2],
     /// Job state writes sent to the store: [start, outcome, start and outcome in one].
     transitions: [AtomicU64; 3],
     /// Collections a handler thread forced after a call (a big request or run).
@@ -195,6 +198,12 @@ impl Registry {
     /// kept for the app.
     pub fn job_context(&self, warm: bool) {
         self.contexts[usize::from(warm)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A handler call ran in a fresh JS context (`warm`: false) or in one its HTTP
+    /// thread kept for the app.
+    pub fn handler_context(&self, warm: bool) {
+        self.handler_contexts[usize::from(warm)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The scheduler sent a job state write to the store.
@@ -326,12 +335,19 @@ impl Registry {
                 "histogram",
             );
             i.store_commit.render(out, "fazt_store_commit_seconds", "");
-            let counters: [(&str, &str, &[&str], &[AtomicU64]); 2] = [
+            let counters: [(&str, &str, &[&str], &[AtomicU64]); 3] = [
                 (
                     "fazt_job_contexts_total",
                     "Job runs by JS context: fresh, or warm (kept by the slot for the app).",
                     &["fresh", "warm"],
                     &self.contexts,
+                ),
+                (
+                    "fazt_handler_contexts_total",
+                    "Handler calls by JS context: fresh, or warm (kept by the HTTP thread \
+                     for the app).",
+                    &["fresh", "warm"],
+                    &self.handler_contexts,
                 ),
                 (
                     "fazt_job_transitions_total",
@@ -398,6 +414,7 @@ mod tests {
         let r = Registry::default();
         r.job_ran("a", "workers/w.js", Duration::from_millis(1));
         r.job_context(true);
+        r.handler_context(false);
         r.handler_collected();
         let mut out = String::new();
         r.render(&mut out);
@@ -417,6 +434,10 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("fazt_handler_collections_total 1\n"), "{out}");
+        assert!(
+            out.contains("fazt_handler_contexts_total{kind=\"fresh\"} 1\n"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -38,6 +38,8 @@ struct AppContext {
     last_used: u64,
     /// Heap growth of this thread across the calls this context served.
     grown: i64,
+    /// The affinity key of the Host its last request came with (see [`HandlerCache::affinity`]).
+    host_key: Option<u64>,
 }
 
 /// Milliseconds on a monotonic clock (never 0), for the watchdog: wall-clock jumps
@@ -83,6 +85,9 @@ pub struct HandlerCache {
     /// `Registry::changes` at the last sweep: when it moved, contexts of removed or
     /// redeployed apps are dropped so they do not hold memory until evicted.
     seen_changes: u64,
+    /// The affinity key of the request being served (`tiny_http::affinity_key` of
+    /// its Host), recorded with the app's context.
+    current_key: Option<u64>,
 }
 
 /// The request as handed to a handler (`request` in JS).
@@ -114,6 +119,7 @@ impl HandlerCache {
             apps: HashMap::new(),
             clock: 0,
             seen_changes: 0,
+            current_key: None,
         }
     }
 
@@ -135,6 +141,21 @@ impl HandlerCache {
         boa_gc::force_collect();
         crate::js::interrupt::trim_soon();
         release_unused_stack();
+    }
+
+    /// What this thread asks of the request queue: the affinity keys of the Hosts its
+    /// warm contexts served, and whether it has room for another app's context. A
+    /// request then goes to a waiting thread warm for its app when there is one (with
+    /// many apps, a thread that took every app's requests rebuilt contexts for most of
+    /// them: it keeps 8).
+    pub fn affinity(&self) -> (Vec<u64>, bool) {
+        let keys = self.apps.values().filter_map(|a| a.host_key).collect();
+        (keys, self.apps.len() < MAX_WARM_APPS)
+    }
+
+    /// The affinity key of the request about to be served.
+    pub fn serving(&mut self, key: Option<u64>) {
+        self.current_key = key;
     }
 
     /// Whether `file` of `app` at deploy `deploy` is already loaded (its source is not
@@ -189,7 +210,8 @@ impl HandlerCache {
         if stale {
             self.apps.remove(app);
         }
-        if !self.apps.contains_key(app) {
+        let fresh = !self.apps.contains_key(app);
+        if fresh {
             if self.apps.len() >= MAX_WARM_APPS {
                 let oldest = self
                     .apps
@@ -212,13 +234,18 @@ impl HandlerCache {
                     modules: HashMap::new(),
                     last_used: 0,
                     grown: 0,
+                    host_key: None,
                 },
             );
         }
+        crate::metrics::global().handler_context(!fresh);
         let Some(entry) = self.apps.get_mut(app) else {
             return Err(HttpError::internal("handler context vanished"));
         };
         entry.last_used = self.clock;
+        if self.current_key.is_some() {
+            entry.host_key = self.current_key;
+        }
         entry.ctx.insert_data(host);
         entry.ctx.insert_data(crate::worker::SpawnBatch::default());
         let busy = Busy::start(&self.js_since);

@@ -311,14 +311,14 @@ fn serve(shared: &Shared, js_since: Arc<AtomicI64>, abandoned: &AtomicBool) {
     let stopping = &shared.stopping;
     let mut cache = HandlerCache::new(js_since);
     while !stopping.load(Ordering::SeqCst) && !abandoned.load(Ordering::SeqCst) {
-        // Requests go to the thread that waited last (tiny_http's queue is a stack), so
-        // after a burst most threads wait long: one that served nothing for
-        // `WARM_IDLE` drops its warm contexts, and their memory goes back to the OS.
-        let next = if cache.is_empty() {
-            shared.server.recv().map(Some)
-        } else {
-            shared.server.recv_timeout(WARM_IDLE)
-        };
+        // Requests go to a waiting thread warm for their app (by Host), else to one
+        // with room for another app's context, else to the thread that waited last
+        // (tiny_http's queue is a stack), so after a burst most threads wait long: one
+        // that served nothing for `WARM_IDLE` drops its warm contexts, and their memory
+        // goes back to the OS.
+        let timeout = (!cache.is_empty()).then_some(WARM_IDLE);
+        let (keys, room) = cache.affinity();
+        let next = shared.server.recv_for(timeout, keys, room);
         let req = match next {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -332,6 +332,7 @@ fn serve(shared: &Shared, js_since: Arc<AtomicI64>, abandoned: &AtomicBool) {
                 continue;
             }
         };
+        cache.serving(req.affinity_key());
         if shared.kill_path.as_deref() == Some(req.url()) {
             panic!("{KILL_THREAD_ENV}: killing this HTTP thread on purpose");
         }

@@ -118,6 +118,14 @@ pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
 
+/// fazt patch: the affinity key of a Host header value (FNV-1a of its ASCII-lowercased
+/// bytes), as [`Server::recv_for`] matches requests to threads.
+pub fn affinity_key(host: &[u8]) -> u64 {
+    host.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b.to_ascii_lowercase())).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 mod client;
 mod common;
 mod connection;
@@ -309,7 +317,11 @@ fn serve_connection(
             Some(response) => {
                 let _ = rq.respond(response);
             }
-            None => messages.push(rq.into()),
+            // fazt patch: keyed by Host, so a thread warm for the app gets it.
+            None => match rq.affinity_key() {
+                Some(key) => messages.push_keyed(rq.into(), key),
+                None => messages.push(rq.into()),
+            },
         }
         if !outstanding && !answered(client) {
             return;
@@ -601,6 +613,25 @@ impl Server {
             Some(Message::Error(err)) => Err(err),
             Some(Message::NewRequest(rq)) => Ok(Some(rq)),
             None => Ok(None),
+        }
+    }
+
+    /// fazt patch: `recv()` (`timeout`: None) or `recv_timeout()` as a thread that holds
+    /// warm state for the requests of the affinity `keys` (see [`affinity_key`]) and has
+    /// `room` for more: a request is handed to a waiting thread holding its Host's key,
+    /// else to one with room, else to the thread that waited last.
+    pub fn recv_for(
+        &self,
+        timeout: Option<Duration>,
+        keys: Vec<u64>,
+        room: bool,
+    ) -> IoResult<Option<Request>> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        match self.messages.pop_for(deadline, keys, room) {
+            Some(Message::Error(err)) => Err(err),
+            Some(Message::NewRequest(rq)) => Ok(Some(rq)),
+            None if timeout.is_some() => Ok(None),
+            None => Err(IoError::new(IoErrorKind::Other, "thread unblocked")),
         }
     }
 

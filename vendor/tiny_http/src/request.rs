@@ -451,6 +451,15 @@ impl Request {
 
     /// Returns a list of all headers sent by the client.
     #[inline]
+    /// fazt patch: the affinity key of the request's Host header (see
+    /// [`crate::affinity_key`]), None without one.
+    pub fn affinity_key(&self) -> Option<u64> {
+        self.headers
+            .iter()
+            .find(|h| h.field.equiv("Host"))
+            .map(|h| crate::affinity_key(h.value.as_bytes()))
+    }
+
     pub fn headers(&self) -> &[Header] {
         &self.headers
     }

@@ -33,6 +33,11 @@ struct State<T> {
 struct Waiter<T> {
     slot: Mutex<Option<Control<T>>>,
     ready: Condvar,
+    /// fazt patch: the affinity keys of what this thread holds warm (fazt: the Host
+    /// of each app whose JavaScript context it keeps), and whether it has room for
+    /// more. See [`MessagesQueue::push_keyed`].
+    keys: Vec<u64>,
+    room: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -54,9 +59,18 @@ where
         })
     }
 
-    fn deliver(&self, item: Control<T>) {
+    fn deliver(&self, item: Control<T>, key: Option<u64>) {
         let mut state = lock(&self.state);
-        match state.waiters.pop() {
+        // fazt patch: a keyed element goes to the waiter that waited last among those
+        // holding its key, else among those with room, else to the one that waited last.
+        let pick = key
+            .and_then(|k| state.waiters.iter().rposition(|w| w.keys.contains(&k)))
+            .or_else(|| key.and_then(|_| state.waiters.iter().rposition(|w| w.room)));
+        let waiter = match pick {
+            Some(i) => Some(state.waiters.remove(i)),
+            None => state.waiters.pop(),
+        };
+        match waiter {
             Some(waiter) => {
                 drop(state);
                 *lock(&waiter.slot) = Some(item);
@@ -68,12 +82,20 @@ where
 
     /// Pushes an element to the queue.
     pub fn push(&self, value: T) {
-        self.deliver(Control::Elem(value));
+        self.deliver(Control::Elem(value), None);
+    }
+
+    /// fazt patch: pushes an element with an affinity key. A waiting thread that holds
+    /// the key gets it (its warm state for the key is reused), else one that has room
+    /// (so a thread that is full does not drop some other key's state for it), else the
+    /// thread that waited last. Waiters say what they hold in [`pop_for`](Self::pop_for).
+    pub fn push_keyed(&self, value: T, key: u64) {
+        self.deliver(Control::Elem(value), Some(key));
     }
 
     /// Unblock one thread stuck in pop loop.
     pub fn unblock(&self) {
-        self.deliver(Control::Unblock);
+        self.deliver(Control::Unblock, None);
     }
 
     fn unpack(item: Control<T>) -> Option<T> {
@@ -86,7 +108,13 @@ where
     /// Pops an element. Blocks until one is available.
     /// Returns None in case unblock() was issued.
     pub fn pop(&self) -> Option<T> {
-        self.pop_until(None)
+        self.pop_until(None, Vec::new(), true)
+    }
+
+    /// fazt patch: pops an element, waiting until `deadline` (None: no limit), as a
+    /// thread holding `keys` with `room` for more (see [`push_keyed`](Self::push_keyed)).
+    pub fn pop_for(&self, deadline: Option<Instant>, keys: Vec<u64>, room: bool) -> Option<T> {
+        self.pop_until(deadline, keys, room)
     }
 
     /// Tries to pop an element without blocking.
@@ -101,10 +129,10 @@ where
     /// more than the specified timeout duration
     /// or unblock() was issued
     pub fn pop_timeout(&self, timeout: Duration) -> Option<T> {
-        self.pop_until(Some(Instant::now() + timeout))
+        self.pop_until(Some(Instant::now() + timeout), Vec::new(), true)
     }
 
-    fn pop_until(&self, deadline: Option<Instant>) -> Option<T> {
+    fn pop_until(&self, deadline: Option<Instant>, keys: Vec<u64>, room: bool) -> Option<T> {
         let waiter = {
             let mut state = lock(&self.state);
             if let Some(item) = state.queue.pop_front() {
@@ -113,6 +141,8 @@ where
             let waiter = Arc::new(Waiter {
                 slot: Mutex::new(None),
                 ready: Condvar::new(),
+                keys,
+                room,
             });
             state.waiters.push(waiter.clone());
             waiter
@@ -187,6 +217,49 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+        for _ in 0..3 {
+            q.unblock();
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_keyed_element_goes_to_the_waiter_holding_its_key_else_one_with_room() {
+        let q = MessagesQueue::<u32>::with_capacity(8);
+        let (tx, rx) = mpsc::channel();
+        let mut handles = Vec::new();
+        // Thread 0 holds key 7 and is full; 1 holds 9 and has room; 2 is full, no 7.
+        let waiters: Vec<(Vec<u64>, bool)> = vec![(vec![7], false), (vec![9], true), (vec![8], false)];
+        for (id, (keys, room)) in waiters.into_iter().enumerate() {
+            let (q2, tx) = (q.clone(), tx.clone());
+            handles.push(std::thread::spawn(move || {
+                while let Some(v) = q2.pop_for(None, keys.clone(), room) {
+                    tx.send((id, v)).unwrap();
+                }
+            }));
+            while super::lock(&q.state).waiters.len() < id + 1 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let settle = |n: usize| {
+            while super::lock(&q.state).waiters.len() < n {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        // Held by thread 0, though thread 2 waited last.
+        q.push_keyed(1, 7);
+        assert_eq!(rx.recv().unwrap(), (0, 1));
+        settle(3);
+        // Held by no one: thread 1 has room; thread 0 and 2 would drop a warm key.
+        q.push_keyed(2, 5);
+        assert_eq!(rx.recv().unwrap(), (1, 2));
+        settle(3);
+        // Unkeyed: the thread that waited last (1, back on top after its element).
+        q.push(3);
+        assert_eq!(rx.recv().unwrap(), (1, 3));
+        settle(3);
         for _ in 0..3 {
             q.unblock();
         }
