@@ -149,6 +149,7 @@ fn handler(c: &mut Criterion) {
         job: Some(Arc::new(JobHost {
             id: "bench-job".into(),
             attempt: 1,
+            restarts: 0,
             data: Some("{\"n\":1}".into()),
         })),
         sink: LogSink::Job,

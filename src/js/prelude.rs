@@ -603,6 +603,7 @@ mod tests {
                 Arc::new(JobHost {
                     id: "j1".into(),
                     attempt: 2,
+                    restarts: 0,
                     data: Some(r#"{"a":[1,2]}"#.into()),
                 })
             }),

@@ -86,6 +86,8 @@ pub enum LogSink {
 pub struct JobHost {
     pub id: String,
     pub attempt: i64,
+    /// Restarts of a daemon before this run (with `attempt`, which run this is).
+    pub restarts: i64,
     /// JSON text of `data` given at spawn.
     pub data: Option<String>,
 }

@@ -217,6 +217,16 @@ pub(super) fn get_job(c: &Connection, id: &str) -> Result<Option<JobRow>> {
         .ctx("reading a job")
 }
 
+/// SET clauses of a write from a running job (parameters ?3 attempt, ?4 restarts, ?5
+/// now): a row still `queued` for this very run becomes `running`, started now (the
+/// scheduler's own start write follows with the dispatch time). SQLite evaluates every
+/// SET expression on the old row, so both see the old status.
+const MARK_RUNNING: &str =
+    "started_at = CASE WHEN status = 'queued' AND attempt = ?3 AND restarts = ?4 \
+     THEN ?5 ELSE started_at END, \
+     status = CASE WHEN status = 'queued' AND attempt = ?3 AND restarts = ?4 \
+     THEN 'running' ELSE status END";
+
 impl Store {
     /// Inserts a queued job, unless a live job of the app has the same uniqueKey (then
     /// that one is returned) or the app's queue is full (then [`Inserted::QueueFull`]). With
@@ -512,13 +522,21 @@ impl Store {
         });
     }
 
-    pub fn job_progress(&self, id: &str, progress: i64) {
+    /// Records a run's progress. A run's start is written by the scheduler, a moment
+    /// later for a short run (folded into its outcome): the first progress of a run
+    /// whose row is still `queued` marks it running, so nobody sees progress on a job
+    /// shown as queued. `run` is the run's (attempt, restarts): a late write of an
+    /// earlier, abandoned run never marks a later one running.
+    pub fn job_progress(&self, id: &str, progress: i64, run: (i64, i64)) {
         let id = id.to_string();
+        let now = now_ms();
         self.write_later(Kind::Lossy, move |c| {
-            c.prepare_cached("UPDATE worker_jobs SET progress = ?2 WHERE id = ?1")
-                .ctx("recording progress")?
-                .execute(params![id, progress])
-                .ctx("recording progress")?;
+            c.prepare_cached(&format!(
+                "UPDATE worker_jobs SET progress = ?2, {MARK_RUNNING} WHERE id = ?1"
+            ))
+            .ctx("recording progress")?
+            .execute(params![id, progress, run.0, run.1, now])
+            .ctx("recording progress")?;
             Ok(())
         });
     }
@@ -566,15 +584,19 @@ impl Store {
         })
     }
 
-    /// Saves a checkpoint and returns once it is durably committed.
-    pub fn save_checkpoint(&self, id: &str, value: String) -> Result<()> {
+    /// Saves a checkpoint and returns once it is durably committed. Like progress, it
+    /// marks a run whose start is not written yet running (see [`Store::job_progress`]).
+    pub fn save_checkpoint(&self, id: &str, value: String, run: (i64, i64)) -> Result<()> {
         let id = id.to_string();
         let started = std::time::Instant::now();
+        let now = now_ms();
         let saved = self.write(true, move |c| {
-            c.prepare_cached("UPDATE worker_jobs SET checkpoint = ?2 WHERE id = ?1")
-                .ctx("saving a checkpoint")?
-                .execute(params![id, value])
-                .ctx("saving a checkpoint")?;
+            c.prepare_cached(&format!(
+                "UPDATE worker_jobs SET checkpoint = ?2, {MARK_RUNNING} WHERE id = ?1"
+            ))
+            .ctx("saving a checkpoint")?
+            .execute(params![id, value, run.0, run.1, now])
+            .ctx("saving a checkpoint")?;
             Ok(())
         });
         if saved.is_ok() {

@@ -713,7 +713,9 @@ fn job_progress(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<Js
         .and_then(|v| v.as_number())
         .filter(|n| n.is_finite() && (0.0..=100.0).contains(n))
         .ok_or_else(|| type_error("job.progress: give a number from 0 to 100"))?;
-    h.services.store().job_progress(&job.id, n.round() as i64);
+    h.services
+        .store()
+        .job_progress(&job.id, n.round() as i64, (job.attempt, job.restarts));
     Ok(JsValue::undefined())
 }
 
@@ -730,7 +732,7 @@ fn job_checkpoint(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<
     }
     h.services
         .store()
-        .save_checkpoint(&job.id, value)
+        .save_checkpoint(&job.id, value, (job.attempt, job.restarts))
         .map_err(store_error)?;
     Ok(JsValue::undefined())
 }

@@ -170,6 +170,7 @@ fn run_job(
         job: Some(Arc::new(JobHost {
             id: job.id.clone(),
             attempt: job.attempt,
+            restarts: job.restarts,
             data: job.data.clone(),
         })),
         sink: LogSink::Job,
