@@ -388,15 +388,44 @@ pub fn check_worker_path(path: &str) -> Result<(), String> {
 
 /// Time-ordered, unguessable job ids: 12 hex digits of milliseconds, 8 random bytes.
 pub fn new_job_id() -> String {
-    let mut rnd = [0u8; 8];
-    if getrandom::fill(&mut rnd).is_err() {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let rnd = random8();
+    let mut id = format!("{:012x}", crate::store::now_ms());
+    for b in rnd {
+        id.push(char::from(HEX[usize::from(b >> 4)]));
+        id.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    id
+}
+
+/// Eight bytes from the OS's random source, fetched 512 at a time per thread: a
+/// handler spawning in a loop made one `getrandom` system call per job.
+fn random8() -> [u8; 8] {
+    use std::cell::RefCell;
+    const POOL: usize = 512;
+    thread_local! {
+        static POOLED: RefCell<(usize, [u8; POOL])> = const { RefCell::new((POOL, [0; POOL])) };
+    }
+    let pooled = POOLED.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.0 + 8 > POOL {
+            getrandom::fill(&mut p.1).ok()?;
+            p.0 = 0;
+        }
+        let at = p.0;
+        p.0 += 8;
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&p.1[at..at + 8]);
+        // Used bytes are not kept around.
+        p.1[at..at + 8].fill(0);
+        Some(out)
+    });
+    pooled.unwrap_or_else(|| {
         // Without an entropy source fall back to a process-wide counter mixed with time.
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        rnd = (n ^ crate::store::now_ms() as u64).to_le_bytes();
-    }
-    let hex: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{:012x}{hex}", crate::store::now_ms())
+        (n ^ crate::store::now_ms() as u64).to_le_bytes()
+    })
 }
 
 type Native = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
@@ -864,5 +893,16 @@ mod tests {
         let b = new_job_id();
         assert_ne!(a, b);
         assert_eq!(a.len(), 28);
+        // Across more than one pool of random bytes: all distinct, lowercase hex, and
+        // ordered by their millisecond prefix.
+        let ids: Vec<String> = (0..1000).map(|_| new_job_id()).collect();
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        for w in ids.windows(2) {
+            assert!(w[0][..12] <= w[1][..12], "{} then {}", w[0], w[1]);
+        }
+        assert!(ids.iter().all(|i| i.len() == 28
+            && i.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))));
     }
 }
