@@ -3,6 +3,7 @@
 //! model itself (status, config, filters) is the leaf [`crate::job`].
 
 mod budget;
+mod mailbox;
 mod options;
 mod policy;
 mod pool;

@@ -42,7 +42,7 @@ const REMOVED_APP_KEEP: Duration = Duration::from_secs(3600);
 /// short: a fresh context costs a slot 1-2 ms of CPU (more under load), a warm run of
 /// a short job tens of µs. Apps whose jobs typically run [`SHORT_RUN`] or longer take
 /// another slot at once; a wait lasts at most [`SPREAD_WAIT`].
-pub(crate) const SHORT_RUN: Duration = Duration::from_millis(1);
+pub(crate) const SHORT_RUN: Duration = Duration::from_millis(2);
 pub(crate) const SPREAD_WAIT: Duration = Duration::from_millis(20);
 /// A job whose data could not be read waits this long before it is offered again.
 pub(crate) const UNREAD_DELAY: Duration = Duration::from_secs(1);

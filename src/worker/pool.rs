@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use super::budget::{self, Budget, OverrunTracker, Sample, Verdict};
+use super::mailbox::{mailbox, Post};
 use super::policy::{self, Action, Ended, Memory, Observed, Record};
 use super::queue;
 use super::slot::{self, Outcome, RunJob, SlotMsg};
@@ -415,7 +416,7 @@ fn monitor_loop(tx: &Sender<Msg>, budget: &Budget, stopping: &AtomicBool) {
 }
 /// A slot's thread, as the scheduler reaches it (its state is in [`State::slots`]).
 struct SlotThread {
-    tx: Sender<SlotMsg>,
+    tx: Post<SlotMsg>,
     handle: Option<JoinHandle<()>>,
     /// Live heap bytes of the slot thread (counting allocator).
     heap: &'static std::sync::atomic::AtomicI64,
@@ -428,7 +429,7 @@ impl SlotThread {
         events: &Sender<Msg>,
         services: &Arc<dyn Env>,
     ) -> Result<SlotThread, super::StartError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = mailbox::<SlotMsg>();
         let (heap_tx, heap_rx) = crossbeam_channel::bounded(1);
         let events = events.clone();
         let services = services.clone();
@@ -544,8 +545,7 @@ impl Scheduler {
         self.flush_transitions(true);
         // Dropping the slot senders ends the slot threads; join the ones still ours.
         for t in &mut self.threads {
-            let (tx, _) = crossbeam_channel::bounded(1);
-            t.tx = tx;
+            t.tx = mailbox().0;
         }
         for t in &mut self.threads {
             if let Some(h) = t.handle.take() {
@@ -922,6 +922,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::mailbox::Mailbox;
 
     /// The handles a scheduler reaches, without the HTTP side of the server.
     struct TestEnv {
@@ -1052,8 +1053,8 @@ mod tests {
     }
 
     /// A slot without a thread: the test holds its receiver and sees what is handed to it.
-    fn fake_slot(sched: &mut Scheduler) -> Receiver<SlotMsg> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
+    fn fake_slot(sched: &mut Scheduler) -> Mailbox<SlotMsg> {
+        let (tx, rx) = mailbox();
         let heap: &'static std::sync::atomic::AtomicI64 =
             Box::leak(Box::new(std::sync::atomic::AtomicI64::new(0)));
         sched.add_slot(SlotThread {
@@ -1079,14 +1080,14 @@ mod tests {
         sched.on_msg(Msg::Enqueue(Box::new(gone)));
         sched.schedule();
         assert!(
-            slot.try_recv().is_err(),
+            slot.try_recv().is_none(),
             "a job without a row was handed to a slot"
         );
         assert!(sched.state.running().next().is_none());
         // The same job with its row runs.
         sched.on_msg(Msg::Enqueue(Box::new(Queued::from_row(&row))));
         sched.schedule();
-        assert!(matches!(slot.try_recv(), Ok(SlotMsg::Run(r)) if r.job.id == row.id));
+        assert!(matches!(slot.try_recv(), Some(SlotMsg::Run(r)) if r.job.id == row.id));
         services.store().close();
     }
 

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use boa_engine::{Context, JsValue};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 
+use super::mailbox::Mailbox;
 use super::pool::{Msg, Queued};
 use super::Env;
 use crate::js::{self, Host, Interrupt, JobHost, LogSink, Reason, RunError};
@@ -58,14 +59,14 @@ const MAX_WARM_BYTES: i64 = 16 << 20;
 pub(crate) fn run(
     index: usize,
     gen: u64,
-    rx: &Receiver<SlotMsg>,
+    rx: &Mailbox<SlotMsg>,
     events: &Sender<Msg>,
     services: &Arc<dyn Env>,
     heap: &std::sync::atomic::AtomicI64,
 ) {
     let mut warm: Option<Warm> = None;
     let heap_now = || heap.load(std::sync::atomic::Ordering::Relaxed);
-    while let Ok(SlotMsg::Run(run)) = rx.recv() {
+    while let Some(SlotMsg::Run(run)) = rx.recv() {
         let before = heap_now();
         let mut ran = std::time::Duration::ZERO;
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
