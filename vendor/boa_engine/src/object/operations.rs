@@ -522,6 +522,13 @@ impl JsObject {
             .clone())
     }
 
+    /// fazt patch: `O.[[PreventExtensions]]()`, public. An object built with its
+    /// properties already non-writable and non-configurable is frozen by this alone;
+    /// `set_integrity_level(Frozen)` would redefine every property once more.
+    pub fn prevent_extensions(&self, context: &mut Context) -> JsResult<bool> {
+        self.__prevent_extensions__(&mut InternalMethodPropertyContext::new(context))
+    }
+
     /// Make the object [`sealed`][IntegrityLevel::Sealed] or [`frozen`][IntegrityLevel::Frozen].
     ///
     /// More information:
